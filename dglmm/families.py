@@ -1,0 +1,338 @@
+"""Response distributions (families) and link functions.
+
+Links and families are independent small objects looked up by name::
+
+    get_link("probit")            -> Link
+    get_family("binomial", "probit") -> Family (with its link)
+
+The compiled kernel does not call these objects: it dispatches on the integer
+``code`` of the family and the link, through :func:`row_derivatives`, which
+returns the log-density of one observation and its first three derivatives in
+the linear predictor ``eta``.  Everything the kernel needs from a family is
+there; the Python objects add validation, the normalising constants and the
+inverse link for prediction.
+
+Log-likelihood conventions (``w`` prior weight, ``n`` binomial trials)::
+
+    binomial  w * [log C(n, y) + y log mu + (n - y) log(1 - mu)]
+    poisson   w * [y log mu - mu - log y!]
+    gaussian  -1/2 log(2 pi sigma^2 / w) - w (y - mu)^2 / (2 sigma^2)
+
+The Gaussian family has a dispersion parameter, estimated as
+``tau = log(sigma)``; for it the eta-derivatives all scale as ``exp(-2 tau)``,
+which the kernel uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from scipy import special
+
+from .errors import DataError, SpecificationError, suggest
+
+# Integer codes shared with the compiled kernel.
+FAMILY_BINOMIAL, FAMILY_POISSON, FAMILY_GAUSSIAN = 0, 1, 2
+LINK_LOGIT, LINK_PROBIT, LINK_CLOGLOG, LINK_LOG, LINK_IDENTITY = 0, 1, 2, 3, 4
+
+_ETA_MAX = 700.0  # exp(700) is finite; beyond it the log-density is clamped
+
+
+# ----------------------------------------------------------------------------- links
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link function g with mu = g^-1(eta).
+
+    Attributes
+    ----------
+    name : str
+    code : int
+        Code used by the compiled kernel.
+    """
+
+    name: str
+    code: int
+
+    def inverse(self, eta: np.ndarray) -> np.ndarray:
+        """Mean ``mu = g^-1(eta)``, computed stably for any finite ``eta``."""
+        eta = np.asarray(eta, dtype=float)
+        if self.code == LINK_LOGIT:
+            return special.expit(eta)
+        if self.code == LINK_PROBIT:
+            return special.ndtr(eta)
+        if self.code == LINK_CLOGLOG:
+            return -np.expm1(-np.exp(np.minimum(eta, _ETA_MAX)))
+        if self.code == LINK_LOG:
+            return np.exp(np.minimum(eta, _ETA_MAX))
+        return eta.copy()
+
+    def link(self, mu: np.ndarray) -> np.ndarray:
+        """The link ``eta = g(mu)``."""
+        mu = np.asarray(mu, dtype=float)
+        with np.errstate(divide="ignore"):
+            if self.code == LINK_LOGIT:
+                return special.logit(mu)
+            if self.code == LINK_PROBIT:
+                return special.ndtri(mu)
+            if self.code == LINK_CLOGLOG:
+                return np.log(-np.log1p(-mu))
+            if self.code == LINK_LOG:
+                return np.log(mu)
+        return mu.copy()
+
+
+LINKS: dict[str, Link] = {
+    "logit": Link("logit", LINK_LOGIT),
+    "probit": Link("probit", LINK_PROBIT),
+    "cloglog": Link("cloglog", LINK_CLOGLOG),
+    "log": Link("log", LINK_LOG),
+    "identity": Link("identity", LINK_IDENTITY),
+}
+
+
+def get_link(name: str | Link) -> Link:
+    """Look a link up by name.
+
+    Raises
+    ------
+    SpecificationError
+        If the name is not a known link; the message lists the valid ones.
+    """
+    if isinstance(name, Link):
+        return name
+    if isinstance(name, type):
+        raise SpecificationError(f"pass a link name such as 'logit', not the class {name!r}")
+    key = str(name).lower()
+    if key not in LINKS:
+        raise SpecificationError(
+            f"unknown link {name!r}{suggest(key, LINKS)}; valid links: {', '.join(LINKS)}"
+        )
+    return LINKS[key]
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """A response distribution together with its link.
+
+    Attributes
+    ----------
+    name : str
+    code : int
+        Code used by the compiled kernel.
+    link : Link
+    valid_links : tuple of str
+    has_dispersion : bool
+        True when the family has a scale parameter estimated with the model
+        (the Gaussian residual standard deviation).
+    """
+
+    name: str
+    code: int
+    link: Link
+    valid_links: tuple[str, ...]
+    has_dispersion: bool
+
+    def check_response(self, y: np.ndarray, trials: np.ndarray, name: str = "response") -> None:
+        """Raise :class:`DataError` if ``y`` (and ``trials``) are out of range.
+
+        Parameters
+        ----------
+        y : ndarray, shape (n,)
+        trials : ndarray, shape (n,)
+            Binomial trials (ones for a Bernoulli response).
+        name : str
+            Column name used in messages.
+        """
+        y = np.asarray(y, dtype=float)
+        n_rows = y.size
+        if self.code == FAMILY_BINOMIAL:
+            trials = np.asarray(trials, dtype=float)
+            bad_trials = ~(trials > 0) | (trials != np.round(trials))
+            if bad_trials.any():
+                raise DataError(
+                    f"binomial trials must be positive whole numbers: {int(bad_trials.sum())} "
+                    f"of {n_rows} rows are not"
+                )
+            bad = (y < 0) | (y > trials) | (y != np.round(y))
+            if bad.any():
+                if np.all(trials == 1):
+                    what = "a Bernoulli response must be 0 or 1 (give trials=COLUMN for counts)"
+                else:
+                    what = "binomial successes must be whole numbers between 0 and the trials"
+                raise DataError(
+                    f"column {name!r}: {what}; {int(bad.sum())} of {n_rows} rows are not "
+                    f"(e.g. {y[bad][:3].tolist()})"
+                )
+        elif self.code == FAMILY_POISSON:
+            bad = (y < 0) | (y != np.round(y))
+            if bad.any():
+                raise DataError(
+                    f"column {name!r}: Poisson counts must be non-negative whole numbers; "
+                    f"{int(bad.sum())} of {n_rows} rows are not (e.g. {y[bad][:3].tolist()})"
+                )
+
+    def loglik_constant(self, y: np.ndarray, trials: np.ndarray, weights: np.ndarray) -> float:
+        """Sum of the normalising constants the kernel leaves out.
+
+        Binomial ``sum w log C(n, y)``; Poisson ``-sum w log y!``; Gaussian
+        ``sum_{w > 0} (log w - log 2 pi) / 2``.
+        """
+        y = np.asarray(y, dtype=float)
+        w = np.asarray(weights, dtype=float)
+        if self.code == FAMILY_BINOMIAL:
+            n = np.asarray(trials, dtype=float)
+            if np.all(n == 1.0):
+                return 0.0
+            lchoose = special.gammaln(n + 1) - special.gammaln(y + 1) - special.gammaln(n - y + 1)
+            return float(np.dot(w, lchoose))
+        if self.code == FAMILY_POISSON:
+            return float(-np.dot(w, special.gammaln(y + 1)))
+        pos = w > 0
+        return float(0.5 * np.sum(np.log(w[pos])) - 0.5 * math.log(2 * math.pi) * np.sum(pos))
+
+    def mean(self, eta: np.ndarray) -> np.ndarray:
+        """Mean of the response per unit trial, ``g^-1(eta)``."""
+        return self.link.inverse(eta)
+
+
+_FAMILY_TABLE: dict[str, tuple[int, tuple[str, ...], bool]] = {
+    "binomial": (FAMILY_BINOMIAL, ("logit", "probit", "cloglog"), False),
+    "poisson": (FAMILY_POISSON, ("log",), False),
+    "gaussian": (FAMILY_GAUSSIAN, ("identity",), True),
+}
+
+
+def get_family(name: str | Family, link: str | Link | None = None) -> Family:
+    """Look a family up by name, with its default or the given link.
+
+    Raises
+    ------
+    SpecificationError
+        Unknown family or a link the family does not support; the message
+        lists the valid choices.
+    """
+    if isinstance(name, Family):
+        if link is None:
+            return name
+        name = name.name
+    if isinstance(name, type):
+        raise SpecificationError(f"pass a family name such as 'binomial', not the class {name!r}")
+    key = str(name).lower()
+    if key not in _FAMILY_TABLE:
+        raise SpecificationError(
+            f"unknown family {name!r}{suggest(key, _FAMILY_TABLE)}; "
+            f"valid families: {', '.join(_FAMILY_TABLE)}"
+        )
+    code, valid_links, has_dispersion = _FAMILY_TABLE[key]
+    link_obj = get_link(valid_links[0] if link is None else link)
+    if link_obj.name not in valid_links:
+        raise SpecificationError(
+            f"family {key!r} does not support link {link_obj.name!r}; "
+            f"valid links for {key}: {', '.join(valid_links)}"
+        )
+    return Family(key, code, link_obj, valid_links, has_dispersion)
+
+
+# ----------------------------------------------------------------------------- compiled part
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@numba.njit(cache=True, inline="always")
+def _log1pexp(x):
+    """log(1 + exp(x)) without overflow."""
+    if x > 0.0:
+        return x + math.log1p(math.exp(-x))
+    return math.log1p(math.exp(x))
+
+
+@numba.njit(cache=True)
+def _log_ndtr(x):
+    """log Phi(x), accurate in both tails."""
+    if x > -20.0:
+        return math.log(0.5 * math.erfc(-x / math.sqrt(2.0)))
+    # asymptotic series of the Mills ratio for the far lower tail
+    x2 = x * x
+    series = 1.0 - 1.0 / x2 + 3.0 / (x2 * x2) - 15.0 / (x2 * x2 * x2) + 105.0 / (x2 * x2 * x2 * x2)
+    return -0.5 * x2 - math.log(-x) - _LOG_SQRT_2PI + math.log(series)
+
+
+@numba.njit(cache=True)
+def _probit_parts(x):
+    """(log Phi(x), a1, a2, a3): log Phi and its first three derivatives."""
+    la = _log_ndtr(x)
+    r = math.exp(-0.5 * x * x - _LOG_SQRT_2PI - la)  # phi(x) / Phi(x)
+    a2 = -r * (x + r)
+    a3 = -(a2 * (x + r) + r * (1.0 + a2))
+    return la, r, a2, a3
+
+
+@numba.njit(cache=True)
+def row_derivatives(family, link, y, n, w, eta, tau):
+    """Log-density of one observation and its derivatives in ``eta``.
+
+    Returns ``(l, d1, d2, d3, dl_dtau, d2l_dtau2)`` without the normalising
+    constant (see :meth:`Family.loglik_constant`).  ``tau`` is the log residual
+    standard deviation (used by the Gaussian family only).
+    """
+    if family == FAMILY_BINOMIAL:
+        if link == LINK_LOGIT:
+            if eta >= 0.0:
+                e = math.exp(-eta)
+                mu = 1.0 / (1.0 + e)
+                la = -math.log1p(e)
+                lc = la - eta
+            else:
+                e = math.exp(eta)
+                mu = e / (1.0 + e)
+                lc = -math.log1p(e)
+                la = lc + eta
+            v = mu * (1.0 - mu)
+            l = y * la + (n - y) * lc
+            return w * l, w * (y - n * mu), -w * n * v, -w * n * v * (1.0 - 2.0 * mu), 0.0, 0.0
+        if link == LINK_PROBIT:
+            la, a1, a2, a3 = _probit_parts(eta)
+            lc, c1, c2, c3 = _probit_parts(-eta)
+            l = y * la + (n - y) * lc
+            d1 = y * a1 - (n - y) * c1
+            d2 = y * a2 + (n - y) * c2
+            d3 = y * a3 - (n - y) * c3
+            return w * l, w * d1, w * d2, w * d3, 0.0, 0.0
+        # complementary log-log: mu = 1 - exp(-exp(eta))
+        x = min(eta, _ETA_MAX)
+        s = math.exp(x)
+        lc = -s  # log(1 - mu)
+        if s > 0.0:
+            la = math.log(-math.expm1(-s))
+            qa = s / math.expm1(s)
+            pa = s / (-math.expm1(-s))
+        else:
+            la = x
+            qa = 1.0
+            pa = 1.0
+        a1 = qa
+        a2 = qa * (1.0 - pa)
+        a3 = qa * (1.0 - pa) * (1.0 - pa) - qa * pa * (1.0 - qa)
+        l = y * la + (n - y) * lc
+        d1 = y * a1 - (n - y) * s
+        d2 = y * a2 - (n - y) * s
+        d3 = y * a3 - (n - y) * s
+        return w * l, w * d1, w * d2, w * d3, 0.0, 0.0
+    if family == FAMILY_POISSON:
+        mu = math.exp(min(eta, _ETA_MAX))
+        return w * (y * eta - mu), w * (y - mu), -w * mu, -w * mu, 0.0, 0.0
+    # Gaussian, identity link, tau = log sigma
+    if w == 0.0:
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    prec = w * math.exp(-2.0 * tau)
+    r = y - eta
+    q = prec * r * r
+    return -tau - 0.5 * q, prec * r, -prec, 0.0, -1.0 + q, -2.0 * q

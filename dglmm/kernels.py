@@ -1,0 +1,670 @@
+"""Per-block kernel: marginal log-likelihood, exact gradient and a Newton Hessian.
+
+A block holds the rows of whole groups sorted by group (see :class:`dglmm.design.Block`).
+For each group ``j`` the random effect is ``b_j = L u_j`` with ``u_j ~ N(0, I_q)``, so
+with ``v_i = L' z_i``
+
+    eta_i = x_i' beta + offset_i + v_i' u
+    g(u)  = sum_i log f(y_i | eta_i) - u'u / 2 - (q/2) log(2 pi)
+
+and the group's likelihood is the integral of ``exp(g)`` over ``u``.  Adaptive
+Gauss-Hermite quadrature centres the rule at the conditional mode ``u_hat`` and
+scales it by ``A = sqrt(2) chol(H)^-T`` with ``H = -d2g/du2 = sum_i w_i v_i v_i' + I``:
+
+    l_A = log|det A| + logsumexp_k( log w_k + g(u_hat + A t_k) + |t_k|^2 )
+
+One node (``n_agq = 1``) gives the Laplace approximation exactly.  The gradient is
+the exact derivative of ``l_A`` including the motion of ``u_hat`` and ``A`` with the
+parameters (see ``docs/MATH.md`` of the project and the comments below).  The
+Hessian returned for Newton steps is the exact Hessian of the "fixed weights"
+approximation (the exact Hessian of ``h(u_hat(psi), psi)`` plus that of
+``-1/2 log det H`` with the working weights held fixed); it is exact for the
+Gaussian family.  Standard errors are computed elsewhere from differences of the
+exact gradient.
+
+Parameters are laid out as ``[beta (p) | theta (n_theta) | log_sigma (dispersion)]``
+(``docs/ARCHITECTURE.md``).  All sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from .families import row_derivatives
+from .quadrature import gauss_hermite_rule
+
+_MODE_TOL = 1e-10
+_MODE_MAX_ITER = 100
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """What the kernel needs to know about the model (small, picklable).
+
+    Attributes
+    ----------
+    family_code, link_code : int
+        See :mod:`dglmm.families`.
+    p, q : int
+        Numbers of fixed-effect and random-effect columns.
+    cov_pattern : tuple of (int, int)
+        Free entries ``(row, col)``, ``row >= col``, of the factor ``L``.
+    n_agq : int
+        Quadrature nodes per random-effect dimension (1 = Laplace).
+    has_dispersion : bool
+        Whether the last parameter is ``log sigma`` (Gaussian).
+    """
+
+    family_code: int
+    link_code: int
+    p: int
+    q: int
+    cov_pattern: tuple[tuple[int, int], ...]
+    n_agq: int = 1
+    has_dispersion: bool = False
+
+    @property
+    def n_theta(self) -> int:
+        return len(self.cov_pattern)
+
+    @property
+    def n_params(self) -> int:
+        return self.p + self.n_theta + int(self.has_dispersion)
+
+    def split(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Split a parameter vector into ``(beta, L, log_sigma)``; ``L`` is (q, q)."""
+        params = np.asarray(params, dtype=float)
+        if params.shape != (self.n_params,):
+            raise ValueError(f"expected {self.n_params} parameters, got shape {params.shape}")
+        beta = params[: self.p]
+        L = np.zeros((self.q, self.q))
+        for j, (a, b) in enumerate(self.cov_pattern):
+            L[a, b] = params[self.p + j]
+        tau = float(params[-1]) if self.has_dispersion else 0.0
+        return beta, L, tau
+
+
+@dataclass
+class BlockResult:
+    """Sums over the groups of one or more blocks for one parameter vector.
+
+    Attributes
+    ----------
+    loglik : float
+        Marginal log-likelihood (Laplace or AGQ), with normalising constants.
+    gradient : ndarray, shape (P,)
+        Its exact gradient.
+    hessian : ndarray, shape (P, P) or None
+        Newton Hessian (see module docstring); None when not requested.
+    n_obs, n_groups : int
+    modes : ndarray, shape (G, q) or None
+        Conditional modes ``u_hat`` of the block's groups (standardised scale); dropped
+        when results are added.
+    """
+
+    loglik: float
+    gradient: np.ndarray
+    hessian: np.ndarray | None
+    n_obs: int
+    n_groups: int
+    modes: np.ndarray | None = field(default=None, repr=False)
+
+    def __add__(self, other: BlockResult) -> BlockResult:
+        hess = None
+        if self.hessian is not None and other.hessian is not None:
+            hess = self.hessian + other.hessian
+        return BlockResult(
+            loglik=self.loglik + other.loglik,
+            gradient=self.gradient + other.gradient,
+            hessian=hess,
+            n_obs=self.n_obs + other.n_obs,
+            n_groups=self.n_groups + other.n_groups,
+        )
+
+    def __radd__(self, other):
+        if other == 0:
+            return self
+        return self.__add__(other)
+
+
+def block_constant(block, family_code: int) -> float:
+    """Normalising constant of the block's log-likelihood, cached on the block."""
+    cached = getattr(block, "_dglmm_constant", None)
+    if cached is not None and cached[0] == family_code:
+        return cached[1]
+    from .families import _FAMILY_TABLE, get_family
+
+    name = next(k for k, v in _FAMILY_TABLE.items() if v[0] == family_code)
+    value = get_family(name).loglik_constant(block.y, block.trials, block.weights)
+    try:
+        object.__setattr__(block, "_dglmm_constant", (family_code, value))
+    except AttributeError:  # pragma: no cover - objects without a __dict__
+        pass
+    return value
+
+
+def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u_init=None):
+    """Log-likelihood, gradient and (optionally) Newton Hessian summed over a block.
+
+    Parameters
+    ----------
+    block : Block
+        Rows of whole groups sorted by group (``X`` (n, p), ``Z`` (n, q), ``y``,
+        ``trials``, ``offset``, ``weights``, ``group_ptr`` (G + 1,)).
+    params : ndarray, shape (P,)
+        ``[beta | theta | log_sigma]``.
+    model : KernelModel
+    hessian : bool
+        Also return the Newton Hessian.
+    u_init : ndarray, shape (G, q), optional
+        Starting values of the conditional modes (warm start); zeros by default.
+
+    Returns
+    -------
+    BlockResult
+    """
+    beta, L, tau = model.split(params)
+    rule = gauss_hermite_rule(model.n_agq, model.q)
+    X = np.ascontiguousarray(block.X, dtype=np.float64)
+    Z = np.ascontiguousarray(block.Z, dtype=np.float64)
+    eta0 = X @ beta + block.offset
+    V = np.ascontiguousarray(Z @ L)
+    n_groups = len(block.group_ptr) - 1
+    if u_init is None:
+        u_init = np.zeros((n_groups, model.q))
+    pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
+    P = model.n_params
+    grad = np.zeros(P)
+    hess = np.zeros((P, P))
+    modes = np.empty((n_groups, model.q))
+    loglik = _block_kernel(
+        X, Z, np.asarray(block.y, dtype=np.float64), np.asarray(block.trials, dtype=np.float64),
+        np.asarray(block.weights, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
+        eta0, V, L, tau, model.family_code, model.link_code,
+        pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
+        rule.nodes, rule.log_weights, hessian,
+        np.ascontiguousarray(u_init, dtype=np.float64), modes, grad, hess,
+    )  # fmt: skip
+    loglik += block_constant(block, model.family_code)
+    return BlockResult(
+        loglik=float(loglik),
+        gradient=grad,
+        hessian=hess if hessian else None,
+        n_obs=int(X.shape[0]),
+        n_groups=n_groups,
+        modes=modes,
+    )
+
+
+# ----------------------------------------------------------------------------- compiled core
+
+
+@numba.njit(cache=True)
+def _chol_solve_small(H, rhs, Lc):
+    """Cholesky ``H = Lc Lc'`` into ``Lc`` and return ``H^-1 rhs``; False if not PD."""
+    q = H.shape[0]
+    for i in range(q):
+        for j in range(i + 1):
+            s = H[i, j]
+            for k in range(j):
+                s -= Lc[i, k] * Lc[j, k]
+            if i == j:
+                if s <= 0.0:
+                    return False
+                Lc[i, i] = math.sqrt(s)
+            else:
+                Lc[i, j] = s / Lc[j, j]
+        for j in range(i + 1, q):
+            Lc[i, j] = 0.0
+    # forward / back substitution, column by column
+    for c in range(rhs.shape[1]):
+        for i in range(q):
+            s = rhs[i, c]
+            for k in range(i):
+                s -= Lc[i, k] * rhs[k, c]
+            rhs[i, c] = s / Lc[i, i]
+        for i in range(q - 1, -1, -1):
+            s = rhs[i, c]
+            for k in range(i + 1, q):
+                s -= Lc[k, i] * rhs[k, c]
+            rhs[i, c] = s / Lc[i, i]
+    return True
+
+
+@numba.njit(cache=True)
+def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
+    """h(u) = sum l_i - u'u/2, its u-gradient and negative u-Hessian for one group."""
+    q = V.shape[1]
+    h = 0.0
+    for c in range(q):
+        g_out[c] = -u[c]
+        for d in range(q):
+            H_out[c, d] = 1.0 if c == d else 0.0
+        h -= 0.5 * u[c] * u[c]
+    for i in range(i0, i1):
+        eta = eta0[i]
+        for c in range(q):
+            eta += V[i, c] * u[c]
+        l, d1, d2, _d3, _lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+        h += l
+        for c in range(q):
+            g_out[c] += d1 * V[i, c]
+            for d in range(c + 1):
+                H_out[c, d] -= d2 * V[i, c] * V[i, d]
+    for c in range(q):
+        for d in range(c):
+            H_out[d, c] = H_out[c, d]
+    return h
+
+
+@numba.njit(cache=True)
+def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau):
+    """Newton iteration with step halving for the conditional mode (updates ``u``)."""
+    q = V.shape[1]
+    g = np.empty(q)
+    H = np.empty((q, q))
+    Lc = np.empty((q, q))
+    step = np.empty((q, 1))
+    u_new = np.empty(q)
+    g_new = np.empty(q)
+    H_new = np.empty((q, q))
+    h = _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g, H)
+    for _ in range(_MODE_MAX_ITER):
+        for c in range(q):
+            step[c, 0] = g[c]
+        if not _chol_solve_small(H, step, Lc):
+            break  # cannot happen for log-concave families: H >= I
+        size = 0.0
+        for c in range(q):
+            size = max(size, abs(step[c, 0]))
+        if size < _MODE_TOL * (1.0 + np.max(np.abs(u))):
+            break
+        t = 1.0
+        while True:
+            for c in range(q):
+                u_new[c] = u[c] + t * step[c, 0]
+            h_new = _mode_pass(eta0, V, y, ntr, w, i0, i1, u_new, fam, link, tau, g_new, H_new)
+            if h_new >= h - 1e-12 * (1.0 + abs(h)) or t < 1e-8:
+                break
+            t *= 0.5
+        for c in range(q):
+            u[c] = u_new[c]
+            g[c] = g_new[c]
+            for d in range(q):
+                H[c, d] = H_new[c, d]
+        h = h_new
+    return h
+
+
+@numba.njit(cache=True)
+def _node_pass(X, Z, eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, s_out):
+    """At ``u``: return (sum l_i, sum dl_i/dtau) and fill s_out = sum d1_i r_i."""
+    p = X.shape[1]
+    q = Z.shape[1]
+    G = 0.0
+    lt_sum = 0.0
+    for a in range(p + q):
+        s_out[a] = 0.0
+    for i in range(i0, i1):
+        eta = eta0[i]
+        for c in range(q):
+            eta += V[i, c] * u[c]
+        l, d1, _d2, _d3, lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+        G += l
+        lt_sum += lt
+        for a in range(p):
+            s_out[a] += d1 * X[i, a]
+        for a in range(q):
+            s_out[p + a] += d1 * Z[i, a]
+    return G, lt_sum
+
+
+@numba.njit(cache=True)
+def _block_kernel(
+    X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
+    nodes, logw, want_hess, u_init, modes, grad, hess,
+):  # fmt: skip
+    n_groups = gptr.shape[0] - 1
+    p = X.shape[1]
+    q = Z.shape[1]
+    m = p + q
+    nth = pat_r.shape[0]
+    P = p + nth + (1 if has_disp else 0)
+    itau = P - 1
+    K = nodes.shape[0]
+    laplace = K == 1
+    half_q_log_2pi = 0.5 * q * math.log(2.0 * math.pi)
+    sqrt2 = math.sqrt(2.0)
+
+    u = np.empty(q)
+    r = np.empty(m)
+    s1 = np.empty(m)
+    Sw = np.empty((m, m))
+    Q3 = np.empty((q, q, m))
+    T = np.zeros((P, m))
+    E = np.zeros((q, m))
+    Hm = np.empty((q, q))
+    LH = np.empty((q, q))
+    Hi = np.empty((q, q))
+    guPsi = np.empty((q, P))
+    du = np.empty((q, P))
+    dH = np.empty((P, q, q))
+    QT = np.empty((q, q, P))
+    QE = np.empty((q, q, q))
+    C = np.empty((q, q))
+    fk = np.empty(K)
+    sk = np.empty((K, m))
+    ltk = np.empty(K)
+    uk = np.empty((K, q))
+    LHi = np.empty((q, q))
+    dA = np.empty((P, q, q))
+    tmp = np.empty((q, q))
+    dHw = np.empty((P, q, q))
+    loglik = 0.0
+
+    for c in range(q):
+        for a in range(q):
+            E[c, p + a] = L[a, c]
+    for k in range(p):
+        T[k, k] = 1.0
+
+    for g in range(n_groups):
+        i0 = gptr[g]
+        i1 = gptr[g + 1]
+        for c in range(q):
+            u[c] = u_init[g, c]
+        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau)
+        for c in range(q):
+            modes[g, c] = u[c]
+
+        # ---- sums at the mode
+        hsum = 0.0
+        lts = 0.0
+        ltts = 0.0
+        s1[:] = 0.0
+        Sw[:, :] = 0.0
+        Q3[:, :, :] = 0.0
+        for i in range(i0, i1):
+            eta = eta0[i]
+            for c in range(q):
+                eta += V[i, c] * u[c]
+            l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+            hsum += l
+            lts += lt
+            ltts += ltt
+            for a in range(p):
+                r[a] = X[i, a]
+            for a in range(q):
+                r[p + a] = Z[i, a]
+            for a in range(m):
+                s1[a] += d1 * r[a]
+                wr = -d2 * r[a]
+                for b in range(a + 1):
+                    Sw[a, b] += wr * r[b]
+            if d3 != 0.0:
+                for c in range(q):
+                    for d in range(c + 1):
+                        coef = d3 * V[i, c] * V[i, d]
+                        for a in range(m):
+                            Q3[c, d, a] += coef * r[a]
+        for a in range(m):
+            for b in range(a):
+                Sw[b, a] = Sw[a, b]
+        for c in range(q):
+            for d in range(c):
+                for a in range(m):
+                    Q3[d, c, a] = Q3[c, d, a]
+
+        # ---- T(u): d eta_i / d psi = T r_i at fixed u
+        for j in range(nth):
+            for a in range(q):
+                T[p + j, p + a] = 0.0
+            T[p + j, p + pat_r[j]] = u[pat_c[j]]
+
+        # ---- H = E Sw E' + I  and its Cholesky factor / inverse
+        for c in range(q):
+            for d in range(q):
+                acc = 0.0
+                for a in range(q):
+                    for b in range(q):
+                        acc += E[c, p + a] * Sw[p + a, p + b] * E[d, p + b]
+                Hm[c, d] = acc + (1.0 if c == d else 0.0)
+        for c in range(q):
+            for d in range(q):
+                Hi[c, d] = 1.0 if c == d else 0.0
+        _chol_solve_small(Hm, Hi, LH)
+        logdetH = 0.0
+        for c in range(q):
+            logdetH += 2.0 * math.log(LH[c, c])
+
+        # ---- g_u,psi (q x P) and du_hat/dpsi = H^-1 g_u,psi
+        for c in range(q):
+            for k in range(P):
+                acc = 0.0
+                for a in range(m):
+                    ea = E[c, a]
+                    if ea != 0.0:
+                        for b in range(m):
+                            acc += ea * Sw[a, b] * T[k, b]
+                guPsi[c, k] = -acc
+        for j in range(nth):
+            guPsi[pat_c[j], p + j] += s1[p + pat_r[j]]
+        if has_disp:
+            for c in range(q):
+                acc = 0.0
+                for a in range(m):
+                    acc += E[c, a] * s1[a]
+                guPsi[c, itau] = -2.0 * acc
+        for c in range(q):
+            for k in range(P):
+                acc = 0.0
+                for d in range(q):
+                    acc += Hi[c, d] * guPsi[d, k]
+                du[c, k] = acc
+
+        # ---- dH/dpsi (total) and its fixed-weight part dHw
+        for c in range(q):
+            for d in range(q):
+                for k in range(P):
+                    acc = 0.0
+                    for a in range(m):
+                        acc += Q3[c, d, a] * T[k, a]
+                    QT[c, d, k] = acc
+                for e in range(q):
+                    acc = 0.0
+                    for a in range(m):
+                        acc += Q3[c, d, a] * E[e, a]
+                    QE[c, d, e] = acc
+        for a in range(q):
+            for c in range(q):
+                acc = 0.0
+                for b in range(q):
+                    acc += Sw[p + a, p + b] * L[b, c]
+                C[a, c] = acc  # C[a, :] = sum_i w_i z_ia v_i'
+        dHw[:, :, :] = 0.0
+        for j in range(nth):
+            a = pat_r[j]
+            b = pat_c[j]
+            for c in range(q):
+                dHw[p + j, b, c] += C[a, c]
+                dHw[p + j, c, b] += C[a, c]
+        if has_disp:
+            for c in range(q):
+                for d in range(q):
+                    dHw[itau, c, d] = -2.0 * (Hm[c, d] - (1.0 if c == d else 0.0))
+        for k in range(P):
+            for c in range(q):
+                for d in range(q):
+                    acc = QT[c, d, k]
+                    for e in range(q):
+                        acc += QE[c, d, e] * du[e, k]
+                    dH[k, c, d] = dHw[k, c, d] - acc
+
+        # ---- gradient of log|det A| = -1/2 tr(H^-1 dH)
+        for k in range(P):
+            acc = 0.0
+            for c in range(q):
+                for d in range(q):
+                    acc += Hi[c, d] * dH[k, d, c]
+            grad[k] -= 0.5 * acc
+
+        if laplace:
+            loglik += hsum
+            for c in range(q):
+                loglik -= 0.5 * u[c] * u[c]
+            loglik -= 0.5 * logdetH
+            for k in range(P):
+                acc = 0.0
+                for a in range(m):
+                    acc += T[k, a] * s1[a]
+                grad[k] += acc
+            if has_disp:
+                grad[itau] += lts
+        else:
+            # A = sqrt(2) LH^-T (upper triangular); LHi = LH^-1
+            for c in range(q):
+                for d in range(q):
+                    LHi[c, d] = 0.0
+                LHi[c, c] = 1.0 / LH[c, c]
+                for d in range(c):
+                    acc = 0.0
+                    for e in range(d, c):
+                        acc += LH[c, e] * LHi[e, d]
+                    LHi[c, d] = -acc / LH[c, c]
+            log_det_A = 0.5 * q * math.log(2.0) - 0.5 * logdetH
+            fmax = -np.inf
+            for kk in range(K):
+                norm2 = 0.0
+                for c in range(q):
+                    acc = u[c]
+                    for d in range(q):
+                        acc += sqrt2 * LHi[d, c] * nodes[kk, d]
+                    uk[kk, c] = acc
+                    norm2 += nodes[kk, c] * nodes[kk, c]
+                Gk, lt_node = _node_pass(
+                    X, Z, eta0, V, y, ntr, w, i0, i1, uk[kk], fam, link, tau, sk[kk]
+                )
+                ltk[kk] = lt_node
+                f = logw[kk] + Gk + norm2
+                for c in range(q):
+                    f -= 0.5 * uk[kk, c] * uk[kk, c]
+                fk[kk] = f
+                if f > fmax:
+                    fmax = f
+            ssum = 0.0
+            for kk in range(K):
+                fk[kk] = math.exp(fk[kk] - fmax)
+                ssum += fk[kk]
+            loglik += log_det_A + fmax + math.log(ssum) - half_q_log_2pi
+            # dA/dpsi_k = -sqrt2 LH^-T (dLH_k)' LH^-T,  dLH = LH Phi(LH^-1 dH LH^-T)
+            for k in range(P):
+                # tmp = LH^-1 dH_k LH^-T
+                for c in range(q):
+                    for d in range(q):
+                        acc = 0.0
+                        for e in range(q):
+                            for f2 in range(q):
+                                acc += LHi[c, e] * dH[k, e, f2] * LHi[d, f2]
+                        tmp[c, d] = acc
+                for c in range(q):
+                    for d in range(q):
+                        if d > c:
+                            tmp[c, d] = 0.0
+                        elif d == c:
+                            tmp[c, d] *= 0.5
+                # M = LHi' Phi' LHi'  (dLH' = Phi' LH')  so dA = -sqrt2 LHi' Phi' LH' LHi' = -sqrt2 LHi' Phi'
+                for c in range(q):
+                    for d in range(q):
+                        acc = 0.0
+                        for e in range(q):
+                            acc += LHi[e, c] * tmp[d, e]
+                        dA[k, c, d] = -sqrt2 * acc
+            for kk in range(K):
+                pk = fk[kk] / ssum
+                if pk == 0.0:
+                    continue
+                # T(u_k)
+                for j in range(nth):
+                    T[p + j, p + pat_r[j]] = uk[kk, pat_c[j]]
+                # g_u(u_k) = E s_k - u_k
+                for c in range(q):
+                    acc = -uk[kk, c]
+                    for a in range(m):
+                        acc += E[c, a] * sk[kk, a]
+                    r[c] = acc  # reuse r[:q] as g_u
+                for k in range(P):
+                    acc = 0.0
+                    for a in range(m):
+                        acc += T[k, a] * sk[kk, a]
+                    for c in range(q):
+                        mv = du[c, k]
+                        for d in range(q):
+                            mv += dA[k, c, d] * nodes[kk, d]
+                        acc += r[c] * mv
+                    grad[k] += pk * acc
+                if has_disp:
+                    grad[itau] += pk * ltk[kk]
+            for j in range(nth):
+                T[p + j, p + pat_r[j]] = u[pat_c[j]]
+
+        if want_hess:
+            # exact Hessian of h(u_hat(psi), psi): -T Sw T' + g_psi,u H^-1 g_u,psi
+            for k in range(P):
+                for k2 in range(k + 1):
+                    acc = 0.0
+                    for a in range(m):
+                        ta = T[k, a]
+                        if ta != 0.0:
+                            for b in range(m):
+                                acc += ta * Sw[a, b] * T[k2, b]
+                    acc2 = 0.0
+                    for c in range(q):
+                        acc2 += guPsi[c, k] * du[c, k2]
+                    hess[k, k2] += -acc + acc2
+            if has_disp:
+                hess[itau, itau] += ltts
+                for k in range(itau):
+                    acc = 0.0
+                    for a in range(m):
+                        acc += T[k, a] * s1[a]
+                    hess[itau, k] += -2.0 * acc
+            # Hessian of -1/2 log det H with the working weights fixed
+            for k in range(p, P):
+                for k2 in range(p, k + 1):
+                    acc = 0.0
+                    for c in range(q):
+                        for d in range(q):
+                            hd = 0.0
+                            for e in range(q):
+                                hd += Hi[c, e] * dHw[k2, e, d]
+                            acc2 = 0.0
+                            for e in range(q):
+                                acc2 += Hi[d, e] * dHw[k, e, c]
+                            acc += hd * acc2
+                    val = 0.5 * acc
+                    # second derivative of H
+                    d2 = 0.0
+                    if k < p + nth and k2 < p + nth:
+                        a1 = pat_r[k - p]
+                        b1 = pat_c[k - p]
+                        a2 = pat_r[k2 - p]
+                        b2 = pat_c[k2 - p]
+                        d2 = 2.0 * Sw[p + a1, p + a2] * Hi[b1, b2]
+                    elif k == itau and k2 == itau:
+                        for c in range(q):
+                            for d in range(q):
+                                d2 += Hi[c, d] * 4.0 * (Hm[d, c] - (1.0 if c == d else 0.0))
+                    else:
+                        kt = k2 if k == itau else k
+                        for c in range(q):
+                            for d in range(q):
+                                d2 += Hi[c, d] * (-2.0) * dHw[kt, d, c]
+                    hess[k, k2] += val - 0.5 * d2
+    for k in range(P):
+        for k2 in range(k):
+            hess[k2, k] = hess[k, k2]
+    return loglik
