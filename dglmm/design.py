@@ -1,0 +1,663 @@
+"""Model specification and design blocks.
+
+:class:`ModelSpec` holds everything learned once from the whole data set: the
+fixed and random design column names, the categorical levels and the pattern of
+free entries of the Cholesky factor of the random-effects covariance.  It is a
+frozen, picklable dataclass with a JSON round trip (:meth:`ModelSpec.to_dict` /
+:meth:`ModelSpec.from_dict`).
+
+:class:`Block` holds the compact NumPy design of some whole groups, rows sorted
+by group (see ``docs/ARCHITECTURE.md``).  :func:`build_block` turns one pandas
+frame (e.g. one Dask partition) into a :class:`Block`, casting categorical
+columns to the levels of the spec so that every partition gets the same design
+columns even if it lacks some level.
+
+Learning a spec over partitions::
+
+    parsed = parse_formula(formula)
+    levels = merge_levels(collect_levels(parsed, part) for part in partitions)
+    spec = make_spec(parsed, levels, first_partition.head(1000))
+
+or, for one pandas frame, simply ``learn_spec(formula, df)``.
+
+Limitation: stateful formulaic transforms (``center(x)``, ``scale(x)``,
+``bs(x)``, ...) are evaluated on each block separately, so their state (a mean,
+knots) is per block rather than global.  Precompute such columns instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import formulaic
+import numpy as np
+import pandas as pd
+
+from dglmm.errors import DataError, SpecificationError, suggest
+from dglmm.formula import (
+    ParsedFormula,
+    c_wrapped_variables,
+    expression_variables,
+    parse_formula,
+)
+
+__all__ = [
+    "Block",
+    "ModelSpec",
+    "build_block",
+    "collect_levels",
+    "learn_spec",
+    "make_spec",
+    "merge_levels",
+    "needed_columns",
+]
+
+#: rows of the sample used by :func:`learn_spec` to find the design column names
+SAMPLE_ROWS = 1000
+
+
+# ---------------------------------------------------------------------------
+# ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything learned once from the whole data.
+
+    Attributes:
+        formula: the lme4 formula text.
+        response: response column name.
+        group: grouping column name.
+        fixed_columns: fixed-effects design column names, length p, e.g.
+            ``("Intercept", "x1", "f[T.b]", "x2:x3")``.
+        random_columns: random-effects design column names, length q, e.g.
+            ``("Intercept", "x1")``.
+        cov_pattern: free entries ``(row, col)`` (row >= col) of the q x q
+            lower-triangular Cholesky factor L, in parameter order.
+        levels: categorical column name -> tuple of its levels (sorted).
+        trials: binomial trials column, or None.
+        offset: offset column, or None.
+        weights: prior weights column, or None.
+        columns: every data column the model reads.
+    """
+
+    formula: str
+    response: str
+    group: str
+    fixed_columns: tuple[str, ...]
+    random_columns: tuple[str, ...]
+    cov_pattern: tuple[tuple[int, int], ...]
+    levels: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    trials: str | None = None
+    offset: str | None = None
+    weights: str | None = None
+    columns: tuple[str, ...] = ()
+
+    @property
+    def p(self) -> int:
+        """Number of fixed effects."""
+        return len(self.fixed_columns)
+
+    @property
+    def q(self) -> int:
+        """Number of random effects per group."""
+        return len(self.random_columns)
+
+    @property
+    def n_theta(self) -> int:
+        """Number of free covariance parameters (entries of L)."""
+        return len(self.cov_pattern)
+
+    @property
+    def parsed(self) -> ParsedFormula:
+        """The parsed formula (cached by :func:`parse_formula`)."""
+        return parse_formula(self.formula)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (lists instead of tuples, Python scalars as levels)."""
+        return {
+            "formula": self.formula,
+            "response": self.response,
+            "group": self.group,
+            "fixed_columns": list(self.fixed_columns),
+            "random_columns": list(self.random_columns),
+            "cov_pattern": [[int(r), int(c)] for r, c in self.cov_pattern],
+            "levels": {k: [_python_scalar(v) for v in vs] for k, vs in self.levels.items()},
+            "trials": self.trials,
+            "offset": self.offset,
+            "weights": self.weights,
+            "columns": list(self.columns),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            SpecificationError: a required key is missing.
+        """
+        required = ("formula", "response", "group", "fixed_columns", "random_columns")
+        missing = [k for k in required + ("cov_pattern",) if k not in d]
+        if missing:
+            raise SpecificationError(f"model spec dict lacks {', '.join(missing)}")
+        return cls(
+            formula=d["formula"],
+            response=d["response"],
+            group=d["group"],
+            fixed_columns=tuple(d["fixed_columns"]),
+            random_columns=tuple(d["random_columns"]),
+            cov_pattern=tuple((int(r), int(c)) for r, c in d["cov_pattern"]),
+            levels={k: tuple(v) for k, v in d.get("levels", {}).items()},
+            trials=d.get("trials"),
+            offset=d.get("offset"),
+            weights=d.get("weights"),
+            columns=tuple(d.get("columns", ())),
+        )
+
+
+def _python_scalar(value: Any) -> Any:
+    """NumPy scalar -> Python scalar (for JSON); other values unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ---------------------------------------------------------------------------
+# columns and levels
+
+
+def _formula_columns(parsed: ParsedFormula) -> tuple[str, ...]:
+    """Columns read through formulaic (fixed part and random terms), in order."""
+    names: list[str] = list(expression_variables(parsed.fixed))
+    for term in parsed.random_terms:
+        names.extend(expression_variables(term.expr))
+    return tuple(dict.fromkeys(names))
+
+
+def _c_wrapped(parsed: ParsedFormula) -> frozenset[str]:
+    """Columns wrapped in ``C(...)`` anywhere in the fixed part or random terms."""
+    found = set(c_wrapped_variables(parsed.fixed))
+    for term in parsed.random_terms:
+        found |= c_wrapped_variables(term.expr)
+    return frozenset(found)
+
+
+def needed_columns(
+    parsed: ParsedFormula,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+) -> list[str]:
+    """The data columns the model reads.
+
+    Args:
+        parsed: the parsed formula.
+        trials, offset, weights: optional column names.
+
+    Returns:
+        Column names without duplicates: response, fixed-part columns,
+        random-term columns, group, then trials, offset and weights.
+    """
+    names = [parsed.response, *_formula_columns(parsed), parsed.group]
+    names += [c for c in (trials, offset, weights) if c is not None]
+    return list(dict.fromkeys(names))
+
+
+def _is_categorical(series: pd.Series, c_wrapped: bool) -> bool:
+    """Whether a column is treated as a factor.
+
+    Category, bool, string and object columns are factors, except object
+    columns holding only numbers; any column wrapped in ``C(...)`` is a factor.
+    """
+    if c_wrapped:
+        return True
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(dtype):
+        return True
+    if pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype):
+        kind = pd.api.types.infer_dtype(series, skipna=True)
+        return kind not in ("integer", "floating", "mixed-integer-float", "decimal", "empty")
+    return False
+
+
+def collect_levels(parsed: ParsedFormula, df: pd.DataFrame) -> dict[str, list]:
+    """Unique non-null values of each categorical formula column in ``df``.
+
+    Run once per partition; combine with :func:`merge_levels`.  Columns
+    missing from ``df`` are skipped (:func:`make_spec` reports them).  The
+    grouping column is not included unless the formula also uses it as a
+    predictor.
+
+    Args:
+        parsed: the parsed formula.
+        df: a pandas frame (e.g. one Dask partition).
+
+    Returns:
+        Column name -> list of the values seen (Python scalars, any order).
+    """
+    wrapped = _c_wrapped(parsed)
+    out: dict[str, list] = {}
+    for name in _formula_columns(parsed):
+        if name not in df.columns or name == parsed.response:
+            continue
+        series = df[name]
+        if _is_categorical(series, name in wrapped):
+            out[name] = [_python_scalar(v) for v in pd.unique(series.dropna())]
+    return out
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural_key(value: Any) -> tuple:
+    """Sort key: numbers numerically first, then strings in natural order ("a2" < "a10")."""
+    if isinstance(value, (bool, np.bool_, int, float, np.integer, np.floating)):
+        return (0, float(value), "")
+    if isinstance(value, str):
+        parts = _DIGITS.split(value)
+        return (1, 0.0, tuple((int(p), "") if p.isdigit() else (0, p) for p in parts))
+    return (2, 0.0, str(value))
+
+
+def merge_levels(dicts: Iterable[Mapping[str, Iterable]]) -> dict[str, tuple]:
+    """Union of per-partition levels, each sorted naturally.
+
+    Args:
+        dicts: results of :func:`collect_levels`, one per partition.
+
+    Returns:
+        Column name -> tuple of levels, sorted (numbers numerically, strings in
+        natural order).  An explicit order in the formula,
+        ``C(f, levels=[...])``, is applied by formulaic on top of this.
+    """
+    merged: dict[str, dict] = {}
+    for d in dicts:
+        for name, values in d.items():
+            bucket = merged.setdefault(name, {})
+            for v in values:
+                bucket.setdefault(_python_scalar(v), None)
+    return {name: tuple(sorted(values, key=_natural_key)) for name, values in merged.items()}
+
+
+# ---------------------------------------------------------------------------
+# preparing a frame
+
+
+def _check_columns(df: pd.DataFrame, names: Sequence[str], what: str = "column") -> None:
+    """Raise DataError for the first of ``names`` missing from ``df``, with a suggestion."""
+    present = [str(c) for c in df.columns]
+    for name in names:
+        if name not in df.columns:
+            raise DataError(f"{what} {name!r} not found in the data{suggest(name, present)}")
+
+
+def _to_numeric(series: pd.Series, name: str) -> pd.Series:
+    """Numeric version of ``series`` (bool -> 0/1); DataError on text values."""
+    if pd.api.types.is_bool_dtype(series.dtype):
+        nullable = isinstance(series.dtype, pd.BooleanDtype)
+        return series.astype("Float64" if nullable else np.float64)
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        return series
+    converted = pd.to_numeric(series, errors="coerce")
+    bad = converted.isna() & series.notna()
+    if bad.any():
+        examples = ", ".join(repr(v) for v in pd.unique(series[bad])[:3])
+        raise DataError(
+            f"column {name!r} must be numeric but has {int(bad.sum())} non-numeric values "
+            f"such as {examples}"
+        )
+    return converted
+
+
+def _cast_levels(series: pd.Series, name: str, levels: Sequence) -> pd.Series:
+    """Cast to ``Categorical(categories=levels)``; DataError on values outside the levels."""
+    categories = pd.Index(list(levels))
+    codes = categories.get_indexer(series)  # -1 for null and for unknown values
+    unknown = (codes < 0) & series.notna().to_numpy()
+    if unknown.any():
+        examples = ", ".join(repr(v) for v in pd.unique(series[unknown])[:3])
+        raise DataError(
+            f"column {name!r} has {int(unknown.sum())} values not seen when the model spec "
+            f"was learned, such as {examples}"
+        )
+    cat = pd.Categorical.from_codes(codes, categories=categories)
+    return pd.Series(cat, index=series.index)
+
+
+def _prepare(spec_levels: Mapping[str, Sequence], frame: pd.DataFrame, numeric: Sequence[str]):
+    """Cast level columns to categoricals and ``numeric`` columns to numbers (new frame)."""
+    out = {}
+    for name in frame.columns:
+        if name in spec_levels:
+            out[name] = _cast_levels(frame[name], name, spec_levels[name])
+        elif name in numeric:
+            out[name] = _to_numeric(frame[name], name)
+        else:
+            out[name] = frame[name]
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _bad_mask(series: pd.Series) -> np.ndarray:
+    """Boolean (n,) mask of null or non-finite values."""
+    bad = np.array(series.isna(), dtype=bool)  # a writable copy
+    if pd.api.types.is_float_dtype(series.dtype) or pd.api.types.is_complex_dtype(series.dtype):
+        bad |= ~np.isfinite(series.to_numpy(dtype=np.float64, na_value=np.nan))
+    return bad
+
+
+def _design(rhs: str, frame: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Formulaic design of ``rhs`` on ``frame``: float64 C-order (n, k) array and names."""
+    try:
+        with np.errstate(all="ignore"):  # non-finite results are reported by the caller
+            mm = formulaic.model_matrix(rhs, frame, output="numpy", na_action="ignore")
+    except Exception as exc:  # formulaic raises many exception types
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
+    array = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
+    return array.reshape(len(frame), -1), tuple(str(c) for c in mm.model_spec.column_names)
+
+
+def _random_design(parsed: ParsedFormula, frame: pd.DataFrame):
+    """Random-effects design: hstack of every bar term's design.
+
+    Returns:
+        ``(Z, names, blocks)`` with Z of shape (n, q), q column names and the
+        list of ``(start, stop, diagonal)`` column ranges of the bar terms.
+    """
+    parts, names, blocks = [], [], []
+    for term in parsed.random_terms:
+        z, cols = _design(term.expr, frame)
+        blocks.append((len(names), len(names) + len(cols), term.diagonal))
+        parts.append(z)
+        names.extend(cols)
+    z = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else parts[0]
+    return z, tuple(names), blocks
+
+
+def _cov_pattern(blocks: Sequence[tuple[int, int, bool]]) -> tuple[tuple[int, int], ...]:
+    """Free entries of L: row-major lower triangle per unstructured block, diagonal for ``||``."""
+    pattern: list[tuple[int, int]] = []
+    for start, stop, diagonal in blocks:
+        for row in range(start, stop):
+            if diagonal:
+                pattern.append((row, row))
+            else:
+                pattern.extend((row, col) for col in range(start, row + 1))
+    return tuple(pattern)
+
+
+# ---------------------------------------------------------------------------
+# learning the spec
+
+
+def make_spec(
+    parsed: ParsedFormula,
+    levels: Mapping[str, Sequence],
+    sample_df: pd.DataFrame,
+    *,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+) -> ModelSpec:
+    """Build the :class:`ModelSpec` from merged levels and a small sample.
+
+    Args:
+        parsed: the parsed formula.
+        levels: merged levels (:func:`merge_levels`) of the whole data.
+        sample_df: a few rows of the data (may be empty, but with all columns).
+        trials, offset, weights: optional column names.
+
+    Returns:
+        The spec.  Rank deficiency of the fixed effects is not checked here.
+
+    Raises:
+        DataError: a column the model needs is missing (with "did you mean").
+        SpecificationError: the response is an expression, or two bar terms
+            produce the same random-effects column.
+    """
+    formula_cols = needed_columns(parsed)
+    if parsed.response not in sample_df.columns and not re.fullmatch(
+        r"[A-Za-z_][A-Za-z0-9_.]*", parsed.response
+    ):
+        raise SpecificationError(
+            f"the response must be a column name, not the expression {parsed.response!r}; "
+            "add the transformed response as a column"
+        )
+    _check_columns(sample_df, formula_cols)
+    for what, name in (("trials", trials), ("offset", offset), ("weights", weights)):
+        if name is not None:
+            _check_columns(sample_df, [name], f"{what} column")
+    columns = needed_columns(parsed, trials, offset, weights)
+    levels = {k: tuple(v) for k, v in levels.items()}
+    used = set(_formula_columns(parsed))
+    numeric = [c for c in used if c not in levels]
+    sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
+    _, fixed_columns = _design(parsed.fixed, sample)
+    _, random_columns, blocks = _random_design(parsed, sample)
+    dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]
+    if dup:
+        raise SpecificationError(
+            f"random-effects column {dup[0]!r} appears in more than one term of {parsed.text!r}"
+        )
+    return ModelSpec(
+        formula=parsed.text,
+        response=parsed.response,
+        group=parsed.group,
+        fixed_columns=fixed_columns,
+        random_columns=random_columns,
+        cov_pattern=_cov_pattern(blocks),
+        levels={k: v for k, v in levels.items() if k in used},
+        trials=trials,
+        offset=offset,
+        weights=weights,
+        columns=tuple(columns),
+    )
+
+
+def learn_spec(
+    formula: str | ParsedFormula,
+    df: pd.DataFrame,
+    *,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+) -> ModelSpec:
+    """Parse ``formula`` and learn the :class:`ModelSpec` from a pandas frame.
+
+    Equivalent to ``make_spec(parse_formula(formula), merge_levels([collect_levels(...)]),
+    df.head(SAMPLE_ROWS), ...)``.
+    """
+    parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    levels = merge_levels([collect_levels(parsed, df)])
+    return make_spec(
+        parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights
+    )
+
+
+# ---------------------------------------------------------------------------
+# blocks
+
+
+@dataclass
+class Block:
+    """Compact design arrays of whole groups, rows sorted by group.
+
+    Attributes:
+        X: (n, p) float64, C order, fixed-effects design.
+        Z: (n, q) float64, C order, random-effects design.
+        y: (n,) float64 response (successes for binomial with trials).
+        trials: (n,) float64 binomial trials (ones if none).
+        offset: (n,) float64 offset (zeros if none).
+        weights: (n,) float64 prior weights (ones if none).
+        group_ptr: (G+1,) int64; rows of group g are ``group_ptr[g]:group_ptr[g+1]``.
+        group_keys: (G,) group key of each group, original dtype.
+        n_dropped: rows dropped for missing values (``missing="drop"``).
+    """
+
+    X: np.ndarray
+    Z: np.ndarray
+    y: np.ndarray
+    trials: np.ndarray
+    offset: np.ndarray
+    weights: np.ndarray
+    group_ptr: np.ndarray
+    group_keys: np.ndarray
+    n_dropped: int = 0
+
+    @property
+    def n_obs(self) -> int:
+        """Number of rows n."""
+        return int(self.y.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups G."""
+        return int(self.group_keys.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the arrays."""
+        arrays = (self.X, self.Z, self.y, self.trials, self.offset, self.weights)
+        return sum(a.nbytes for a in arrays) + self.group_ptr.nbytes + self.group_keys.nbytes
+
+
+def _column_or(frame: pd.DataFrame, name: str | None, fill: float) -> np.ndarray:
+    """(n,) float64 values of column ``name`` or a constant ``fill``."""
+    if name is None:
+        return np.full(len(frame), fill, dtype=np.float64)
+    return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))
+
+
+def _drop_or_raise(bad: np.ndarray, counts: dict[str, int], n: int, missing: str) -> None:
+    """With ``missing="error"``, raise DataError describing ``counts``."""
+    if missing == "error" and bad.any():
+        details = "; ".join(
+            f"column {name!r} has {k} missing or infinite values" for name, k in counts.items()
+        )
+        raise DataError(f'{details} (of {n} rows); clean them or pass missing="drop"')
+
+
+def _group_order(keys: pd.Series) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Stable order of rows by group key.
+
+    Returns:
+        ``(order, group_ptr, group_keys)``: ``order`` (n,) int64 permutation
+        (None if the rows are already sorted), ``group_ptr`` (G+1,) int64,
+        ``group_keys`` (G,).
+    """
+    try:
+        codes, uniques = pd.factorize(keys, sort=True)
+    except TypeError:  # unorderable mixed keys: keep first-appearance order
+        codes, uniques = pd.factorize(keys, sort=False)
+    counts = np.bincount(codes, minlength=len(uniques))
+    group_ptr = np.zeros(len(uniques) + 1, dtype=np.int64)
+    np.cumsum(counts, out=group_ptr[1:])
+    order = None if np.all(codes[1:] >= codes[:-1]) else np.argsort(codes, kind="stable")
+    return order, group_ptr, np.asarray(uniques)
+
+
+def build_block(
+    spec: ModelSpec,
+    df: pd.DataFrame,
+    *,
+    missing: str = "error",
+    check_response: Callable[[np.ndarray, np.ndarray, str], None] | None = None,
+) -> Block:
+    """Build the :class:`Block` of a pandas frame holding whole groups.
+
+    Steps: check columns; find null/non-finite values in the needed columns
+    (raise, or drop with ``missing="drop"``); cast categorical columns to the
+    spec's levels; build X and Z with formulaic (column names checked against
+    the spec); read y (bool -> 0/1), trials, offset, weights; sort rows by
+    group (stable) and compute ``group_ptr``; call ``check_response``.
+
+    Args:
+        spec: the model spec.
+        df: the rows (any order); every group must be entirely in ``df``.
+        missing: ``"error"`` or ``"drop"`` for rows with missing values.
+        check_response: optional ``(y, trials, response_name) -> None`` that
+            raises DataError for an invalid response (supplied by the family).
+
+    Returns:
+        The block, rows sorted by group.
+
+    Raises:
+        DataError: no rows, missing column, missing values with
+            ``missing="error"``, text in a numeric column, unknown categorical
+            level, negative/non-finite weights, non-positive trials, or a
+            design whose columns differ from the spec.
+        SpecificationError: invalid ``missing``.
+    """
+    if missing not in ("error", "drop"):
+        raise SpecificationError(f'missing must be "error" or "drop", got {missing!r}')
+    if len(df) == 0:
+        raise DataError("no rows in the data")
+    _check_columns(df, spec.columns)
+    parsed = spec.parsed
+    n_in = len(df)
+    used = set(_formula_columns(parsed))
+    numeric = [c for c in spec.columns if c not in spec.levels and c != spec.group]
+    frame = _prepare(spec.levels, df[list(spec.columns)], [c for c in numeric if c in used])
+    for name in (spec.response, spec.trials, spec.offset, spec.weights):
+        if name is not None and name not in used:
+            frame[name] = _to_numeric(frame[name], name)
+
+    # missing values (before formulaic, which would silently drop or zero them)
+    bad = np.zeros(n_in, dtype=bool)
+    counts: dict[str, int] = {}
+    for name in spec.columns:
+        col_bad = _bad_mask(df[name] if name in spec.levels else frame[name])
+        if col_bad.any():
+            counts[name] = int(col_bad.sum())
+            bad |= col_bad
+    _drop_or_raise(bad, counts, n_in, missing)
+
+    # designs; non-finite design values (e.g. np.log(0)) count as missing too
+    if bad.any():
+        frame = frame.loc[~bad]
+    if len(frame) == 0:
+        raise DataError(f"no rows left after dropping {n_in} rows with missing values")
+    X, fixed_names = _design(parsed.fixed, frame)
+    Z, random_names, _ = _random_design(parsed, frame)
+    if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
+        raise DataError(
+            f"design columns {fixed_names} / {random_names} differ from the model spec "
+            f"{spec.fixed_columns} / {spec.random_columns}"
+        )
+    bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
+    if bad_design.any():
+        _drop_or_raise(bad_design, {"(design matrix)": int(bad_design.sum())}, n_in, missing)
+        keep = ~bad_design
+        frame, X, Z = frame.loc[keep], X[keep], Z[keep]
+        if len(frame) == 0:
+            raise DataError("no rows left after dropping rows with missing values")
+    n_dropped = n_in - len(frame)
+
+    y = _column_or(frame, spec.response, 0.0)
+    trials = _column_or(frame, spec.trials, 1.0)
+    offset = _column_or(frame, spec.offset, 0.0)
+    weights = _column_or(frame, spec.weights, 1.0)
+    if np.any(weights < 0):
+        raise DataError(
+            f"weights column {spec.weights!r} has {int((weights < 0).sum())} negative values"
+        )
+    if np.any(trials <= 0):
+        raise DataError(f"trials column {spec.trials!r} has {int((trials <= 0).sum())} values <= 0")
+
+    order, group_ptr, group_keys = _group_order(frame[spec.group])
+    if order is not None:
+        X, Z, y, trials, offset, weights = (a[order] for a in (X, Z, y, trials, offset, weights))
+    if check_response is not None:
+        check_response(y, trials, spec.response)
+    return Block(
+        X=np.ascontiguousarray(X),
+        Z=np.ascontiguousarray(Z),
+        y=y,
+        trials=trials,
+        offset=offset,
+        weights=weights,
+        group_ptr=group_ptr,
+        group_keys=group_keys,
+        n_dropped=n_dropped,
+    )

@@ -1,0 +1,403 @@
+"""Parsing of lme4-style model formulas.
+
+A formula such as ``y ~ x1 + x2 * x3 + C(f) + (1 + x1 | g)`` is split into
+
+* the response expression (``"y"``),
+* the fixed-effects part, handed to formulaic as a right-hand-side string
+  (``"x1 + x2 * x3 + C(f)"``; an empty fixed part means ``"1"``), and
+* the random-effects ("bar") terms ``(expr | group)`` and ``(expr || group)``.
+
+Bar terms are found by a small scanner that tracks parenthesis depth and skips
+string literals and backtick-quoted names, so fixed terms such as
+``C(f, levels=["a", "b"])`` or ``np.log(x)`` survive untouched.
+
+Several bar terms may share one grouping factor; they give a block-diagonal
+random-effects covariance (``(1 | g) + (0 + x | g)`` equals ``(1 + x || g)``).
+Only one grouping factor is supported for now.
+
+This module also offers two small helpers used by :mod:`dglmm.design` to find
+which data columns an expression reads: :func:`expression_variables` and
+:func:`c_wrapped_variables`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import keyword
+import re
+import tokenize
+from dataclasses import dataclass
+
+import formulaic
+
+from dglmm.errors import SpecificationError
+
+__all__ = [
+    "ParsedFormula",
+    "RandomTerm",
+    "c_wrapped_variables",
+    "expression_variables",
+    "parse_formula",
+]
+
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+_CLOSERS = {")": "(", "]": "[", "}": "{"}
+_QUOTES = ("'", '"', "`")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One random-effects term ``(expr | group)`` or ``(expr || group)``.
+
+    Attributes:
+        expr: formulaic right-hand side of the term, e.g. ``"1 + x1"`` or
+            ``"0 + x"``; ``"x"`` implies an intercept, as in lme4.
+        group: name of the grouping column.
+        diagonal: True for ``||`` (independent terms: diagonal covariance block).
+    """
+
+    expr: str
+    group: str
+    diagonal: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """An lme4 formula split into response, fixed part and random terms.
+
+    Attributes:
+        text: the formula as given.
+        response: the response expression (normally a column name, e.g. ``"y"``).
+        fixed: formulaic right-hand side of the fixed effects (``"1"`` if empty).
+        random_terms: the bar terms, in formula order (at least one).
+        group: the one grouping column shared by all bar terms.
+    """
+
+    text: str
+    response: str
+    fixed: str
+    random_terms: tuple[RandomTerm, ...]
+    group: str
+
+
+# ---------------------------------------------------------------------------
+# scanning
+
+
+def _scan(text: str) -> list[tuple[int, str, int]]:
+    """Structural characters of ``text`` outside quotes.
+
+    Returns a list of ``(position, char, depth)`` for every character outside
+    string literals and backtick-quoted names, where ``depth`` is the bracket
+    depth *before* the character (so an opening parenthesis at top level and
+    its matching closing one both have depth 0).
+
+    Raises:
+        SpecificationError: unbalanced brackets or an unterminated quote.
+    """
+    out: list[tuple[int, str, int]] = []
+    stack: list[tuple[str, int]] = []
+    quote = ""
+    quote_start = 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and text[i - 1] != "\\":
+                quote = ""
+            continue
+        if ch in _QUOTES:
+            quote, quote_start = ch, i
+            continue
+        if ch in _OPENERS:
+            out.append((i, ch, len(stack)))
+            stack.append((ch, i))
+        elif ch in _CLOSERS:
+            if not stack or stack[-1][0] != _CLOSERS[ch]:
+                raise SpecificationError(
+                    f"unbalanced parentheses in formula {text!r}: unexpected {ch!r} at position {i}"
+                )
+            stack.pop()
+            out.append((i, ch, len(stack)))
+        else:
+            out.append((i, ch, len(stack)))
+    if quote:
+        raise SpecificationError(
+            f"unterminated quote {quote} starting at position {quote_start} in formula {text!r}"
+        )
+    if stack:
+        raise SpecificationError(
+            f"unbalanced parentheses in formula {text!r}: {stack[-1][0]!r} at position "
+            f"{stack[-1][1]} is never closed"
+        )
+    return out
+
+
+def _top_level(text: str, chars: str) -> list[int]:
+    """Positions of the characters in ``chars`` at bracket depth 0 (outside quotes)."""
+    return [i for i, ch, depth in _scan(text) if depth == 0 and ch in chars]
+
+
+def _split_terms(rhs: str) -> list[tuple[str, str]]:
+    """Split a right-hand side at top-level ``+`` and ``-``.
+
+    Returns:
+        ``[(sign, term_text), ...]`` with ``sign`` in ``{"+", "-"}`` and
+        stripped term text (possibly empty, e.g. before a leading ``-``).
+    """
+    terms: list[tuple[str, str]] = []
+    sign, start = "+", 0
+    for i in _top_level(rhs, "+-"):
+        terms.append((sign, rhs[start:i].strip()))
+        sign, start = rhs[i], i + 1
+    terms.append((sign, rhs[start:].strip()))
+    return terms
+
+
+def _is_parenthesised(term: str) -> bool:
+    """True if ``term`` is one parenthesised group ``( ... )`` as a whole."""
+    if not (term.startswith("(") and term.endswith(")")):
+        return False
+    for i, ch, depth in _scan(term):
+        if ch == ")" and depth == 0:
+            return i == len(term) - 1
+    return False
+
+
+def _unquote_name(name: str) -> str:
+    """Strip backticks from a backtick-quoted column name."""
+    if len(name) >= 2 and name[0] == name[-1] == "`":
+        return name[1:-1]
+    return name
+
+
+def _is_column_name(name: str) -> bool:
+    """True for a bare name (``g``, ``subscriber.id``) or a backtick-quoted name."""
+    return bool(_NAME_RE.match(name)) or (
+        len(name) > 2 and name[0] == name[-1] == "`" and "`" not in name[1:-1]
+    )
+
+
+def _has_bare_bar(term: str) -> bool:
+    """True if ``term`` has a ``|`` at top level or directly inside a bare ``( )``.
+
+    A bar inside a function call such as ``I(a | b)`` is fine; ``x | g`` or
+    ``x:(1 | g)`` is a misplaced random-effects term.
+    """
+    bare: list[bool] = []
+    for i, ch, _depth in _scan(term):
+        if ch in _OPENERS:
+            before = term[:i].rstrip()
+            is_call = bool(before) and (before[-1].isalnum() or before[-1] in "_.)]`")
+            bare.append(not is_call)
+        elif ch in _CLOSERS:
+            bare.pop()
+        elif ch == "|" and (not bare or bare[-1]):
+            return True
+    return False
+
+
+def _check_formulaic(rhs: str, what: str) -> formulaic.Formula:
+    """Parse ``rhs`` with formulaic, turning its errors into SpecificationError."""
+    try:
+        return formulaic.Formula(rhs)
+    except Exception as exc:  # formulaic raises several unrelated exception types
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # formulaic colours its messages
+        raise SpecificationError(f"cannot parse {what} {rhs!r}: {message}") from exc
+
+
+def _parse_bar_term(term: str, text: str) -> RandomTerm:
+    """Parse ``( expr | group )`` or ``( expr || group )`` (outer parentheses included)."""
+    inner = term[1:-1]
+    bars = _top_level(inner, "|")
+    diagonal = len(bars) == 2 and bars[1] == bars[0] + 1
+    if len(bars) > 2 or (len(bars) == 2 and not diagonal):
+        raise SpecificationError(f"random-effects term {term!r} has more than one '|'")
+    expr = inner[: bars[0]].strip()
+    group = inner[bars[-1] + 1 :].strip()
+    if not expr:
+        raise SpecificationError(
+            f"random-effects term {term!r} has nothing before '|'; write (1 | group) "
+            "for a random intercept"
+        )
+    if not group:
+        raise SpecificationError(f"random-effects term {term!r} has an empty group name")
+    if not _is_column_name(group):
+        raise SpecificationError(
+            f"the grouping factor in {term!r} must be a column name, not the expression "
+            f"{group!r}; add it as a column to the data"
+        )
+    parsed = _check_formulaic(expr, f"random-effects term {term!r}:")
+    if len(parsed) == 0:
+        raise SpecificationError(
+            f"random-effects term {term!r} has no columns; write (1 | group) for a random intercept"
+        )
+    return RandomTerm(expr=expr, group=_unquote_name(group), diagonal=diagonal)
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+@functools.lru_cache(maxsize=256)
+def parse_formula(text: str) -> ParsedFormula:
+    """Parse an lme4 formula.
+
+    Supported random-effects terms: ``(1 | g)``, ``(0 + x | g)``, ``(x | g)``
+    (intercept implied), ``(1 + x | g)`` (unstructured covariance) and
+    ``(1 + x || g)`` (diagonal covariance).  Several bar terms with the same
+    grouping column give a block-diagonal covariance.
+
+    Args:
+        text: the formula, e.g. ``"y ~ x1 + C(f) + (1 + x1 | g)"``.
+
+    Returns:
+        The :class:`ParsedFormula`.  Results are cached (they are immutable).
+
+    Raises:
+        SpecificationError: no ``~``, empty response, unbalanced parentheses,
+            no bar term, an empty or non-column grouping factor, more than one
+            grouping factor, or a part formulaic cannot parse.
+    """
+    if not isinstance(text, str):
+        raise SpecificationError(f"the formula must be a string, got {type(text).__name__}")
+    tildes = _top_level(text, "~")
+    if not tildes:
+        raise SpecificationError(
+            f"formula {text!r} has no '~'; write it as 'response ~ predictors + (1 | group)'"
+        )
+    if len(tildes) > 1:
+        raise SpecificationError(f"formula {text!r} has more than one '~'")
+    response = _unquote_name(text[: tildes[0]].strip())
+    if not response:
+        raise SpecificationError(f"formula {text!r} has an empty response (left of '~')")
+    rhs = text[tildes[0] + 1 :]
+
+    fixed_parts: list[str] = []
+    random_terms: list[RandomTerm] = []
+    terms = _split_terms(rhs)
+    for k, (sign, term) in enumerate(terms):
+        if not term:
+            if k == 0 and len(terms) > 1:  # a leading sign, e.g. "~ -1 + x"
+                continue
+            raise SpecificationError(f"formula {text!r} has an empty term")
+        if _is_parenthesised(term) and _top_level(term[1:-1], "|"):
+            if sign == "-":
+                raise SpecificationError(
+                    f"random-effects term {term!r} cannot be subtracted in {text!r}"
+                )
+            random_terms.append(_parse_bar_term(term, text))
+        elif _has_bare_bar(term):
+            raise SpecificationError(
+                f"misplaced '|' in term {term!r} of {text!r}: a random-effects term must "
+                "be parenthesised and added with '+', like (1 | group)"
+            )
+        else:
+            fixed_parts.append(f"{sign} {term}" if fixed_parts or sign == "-" else term)
+
+    if not random_terms:
+        raise SpecificationError(
+            f"formula {text!r} has no random-effects term; a random-effects term like "
+            "(1 | group) is needed"
+        )
+    groups = list(dict.fromkeys(t.group for t in random_terms))
+    if len(groups) > 1:
+        raise SpecificationError(
+            "only one grouping factor is supported for now; the formula uses "
+            + ", ".join(repr(g) for g in groups)
+        )
+    fixed = " ".join(fixed_parts) if fixed_parts else "1"
+    _check_formulaic(fixed, "the fixed-effects part")
+    return ParsedFormula(
+        text=text,
+        response=response,
+        fixed=fixed,
+        random_terms=tuple(random_terms),
+        group=groups[0],
+    )
+
+
+def _python_tokens(expr: str) -> tuple[list[tokenize.TokenInfo], dict[str, str]]:
+    """Tokenize ``expr`` as Python, with backtick names replaced by placeholders.
+
+    Returns:
+        ``(tokens, placeholders)`` where ``placeholders`` maps each placeholder
+        identifier back to the quoted column name.  ``tokens`` is empty if
+        Python cannot tokenize the text.
+    """
+    placeholders: dict[str, str] = {}
+
+    def replace(match: re.Match[str]) -> str:
+        key = f"__dglmm_q{len(placeholders)}__"
+        placeholders[key] = match.group(1)
+        return key
+
+    source = re.sub(r"`([^`]+)`", replace, expr)
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        tokens = []
+    significant = (tokenize.NAME, tokenize.OP, tokenize.STRING, tokenize.NUMBER)
+    return [t for t in tokens if t.type in significant], placeholders
+
+
+def expression_variables(expr: str) -> tuple[str, ...]:
+    """Data columns read by a formulaic expression, in order of first appearance.
+
+    Combines formulaic's ``required_variables`` with a scan of the Python
+    tokens: a bare name counts unless it is called (``log(``), used as a
+    namespace (``np.``), an attribute (``.log``), a keyword argument
+    (``levels=``), a Python keyword, or a formulaic transform (``C``,
+    ``center``, ``Treatment``, ...).  ``Q("name")`` and backtick-quoted names
+    count as columns.
+
+    Args:
+        expr: a formulaic right-hand side or a single expression.
+
+    Returns:
+        Tuple of column names (possibly empty).
+    """
+    from formulaic.transforms import TRANSFORMS
+
+    tokens, placeholders = _python_tokens(expr)
+    names: list[str] = []
+    for k, tok in enumerate(tokens):
+        prev = tokens[k - 1].string if k > 0 else ""
+        nxt = tokens[k + 1].string if k + 1 < len(tokens) else ""
+        if tok.type == tokenize.STRING and prev == "(" and k >= 2 and tokens[k - 2].string == "Q":
+            try:
+                names.append(str(eval(tok.string, {"__builtins__": {}})))  # noqa: S307
+            except Exception:  # noqa: BLE001 - not a plain string literal: ignore
+                pass
+            continue
+        if tok.type != tokenize.NAME or prev == "." or nxt in ("(", ".", "="):
+            continue
+        if keyword.iskeyword(tok.string) or tok.string in TRANSFORMS:
+            continue
+        names.append(placeholders.get(tok.string, tok.string))
+    try:
+        extra = sorted(str(v) for v in formulaic.Formula(expr).required_variables)
+    except Exception:  # noqa: BLE001 - formulaic cannot parse: the scan is all we have
+        extra = []
+    return tuple(dict.fromkeys(names + extra))
+
+
+def c_wrapped_variables(expr: str) -> frozenset[str]:
+    """Columns wrapped directly in ``C(...)`` in ``expr`` (treated as categorical).
+
+    ``C(f)``, ``C(f, Treatment)`` and ``C(`my col`, levels=[...])`` all give the
+    column name; ``C(np.round(x))`` gives nothing (it is not a plain column).
+    """
+    tokens, placeholders = _python_tokens(expr)
+    found: set[str] = set()
+    for k in range(len(tokens) - 3):
+        a, b, c, d = tokens[k : k + 4]
+        if (
+            a.string == "C"
+            and b.string == "("
+            and c.type == tokenize.NAME
+            and d.string in (",", ")")
+            and (k == 0 or tokens[k - 1].string != ".")
+        ):
+            found.add(placeholders.get(c.string, c.string))
+    return frozenset(found)
