@@ -27,6 +27,7 @@ knots) is per block rather than global.  Precompute such columns instead.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class ModelSpec:
     offset: str | None = None
     weights: str | None = None
     columns: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:
+        """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
     @property
     def p(self) -> int:

@@ -22,6 +22,7 @@ which data columns an expression reads: :func:`expression_variables` and
 
 from __future__ import annotations
 
+import ast
 import functools
 import io
 import keyword
@@ -206,7 +207,7 @@ def _check_formulaic(rhs: str, what: str) -> formulaic.Formula:
         raise SpecificationError(f"cannot parse {what} {rhs!r}: {message}") from exc
 
 
-def _parse_bar_term(term: str, text: str) -> RandomTerm:
+def _parse_bar_term(term: str) -> RandomTerm:
     """Parse ``( expr | group )`` or ``( expr || group )`` (outer parentheses included)."""
     inner = term[1:-1]
     bars = _top_level(inner, "|")
@@ -239,7 +240,6 @@ def _parse_bar_term(term: str, text: str) -> RandomTerm:
 # public API
 
 
-@functools.lru_cache(maxsize=256)
 def parse_formula(text: str) -> ParsedFormula:
     """Parse an lme4 formula.
 
@@ -261,6 +261,12 @@ def parse_formula(text: str) -> ParsedFormula:
     """
     if not isinstance(text, str):
         raise SpecificationError(f"the formula must be a string, got {type(text).__name__}")
+    return _parse_formula(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_formula(text: str) -> ParsedFormula:
+    """Uncached body of :func:`parse_formula` (``text`` is a string)."""
     tildes = _top_level(text, "~")
     if not tildes:
         raise SpecificationError(
@@ -286,7 +292,7 @@ def parse_formula(text: str) -> ParsedFormula:
                 raise SpecificationError(
                     f"random-effects term {term!r} cannot be subtracted in {text!r}"
                 )
-            random_terms.append(_parse_bar_term(term, text))
+            random_terms.append(_parse_bar_term(term))
         elif _has_bare_bar(term):
             raise SpecificationError(
                 f"misplaced '|' in term {term!r} of {text!r}: a random-effects term must "
@@ -332,7 +338,7 @@ def _python_tokens(expr: str) -> tuple[list[tokenize.TokenInfo], dict[str, str]]
         placeholders[key] = match.group(1)
         return key
 
-    source = re.sub(r"`([^`]+)`", replace, expr)
+    source = re.sub(r"\s+", " ", re.sub(r"`([^`]+)`", replace, expr))  # one logical line
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError):
@@ -366,8 +372,8 @@ def expression_variables(expr: str) -> tuple[str, ...]:
         nxt = tokens[k + 1].string if k + 1 < len(tokens) else ""
         if tok.type == tokenize.STRING and prev == "(" and k >= 2 and tokens[k - 2].string == "Q":
             try:
-                names.append(str(eval(tok.string, {"__builtins__": {}})))  # noqa: S307
-            except Exception:  # noqa: BLE001 - not a plain string literal: ignore
+                names.append(str(ast.literal_eval(tok.string)))
+            except (ValueError, SyntaxError):  # not a plain string literal: ignore it
                 pass
             continue
         if tok.type != tokenize.NAME or prev == "." or nxt in ("(", ".", "="):

@@ -275,3 +275,27 @@ def test_large_block_is_fast():
     assert time.perf_counter() - start < 5.0
     assert np.all(np.diff(block.group_ptr) > 0)
     assert block.group_ptr[-1] == n
+
+
+def test_spec_hashable_and_properties(df):
+    spec = learn_spec(FORMULA, df)
+    assert hash(spec) == hash(ModelSpec.from_dict(spec.to_dict()))
+    assert spec.parsed.group == "g"
+
+
+def test_object_numbers_are_numeric_and_bool_is_factor(df):
+    df = df.assign(x1=df.x1.astype(object), b=np.resize([True, False], len(df)))
+    spec = learn_spec("y ~ x1 + b + (1 | g)", df)
+    assert spec.fixed_columns == ("Intercept", "x1", "b[T.True]")
+    assert spec.levels == {"b": (False, True)}
+    block = build_block(spec, df)
+    assert block.X.dtype == np.float64
+
+
+def test_nullable_boolean_response(df):
+    df = df.assign(y=pd.array(np.resize([True, False, None], len(df)), dtype="boolean"))
+    spec = learn_spec("y ~ x1 + (1 | g)", df)
+    with pytest.raises(DataError, match="column 'y' has 20 missing"):
+        build_block(spec, df)
+    block = build_block(spec, df, missing="drop")
+    assert block.n_obs == 40 and set(block.y.tolist()) == {0.0, 1.0}

@@ -110,3 +110,11 @@ def test_expression_variables():
 def test_c_wrapped_variables():
     expr = 'x1 + C(f, levels=["a"]) + C(`my col`) + C(np.round(x)) + C(k, Sum)'
     assert c_wrapped_variables(expr) == {"f", "my col", "k"}
+
+
+def test_multiline_and_non_string():
+    p = parse_formula("y ~ x1 +\n    x2 + (1 | g)")
+    assert p.fixed == "x1 +\n    x2" or p.fixed.split() == ["x1", "+", "x2"]
+    assert expression_variables(p.fixed) == ("x1", "x2")
+    with pytest.raises(SpecificationError, match="must be a string"):
+        parse_formula(["y ~ (1 | g)"])
