@@ -265,17 +265,23 @@ def _natural_key(value: Any) -> tuple:
     return (2, 0.0, str(value))
 
 
-def merge_levels(dicts: Iterable[Mapping[str, Iterable]]) -> dict[str, tuple]:
+def merge_levels(*dicts: Mapping[str, Iterable] | Iterable[Mapping[str, Iterable]]) -> dict:
     """Union of per-partition levels, each sorted naturally.
 
+    Both ``merge_levels([d1, d2, ...])`` (one iterable of dicts) and
+    ``merge_levels(d1, d2)`` (pairwise, as in a tree reduction; the result may
+    be merged again) are accepted.
+
     Args:
-        dicts: results of :func:`collect_levels`, one per partition.
+        dicts: results of :func:`collect_levels` (or of this function).
 
     Returns:
         Column name -> tuple of levels, sorted (numbers numerically, strings in
         natural order).  An explicit order in the formula,
         ``C(f, levels=[...])``, is applied by formulaic on top of this.
     """
+    if len(dicts) == 1 and not isinstance(dicts[0], Mapping):
+        dicts = tuple(dicts[0])
     merged: dict[str, dict] = {}
     for d in dicts:
         for name, values in d.items():

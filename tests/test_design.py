@@ -117,6 +117,10 @@ def test_needed_columns():
 def test_merge_levels_natural_sort():
     merged = merge_levels([{"f": ["b10", "b2"], "k": [10, 2]}, {"f": ["a", "b2"], "k": [1]}])
     assert merged == {"f": ("a", "b2", "b10"), "k": (1, 2, 10)}
+    # pairwise form, as in the Dask tree reduction; results can be merged again
+    pair = merge_levels({"f": ["b10"]}, {"f": ["b2"], "k": [3]})
+    assert merge_levels(pair, {"f": ("a",)}) == {"f": ("a", "b2", "b10"), "k": (3,)}
+    assert merge_levels([]) == {}
 
 
 def test_levels_from_two_partitions(df):
