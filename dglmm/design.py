@@ -540,12 +540,10 @@ def _column_or(frame: pd.DataFrame, name: str | None, fill: float) -> np.ndarray
     return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))
 
 
-def _drop_or_raise(bad: np.ndarray, counts: dict[str, int], n: int, missing: str) -> None:
-    """With ``missing="error"``, raise DataError describing ``counts``."""
+def _drop_or_raise(bad: np.ndarray, problems: Sequence[str], n: int, missing: str) -> None:
+    """With ``missing="error"`` and any ``bad`` row, raise DataError listing ``problems``."""
     if missing == "error" and bad.any():
-        details = "; ".join(
-            f"column {name!r} has {k} missing or infinite values" for name, k in counts.items()
-        )
+        details = "; ".join(problems)
         raise DataError(f'{details} (of {n} rows); clean them or pass missing="drop"')
 
 
@@ -616,13 +614,13 @@ def build_block(
 
     # missing values (before formulaic, which would silently drop or zero them)
     bad = np.zeros(n_in, dtype=bool)
-    counts: dict[str, int] = {}
+    problems: list[str] = []
     for name in spec.columns:
         col_bad = _bad_mask(df[name] if name in spec.levels else frame[name])
         if col_bad.any():
-            counts[name] = int(col_bad.sum())
+            problems.append(f"column {name!r} has {int(col_bad.sum())} missing or infinite values")
             bad |= col_bad
-    _drop_or_raise(bad, counts, n_in, missing)
+    _drop_or_raise(bad, problems, n_in, missing)
 
     # designs; non-finite design values (e.g. np.log(0)) count as missing too
     if bad.any():
@@ -638,7 +636,11 @@ def build_block(
         )
     bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
     if bad_design.any():
-        _drop_or_raise(bad_design, {"(design matrix)": int(bad_design.sum())}, n_in, missing)
+        problem = (
+            f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
+            "(e.g. np.log of 0)"
+        )
+        _drop_or_raise(bad_design, [problem], n_in, missing)
         keep = ~bad_design
         frame, X, Z = frame.loc[keep], X[keep], Z[keep]
         if len(frame) == 0:
