@@ -1,3 +1,34 @@
-"""dglmm: generalized linear mixed models fitted on Dask."""
+"""dglmm: generalized linear mixed models fitted by adaptive Gauss-Hermite quadrature on Dask.
+
+>>> import dglmm
+>>> result = dglmm.fit("dropped ~ duration * tenure + (1 + duration | subscriber)", "calls/")
+>>> print(result.summary())
+"""
+
+from .api import fit, fit_model
+from .errors import (
+    CheckpointError,
+    ClusterError,
+    DataError,
+    DglmmError,
+    DglmmWarning,
+    SpecificationError,
+)
+from .families import get_family, get_link
+from .results import FitResult
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ClusterError",
+    "DataError",
+    "DglmmError",
+    "DglmmWarning",
+    "FitResult",
+    "SpecificationError",
+    "fit",
+    "fit_model",
+    "get_family",
+    "get_link",
+]

@@ -1,0 +1,587 @@
+"""``dglmm.fit``: formula -> spec -> blocks -> optimiser -> result.
+
+The public :func:`fit` is a thin chain of steps a user can also run one by one:
+
+1. :func:`dglmm.families.get_family` and :func:`dglmm.design.learn_spec`
+   (or the Dask driver's ``spec_from_dask``) fix the model;
+2. an *evaluator* holds the design blocks (in this process, or persisted on Dask
+   workers) and returns summed log-likelihood, gradient and Hessian;
+3. :func:`fit_model` runs the two-stage Newton fit (GLM start, then all
+   parameters), computes standard errors and builds the :class:`FitResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .design import Block, ModelSpec, build_block, learn_spec
+from .errors import CheckpointError, DataError, DglmmWarning, SpecificationError
+from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_POISSON, Family, get_family
+from .kernels import BlockResult, KernelModel, evaluate_block
+from .optimizer import (
+    NewtonSettings,
+    NewtonState,
+    finite_difference_hessian,
+    maximize,
+    read_checkpoint,
+    write_checkpoint,
+)
+from .results import FitResult, wald_table
+
+IN_PROCESS = "in-process"
+SINGULAR_TOL = 1e-4
+CHECKPOINT_FORMAT = "dglmm-checkpoint"
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+class InProcessEvaluator:
+    """Evaluator over blocks held in this process (no Dask).
+
+    Conditional modes of the first parameter vector of each call are kept and
+    used as starting values next time (warm start).
+    """
+
+    def __init__(self, blocks: Sequence[Block], model: KernelModel):
+        self.blocks = list(blocks)
+        self.model = model
+        self._modes: list[np.ndarray | None] = [None] * len(self.blocks)
+        self.kernel_seconds = 0.0
+
+    @property
+    def n_obs(self) -> int:
+        return sum(b.n_obs for b in self.blocks)
+
+    @property
+    def n_groups(self) -> int:
+        return sum(b.n_groups for b in self.blocks)
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.blocks)
+
+    n_workers = 0
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(int(getattr(b, "n_dropped", 0)) for b in self.blocks)
+
+    def with_model(self, model: KernelModel) -> InProcessEvaluator:
+        other = InProcessEvaluator(self.blocks, model)
+        return other
+
+    def evaluate(self, params_list: Sequence[np.ndarray], hessian: bool) -> list[BlockResult]:
+        t0 = time.perf_counter()
+        out = []
+        for j, params in enumerate(params_list):
+            total = None
+            for i, block in enumerate(self.blocks):
+                res = evaluate_block(block, params, self.model, hessian=hessian,
+                                     u_init=self._modes[i])  # fmt: skip
+                if j == 0:
+                    self._modes[i] = res.modes
+                res.modes = None
+                total = res if total is None else total + res
+            out.append(total)
+        self.kernel_seconds += time.perf_counter() - t0
+        return out
+
+    def fingerprint(self) -> dict:
+        return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": []}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def fit(
+    formula: str,
+    data,
+    family: str | Family = "binomial",
+    link: str | None = None,
+    n_agq: int = 1,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+    client=None,
+    *,
+    missing: str = "error",
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    npartitions: int | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
+    max_iter: int = 100,
+    progress: bool | None = None,
+    storage_options: dict | None = None,
+) -> FitResult:
+    """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 syntax, e.g. ``"dropped ~ duration * tenure + (1 + duration | subscriber)"``.
+        Formulas are evaluated by formulaic and can run Python code: take them only
+        from trusted configuration.
+    data : DataFrame, dask DataFrame or str
+        pandas or dask DataFrame, or a path / glob / URL of Parquet or CSV data (or a
+        directory written by ``dglmm prepare``).
+    family : {"binomial", "poisson", "gaussian"}
+    link : str, optional
+        Default: the family's canonical link (logit, log, identity); binomial also
+        takes ``"probit"`` and ``"cloglog"``.
+    n_agq : int
+        Quadrature nodes per random-effect dimension; 1 is the Laplace approximation.
+    trials, offset, weights : str, optional
+        Column names: binomial trials (the response then counts successes), an
+        offset added to the linear predictor (e.g. log exposure), prior weights.
+    client : distributed.Client, str, or None
+        A Dask client or scheduler address; ``None`` starts an embedded local
+        cluster (closed at the end); ``"in-process"`` fits without Dask.
+    missing : {"error", "drop"}
+        What to do with rows with missing or non-finite values.
+    scheduler, scheduler_file, n_workers, npartitions :
+        Dask cluster address, scheduler file, size of the local cluster, and
+        number of partitions.
+    checkpoint : str, optional
+        Path or URL of a JSON checkpoint written after every iteration.
+    resume : bool
+        Continue from ``checkpoint`` if it exists.
+    max_iter : int
+        Iteration limit of each Newton stage.
+    progress : bool, optional
+        One line per iteration on stderr (default: when stderr is a terminal).
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    DataError, SpecificationError, ClusterError, CheckpointError
+    """
+    t_start = time.perf_counter()
+    fam = get_family(family, link)
+    n_agq = _check_n_agq(n_agq)
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if client == IN_PROCESS or client is False:
+        df = _read_pandas(data, storage_options)
+        spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
+        block = build_block(spec, df, missing=missing, check_response=fam.check_response)
+        evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq))
+        load_s = time.perf_counter() - t_start
+        return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
+                         checkpoint=checkpoint, resume=resume, max_iter=max_iter,
+                         progress=progress)  # fmt: skip
+    from . import dask_driver
+
+    with dask_driver.connect(
+        client=client, scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers
+    ) as handle:
+        if progress and handle.dashboard_link:
+            print(f"dglmm: Dask dashboard at {handle.dashboard_link}", file=sys.stderr)
+        evaluator, spec = dask_driver.make_evaluator(
+            handle, data, formula, fam, n_agq,
+            trials=trials, offset=offset, weights=weights, missing=missing,
+            npartitions=npartitions, storage_options=storage_options,
+            kernel_model=_kernel_model,
+        )  # fmt: skip
+        load_s = time.perf_counter() - t_start
+        return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
+                         checkpoint=checkpoint, resume=resume, max_iter=max_iter,
+                         progress=progress)  # fmt: skip
+
+
+def _check_n_agq(n_agq) -> int:
+    if isinstance(n_agq, bool) or not isinstance(n_agq, (int, np.integer)) or n_agq < 1:
+        raise SpecificationError(f"n_agq must be a positive integer (1 = Laplace), got {n_agq!r}")
+    return int(n_agq)
+
+
+def _kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
+    # For the Gaussian family the integrand is Gaussian in b: Laplace is exact and
+    # so is every Gauss-Hermite rule; one node is used whatever n_agq says.
+    k = 1 if fam.code == FAMILY_GAUSSIAN else n_agq
+    return KernelModel(
+        family_code=fam.code,
+        link_code=fam.link.code,
+        p=len(spec.fixed_columns),
+        q=len(spec.random_columns),
+        cov_pattern=tuple(tuple(x) for x in spec.cov_pattern),
+        n_agq=k,
+        has_dispersion=fam.has_dispersion,
+    )
+
+
+def _read_pandas(data, storage_options=None) -> pd.DataFrame:
+    """A pandas frame from a DataFrame or a CSV/Parquet path (in-process fits)."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if hasattr(data, "compute") and hasattr(data, "npartitions"):
+        return data.compute()
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"data must be a DataFrame or a path, not {type(data).__name__}")
+    path = os.fspath(data)
+    if "://" not in path and not os.path.exists(path):
+        raise DataError(f"data path {path!r} does not exist")
+    try:
+        if path.endswith((".csv", ".csv.gz", ".txt")):
+            return pd.read_csv(path, storage_options=storage_options)
+        if os.path.isdir(path):
+            import glob
+
+            files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+            if not files:
+                raise DataError(f"directory {path!r} holds no .parquet files")
+            return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        return pd.read_parquet(path, storage_options=storage_options)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
+        raise DataError(f"cannot read {path!r} as CSV or Parquet: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- the fit
+
+
+@dataclass(frozen=True)
+class _Layout:
+    p: int
+    n_theta: int
+    has_dispersion: bool
+
+    @property
+    def theta(self) -> slice:
+        return slice(self.p, self.p + self.n_theta)
+
+
+def fit_model(
+    evaluator,
+    spec: ModelSpec,
+    fam: Family,
+    n_agq: int,
+    *,
+    load_seconds: float = 0.0,
+    t_start: float | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
+    max_iter: int = 100,
+    progress: bool = False,
+) -> FitResult:
+    """Run the two-stage Newton fit on ``evaluator`` and build the result.
+
+    Stage ``glm``: fixed effects (and dispersion) with the random effects switched
+    off (``L = 0``).  Stage ``full``: every parameter from the GLM estimates and a
+    starting covariance.  Then the observed information by central differences
+    of the exact gradient, all in one round trip.
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
+    model: KernelModel = evaluator.model
+    layout = _Layout(model.p, model.n_theta, model.has_dispersion)
+    P = model.n_params
+    settings = NewtonSettings(max_iter=max_iter)
+    n_obs = evaluator.n_obs
+    eval_times: list[dict] = []
+
+    def evaluate(params_list, hessian):
+        t0 = time.perf_counter()
+        out = evaluator.evaluate([np.asarray(x, float) for x in params_list], hessian)
+        eval_times.append({"n": len(params_list), "seconds": time.perf_counter() - t0})
+        return out
+
+    fingerprint = evaluator.fingerprint()
+    model_key = {
+        "formula": spec.formula, "family": fam.name, "link": fam.link.name, "n_agq": n_agq,
+        "fixed_columns": list(spec.fixed_columns), "random_columns": list(spec.random_columns),
+    }  # fmt: skip
+    saved = read_checkpoint(checkpoint) if (checkpoint and resume) else None
+    if saved is not None:
+        _check_resume(saved, model_key, fingerprint, checkpoint)
+
+    def save(stage: str, state: NewtonState) -> None:
+        if progress:
+            h = state.history[-1]
+            print(f"dglmm: [{stage}] iter {h.iteration:3d}  loglik {h.loglik:.6f}  "
+                  f"max|grad| {h.max_abs_grad:.3e}  step {h.step:.3g}  {h.seconds:.2f}s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        if checkpoint:
+            write_checkpoint(checkpoint, {
+                "format": CHECKPOINT_FORMAT, "stage": stage, "model": model_key,
+                "input": fingerprint, "state": state.to_dict(),
+            })  # fmt: skip
+
+    # ---- stage 1: GLM (random effects off)
+    if saved is not None and saved["stage"] == "full":
+        glm_state = None
+        state = NewtonState.from_dict(saved["state"])
+    else:
+        if saved is not None:
+            glm_state = NewtonState.from_dict(saved["state"])
+        else:
+            x0 = _glm_start(evaluate, layout, fam, P)
+            glm_state = NewtonState(params=x0)
+        active = np.ones(P, dtype=bool)
+        active[layout.theta] = False
+        glm_state = maximize(evaluate, glm_state, settings, active=active, stage="glm",
+                             callback=lambda s: save("glm", s))  # fmt: skip
+        _check_rank(glm_state.hessian[: layout.p, : layout.p], spec.fixed_columns)
+        # ---- stage 2: all parameters
+        x1 = glm_state.params.copy()
+        x1[layout.theta] = _theta_start(glm_state, spec, layout, fam)
+        state = NewtonState(
+            params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
+            history=list(glm_state.history),
+        )  # fmt: skip
+    state = maximize(evaluate, state, settings, stage="full",
+                     callback=lambda s: save("full", s))  # fmt: skip
+    params = _normalise_signs(state.params, spec.cov_pattern, layout)
+
+    # ---- observed information by central differences of the exact gradient
+    hess_fd = finite_difference_hessian(evaluate, params)
+    vcov, info_ok = _invert_information(-hess_fd)
+    total_s = time.perf_counter() - t_start
+
+    warn_msgs: list[str] = []
+    L = _cholesky_factor(params, spec, layout)
+    sigma = math.exp(params[-1]) if layout.has_dispersion else 1.0
+    singular = bool(np.any(np.abs(np.diag(L)) < SINGULAR_TOL * sigma))
+    if singular:
+        warn_msgs.append(
+            "boundary (singular) fit: a random-effect variance is estimated as zero "
+            "(or a correlation as +-1); consider a simpler random-effects structure"
+        )
+    if not state.converged:
+        warn_msgs.append(
+            f"the fit did not converge ({state.message}); last max |gradient| "
+            f"{np.max(np.abs(state.gradient)):.3g}; the estimates are the best found"
+        )
+    if not info_ok:
+        warn_msgs.append("the observed information is not positive definite; standard "
+                         "errors are unreliable")  # fmt: skip
+    for m in warn_msgs:
+        warnings.warn(m, DglmmWarning, stacklevel=2)
+
+    iterations = [
+        {"loglik": h.loglik, "max_abs_grad": h.max_abs_grad, "step": h.step, "stage": h.stage,
+         "seconds": h.seconds, "n_evaluations": h.n_evaluations}
+        for h in state.history
+    ]  # fmt: skip
+    timings = {
+        "load_s": load_seconds,
+        "total_s": total_s,
+        "evaluation_s": sum(e["seconds"] for e in eval_times),
+        "n_evaluations": sum(e["n"] for e in eval_times),
+        "iterations": iterations,
+    }
+    return _build_result(
+        spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs, timings,
+        warn_msgs, layout,
+    )  # fmt: skip
+
+
+def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str) -> None:
+    if saved.get("model") != model_key:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for a different model "
+            f"({saved.get('model', {}).get('formula')!r}); use another checkpoint path"
+        )
+    old = saved.get("input", {})
+    for key in ("n_obs", "n_groups", "sources"):
+        if old.get(key) != fingerprint.get(key):
+            raise CheckpointError(
+                f"the input data changed since checkpoint {path!r} was written "
+                f"({key}: {old.get(key)!r} then, {fingerprint.get(key)!r} now); "
+                "refusing to mix passes over different data: start a new fit without --resume"
+            )
+
+
+def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> np.ndarray:
+    """Intercept (and log sigma) from one evaluation at zero; the rest zero.
+
+    At ``beta = 0, L = 0`` (and ``log sigma = 0``) the gradient and Hessian of the
+    intercept give the response totals needed for the intercept-only GLM.
+    """
+    x0 = np.zeros(P)
+    (res,) = evaluate([x0], True)
+    g, h = res.gradient, res.hessian
+    n = res.n_obs
+    # the intercept is the first fixed column when present
+    intercept = 0 if layout.p > 0 and h is not None else None
+    if intercept is None:
+        return x0
+    h00 = -h[0, 0]
+    if h00 <= 0:
+        return x0
+    if fam.code == FAMILY_BINOMIAL and fam.link.name == "logit":
+        total = 4.0 * h00  # sum of trials * weights
+        mean = min(max((g[0] + total / 2.0) / total, 1e-6), 1 - 1e-6)
+        x0[0] = math.log(mean / (1.0 - mean))
+    elif fam.code == FAMILY_BINOMIAL:
+        x0[0] = 0.0
+    elif fam.code == FAMILY_POISSON:
+        ratio = (g[0] + h00) / h00
+        x0[0] = math.log(max(ratio, 1e-8))
+    elif fam.code == FAMILY_GAUSSIAN:
+        wsum = h00
+        mean = g[0] / wsum
+        ey2 = (g[-1] + n) / wsum
+        x0[0] = mean
+        x0[-1] = 0.5 * math.log(max(ey2 - mean * mean, 1e-12))
+    return x0
+
+
+def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: Family):
+    """Diagonal starting factor: sd 0.5 on the scale of each random-effect column."""
+    h = -glm_state.hessian[: layout.p, : layout.p]
+    fixed = list(spec.fixed_columns)
+    sigma = math.exp(glm_state.params[-1]) if layout.has_dispersion else 1.0
+    base = h[0, 0] if fixed and fixed[0] == "Intercept" and h[0, 0] > 0 else None
+    theta = np.zeros(layout.n_theta)
+    for j, (a, b) in enumerate(spec.cov_pattern):
+        if a != b:
+            continue
+        name = spec.random_columns[a]
+        scale = 1.0
+        if base is not None and name in fixed:
+            k = fixed.index(name)
+            if h[k, k] > 0:
+                scale = math.sqrt(h[k, k] / base)
+        theta[j] = 0.5 * sigma / max(scale, 1e-8)
+    return theta
+
+
+def _check_rank(neg_xwx: np.ndarray, names: Sequence[str]) -> None:
+    """Raise DataError naming aliased fixed-effect columns (from X'WX at the GLM fit)."""
+    m = -neg_xwx
+    d = np.sqrt(np.maximum(np.diag(m), 0.0))
+    zero = d <= 1e-12 * max(d.max(initial=0.0), 1.0)
+    if zero.any():
+        cols = [names[i] for i in np.flatnonzero(zero)]
+        raise DataError(
+            f"fixed-effect column(s) {cols} are zero (after weighting) for every row: "
+            "remove them from the formula"
+        )
+    corr = m / np.outer(d, d)
+    # greedy pivoted Cholesky to find columns that are combinations of earlier ones
+    aliased = []
+    kept: list[int] = []
+    for j in range(len(names)):
+        idx = kept + [j]
+        sub = corr[np.ix_(idx, idx)]
+        if np.linalg.eigvalsh(sub).min() < 1e-10:
+            aliased.append(names[j])
+        else:
+            kept.append(j)
+    if aliased:
+        raise DataError(
+            f"the fixed effects are rank deficient: {aliased} are linear combinations of "
+            f"other columns ({', '.join(names[k] for k in kept[:6])}...); remove them "
+            "from the formula"
+        )
+
+
+def _cholesky_factor(params, spec: ModelSpec, layout: _Layout) -> np.ndarray:
+    q = len(spec.random_columns)
+    L = np.zeros((q, q))
+    for j, (a, b) in enumerate(spec.cov_pattern):
+        L[a, b] = params[layout.p + j]
+    return L
+
+
+def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
+    """Flip columns of L to a non-negative diagonal (Sigma = L L' is unchanged)."""
+    out = params.copy()
+    diag = {a: layout.p + j for j, (a, b) in enumerate(cov_pattern) if a == b}
+    for col, idx in diag.items():
+        if out[idx] < 0:
+            for j, (a, b) in enumerate(cov_pattern):
+                if b == col:
+                    out[layout.p + j] = -out[layout.p + j]
+    return out
+
+
+def _invert_information(info: np.ndarray) -> tuple[np.ndarray, bool]:
+    info = 0.5 * (info + info.T)
+    try:
+        chol = np.linalg.cholesky(info)
+        inv = np.linalg.inv(chol)
+        return inv.T @ inv, True
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(info), False
+
+
+def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs,
+                  timings, warn_msgs, layout) -> FitResult:  # fmt: skip
+    beta = params[: layout.p]
+    se = np.sqrt(np.maximum(np.diag(vcov)[: layout.p], 0.0))
+    fixed = wald_table(spec.fixed_columns, beta, se)
+    cov = L @ L.T
+    sd = np.sqrt(np.diag(cov))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = cov / np.outer(sd, sd)
+    corr = np.where(np.isfinite(corr), corr, 0.0)
+    np.fill_diagonal(corr, 1.0)
+    random_effects = {
+        spec.group: {
+            "terms": list(spec.random_columns),
+            "covariance": cov.tolist(),
+            "sd": sd.tolist(),
+            "corr": corr.tolist(),
+            "cholesky": L.tolist(),
+        }
+    }
+    dispersion = math.exp(2 * params[-1]) if layout.has_dispersion else None
+    k = params.size
+    ll = state.loglik
+    return FitResult(
+        formula=spec.formula,
+        family=fam.name,
+        link=fam.link.name,
+        n_agq=n_agq,
+        fixed_effects=fixed,
+        random_effects=random_effects,
+        dispersion=dispersion,
+        loglik=ll,
+        aic=-2 * ll + 2 * k,
+        bic=-2 * ll + k * math.log(max(n_obs, 1)),
+        n_obs=n_obs,
+        n_groups={spec.group: evaluator.n_groups},
+        converged=state.converged,
+        singular=singular,
+        n_iterations=state.iteration,
+        n_evaluations=state.n_evaluations,
+        fit_log=[
+            {"iteration": h.iteration, "stage": h.stage, "loglik": h.loglik,
+             "max_abs_grad": h.max_abs_grad, "step": h.step, "decrement": h.decrement,
+             "n_evaluations": h.n_evaluations, "seconds": h.seconds}
+            for h in state.history
+        ],  # fmt: skip
+        params=params,
+        vcov=vcov,
+        message=state.message,
+        spec=spec.to_dict(),
+        n_partitions=evaluator.n_partitions,
+        n_workers=evaluator.n_workers,
+        n_dropped=evaluator.n_dropped,
+        timings=timings,
+        warnings=warn_msgs,
+    )
+
+
+def evaluator_for(blocks: Sequence[Block], spec: ModelSpec, fam: Family, n_agq: int):
+    """In-process evaluator for prebuilt blocks (a step of :func:`fit` users can call)."""
+    return InProcessEvaluator(blocks, _kernel_model(spec, fam, n_agq))
+
+
+Callback = Callable[[NewtonState], None]

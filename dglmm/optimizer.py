@@ -1,0 +1,380 @@
+"""Newton's method with a batched backtracking line search.
+
+The optimiser only sees an *evaluator*: an object whose
+``evaluate(params_list, hessian=...)`` returns one summed
+:class:`~dglmm.kernels.BlockResult` per parameter vector.  Every call is one
+round trip to wherever the data lives, so the trial steps of a line search are
+sent together.
+
+Settings (frozen), state (mutable, checkpointable) and history (the fit log) are
+separate objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import CheckpointError
+
+# relative Levenberg-Marquardt damping tried together, round after round
+DAMPING_ROUNDS = ((1e-3, 1e-2, 0.1, 1.0), (10.0, 1e2, 1e3, 1e4))
+
+
+@dataclass(frozen=True)
+class NewtonSettings:
+    """Optimiser settings.
+
+    Attributes
+    ----------
+    max_iter : int
+        Maximum number of Newton iterations.
+    tol : float
+        Convergence when the Newton decrement ``g' (-H)^-1 g`` (twice the
+        log-likelihood gain a Newton step predicts) falls below ``tol``.
+    gtol : float
+        ...and the largest scaled gradient component ``|g_k| * max(1, |x_k|)``
+        divided by ``max(1, |loglik|)`` is below ``gtol``.
+    """
+
+    max_iter: int = 100
+    tol: float = 1e-10
+    gtol: float = 1e-5
+
+
+@dataclass
+class IterationRecord:
+    """One line of the fit log."""
+
+    iteration: int
+    loglik: float
+    max_abs_grad: float
+    step: float
+    decrement: float
+    n_evaluations: int
+    seconds: float
+    stage: str = "full"
+
+
+@dataclass
+class NewtonState:
+    """Mutable optimiser state; :meth:`to_dict` / :meth:`from_dict` for checkpoints."""
+
+    params: np.ndarray
+    loglik: float = -math.inf
+    gradient: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+    iteration: int = 0
+    n_evaluations: int = 0
+    converged: bool = False
+    message: str = ""
+    history: list[IterationRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params.tolist(),
+            "loglik": self.loglik,
+            "gradient": None if self.gradient is None else self.gradient.tolist(),
+            "hessian": None if self.hessian is None else self.hessian.tolist(),
+            "iteration": self.iteration,
+            "n_evaluations": self.n_evaluations,
+            "converged": self.converged,
+            "message": self.message,
+            "history": [asdict(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NewtonState:
+        return cls(
+            params=np.asarray(d["params"], dtype=float),
+            loglik=float(d["loglik"]),
+            gradient=None if d.get("gradient") is None else np.asarray(d["gradient"], float),
+            hessian=None if d.get("hessian") is None else np.asarray(d["hessian"], float),
+            iteration=int(d["iteration"]),
+            n_evaluations=int(d["n_evaluations"]),
+            converged=bool(d["converged"]),
+            message=str(d.get("message", "")),
+            history=[IterationRecord(**h) for h in d.get("history", [])],
+        )
+
+
+class ScaledEigen:
+    """Eigen-decomposition of ``-H`` in the diagonal scaling ``D^-1/2 (-H) D^-1/2``.
+
+    Directions ``(-H + mu D)^-1 g`` (Levenberg-Marquardt) for any ``mu`` come out of
+    one decomposition.
+    """
+
+    def __init__(self, gradient: np.ndarray, hessian: np.ndarray):
+        neg_h = -0.5 * (hessian + hessian.T)
+        self.scale = np.sqrt(np.maximum(np.abs(np.diag(neg_h)), 1e-300))
+        self.vals, self.vecs = np.linalg.eigh(neg_h / np.outer(self.scale, self.scale))
+        self.g_rot = self.vecs.T @ (gradient / self.scale)
+        self.gradient = gradient
+        self.max_val = float(np.max(np.abs(self.vals), initial=1.0))
+
+    @property
+    def positive_definite(self) -> bool:
+        return bool(self.vals.min(initial=1.0) > 1e-10 * self.max_val)
+
+    def direction(self, mu: float = 0.0) -> np.ndarray:
+        """``(-H + mu D)^-1 g``; requires ``-H + mu D`` positive definite."""
+        return (self.vecs @ (self.g_rot / (self.vals + mu))) / self.scale
+
+    def decrement(self) -> float:
+        """Newton decrement ``g' (-H)^-1 g`` with eigenvalues made positive."""
+        vals = np.maximum(np.abs(self.vals), 1e-10 * self.max_val)
+        return float(np.sum(self.g_rot**2 / vals))
+
+    def damping_values(self, factors) -> list[float]:
+        """Damping ``mu`` making ``-H + mu D`` positive definite, times each factor."""
+        shift = max(0.0, -float(self.vals.min(initial=0.0)))
+        return [shift * (1.0 + 1e-6) + f * self.max_val for f in factors]
+
+
+def newton_direction(gradient: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ascent direction ``(-H)^-1 g`` with ``-H`` made positive definite, and the decrement."""
+    eig = ScaledEigen(gradient, hessian)
+    vals = np.maximum(np.abs(eig.vals), 1e-10 * eig.max_val)
+    direction = (eig.vecs @ (eig.g_rot / vals)) / eig.scale
+    return direction, eig.decrement()
+
+
+def _converged(state: NewtonState, decrement: float, settings: NewtonSettings) -> bool:
+    g = state.gradient
+    scaled = np.max(np.abs(g) * np.maximum(1.0, np.abs(state.params)), initial=0.0)
+    return decrement < settings.tol and scaled / max(1.0, abs(state.loglik)) < settings.gtol
+
+
+def maximize(
+    evaluate: Callable[[list[np.ndarray], bool], list],
+    state: NewtonState,
+    settings: NewtonSettings = NewtonSettings(),
+    *,
+    active: np.ndarray | None = None,
+    stage: str = "full",
+    callback: Callable[[NewtonState], None] | None = None,
+) -> NewtonState:
+    """Maximise the log-likelihood by Newton's method with line search.
+
+    Parameters
+    ----------
+    evaluate : callable
+        ``evaluate(params_list, hessian) -> list of BlockResult``.
+    state : NewtonState
+        Start (``params``; ``loglik``/``gradient``/``hessian`` if already known).
+    settings : NewtonSettings
+    active : bool ndarray, shape (P,), optional
+        Parameters to optimise; the others stay fixed (used for the GLM start).
+    stage : str
+        Label written to the fit log.
+    callback : callable, optional
+        Called with the state after every iteration (checkpointing, progress).
+
+    Returns
+    -------
+    NewtonState
+        With ``converged`` and ``message`` set honestly.
+    """
+    P = state.params.size
+    act = np.ones(P, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+
+    if state.gradient is None or state.hessian is None:
+        t0 = time.perf_counter()
+        (res,) = evaluate([state.params], True)
+        state.n_evaluations += 1
+        _take(state, state.params, res)
+        _record(state, 0.0, float("nan"), time.perf_counter() - t0, stage, 1)
+    state.converged = False
+    start_iteration = state.iteration
+    while state.iteration - start_iteration < settings.max_iter:
+        t0 = time.perf_counter()
+        g = np.where(act, state.gradient, 0.0)
+        h = state.hessian[np.ix_(act, act)]
+        eig = ScaledEigen(g[act], h)
+        decrement = eig.decrement()
+        masked = NewtonState(params=state.params, loglik=state.loglik, gradient=g)
+        if eig.positive_definite and _converged(masked, decrement, settings):
+            state.converged = True
+            state.message = "converged: gradient and Newton decrement below tolerance"
+            break
+        chosen, n_eval = _step(evaluate, state, eig, act, decrement)
+        state.n_evaluations += n_eval
+        if chosen is None:
+            # No uphill progress along the direction: the objective is flat to
+            # rounding error here.  Judge convergence on the gradient alone.
+            g_ok = _converged(masked, 0.0, settings)
+            state.converged = g_ok
+            state.message = (
+                "converged: no further improvement possible and the gradient is small"
+                if g_ok
+                else "line search failed to improve the log-likelihood"
+            )
+            break
+        step, x, r = chosen
+        _take(state, x, r)
+        _record(state, step, decrement, time.perf_counter() - t0, stage, n_eval)
+        if callback is not None:
+            callback(state)
+    else:
+        state.message = f"did not converge in {settings.max_iter} iterations"
+    return state
+
+
+def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decrement: float):
+    """One Newton step; Levenberg-Marquardt trials (sent together) when it fails.
+
+    Returns ``((step_label, params, result) or None, n_evaluations)``.  The step
+    label is 1.0 for a full Newton step, otherwise the relative damping used.
+    """
+    n_eval = 0
+
+    def full(d_act):
+        d = np.zeros(state.params.size)
+        d[act] = d_act
+        return state.params + d
+
+    if eig.positive_definite:
+        trial = full(eig.direction())
+        (res,) = evaluate([trial], True)
+        n_eval += 1
+        if _acceptable(res, state.loglik, decrement, 1.0):
+            return (1.0, trial, res), n_eval
+    for factors in DAMPING_ROUNDS:
+        mus = eig.damping_values(factors)
+        trials = [full(eig.direction(mu)) for mu in mus]
+        results = evaluate(trials, True)
+        n_eval += len(trials)
+        ok = [
+            i
+            for i, r in enumerate(results)
+            if math.isfinite(r.loglik) and np.all(np.isfinite(r.gradient))
+            and r.loglik > state.loglik
+        ]
+        if ok:
+            best = max(ok, key=lambda i: results[i].loglik)
+            return (mus[best] / eig.max_val, trials[best], results[best]), n_eval
+    return None, n_eval
+
+
+def _acceptable(res, loglik0: float, decrement: float, step: float) -> bool:
+    """Armijo condition for an ascent step of length ``step`` (finite values only)."""
+    if not (math.isfinite(res.loglik) and np.all(np.isfinite(res.gradient))):
+        return False
+    gain = res.loglik - loglik0
+    return gain >= 1e-4 * step * decrement or (gain >= 0 and decrement < 1e-6)
+
+
+def _take(state: NewtonState, params: np.ndarray, res) -> None:
+    state.params = np.asarray(params, dtype=float)
+    state.loglik = float(res.loglik)
+    state.gradient = np.asarray(res.gradient, dtype=float)
+    state.hessian = np.asarray(res.hessian, dtype=float)
+
+
+def _record(state, step, decrement, seconds, stage, n_eval) -> None:
+    state.history.append(
+        IterationRecord(
+            iteration=state.iteration,
+            loglik=state.loglik,
+            max_abs_grad=float(np.max(np.abs(state.gradient), initial=0.0)),
+            step=float(step),
+            decrement=float(decrement),
+            n_evaluations=n_eval,
+            seconds=float(seconds),
+            stage=stage,
+        )
+    )
+    state.iteration += 1
+
+
+def finite_difference_hessian(
+    evaluate: Callable[[list[np.ndarray], bool], list], params: np.ndarray, rel_step: float = 1e-4
+) -> np.ndarray:
+    """Observed-information Hessian by central differences of the exact gradient.
+
+    All ``2 P`` gradient evaluations go out in one call.  Steps are
+    ``rel_step * max(1, |x_k|)``; the result is symmetrised.
+    """
+    P = params.size
+    steps = rel_step * np.maximum(1.0, np.abs(params))
+    trials = []
+    for k in range(P):
+        e = np.zeros(P)
+        e[k] = steps[k]
+        trials += [params + e, params - e]
+    results = evaluate(trials, False)
+    hess = np.empty((P, P))
+    for k in range(P):
+        hess[:, k] = (results[2 * k].gradient - results[2 * k + 1].gradient) / (2 * steps[k])
+    return 0.5 * (hess + hess.T)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(path: str, payload: dict) -> None:
+    """Write ``payload`` as JSON atomically (temporary file, then rename).
+
+    ``path`` may be a local path or an fsspec URL; remote files are written in
+    one ``put`` of the whole document.
+    """
+    text = json.dumps(payload)
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(path, "w") as fh:
+            fh.write(text)
+        return
+    path = path.removeprefix("file://")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str) -> dict | None:
+    """Read a checkpoint written by :func:`write_checkpoint`; None if it does not exist.
+
+    Raises
+    ------
+    CheckpointError
+        If the file exists but is not a dglmm checkpoint.
+    """
+    try:
+        if "://" in path and not path.startswith("file://"):
+            import fsspec
+
+            fs, _, (p,) = fsspec.get_fs_token_paths(path)
+            if not fs.exists(p):
+                return None
+            with fs.open(p, "r") as fh:
+                text = fh.read()
+        else:
+            path = path.removeprefix("file://")
+            if not os.path.exists(path):
+                return None
+            with open(path) as fh:
+                text = fh.read()
+        payload = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "dglmm-checkpoint":
+        raise CheckpointError(f"{path!r} is not a dglmm checkpoint")
+    return payload

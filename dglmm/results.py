@@ -1,0 +1,301 @@
+"""The result of a fit: estimates, standard errors, variance components, fit log."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+RESULT_FORMAT = "dglmm-result/1"
+
+
+@dataclass
+class FitResult:
+    """Result of :func:`dglmm.fit`.
+
+    Attributes
+    ----------
+    fixed_effects : DataFrame
+        Index ``term``; columns ``estimate``, ``std_error``, ``z_value``, ``p_value``
+        (Wald tests from the observed information of the reported objective).
+    random_effects : dict
+        Per grouping factor: ``{"terms": [...], "covariance": q x q list,
+        "sd": [...], "corr": q x q list, "cholesky": q x q list}``.
+    dispersion : float or None
+        Residual variance (Gaussian family); None for families without one.
+    loglik, aic, bic : float
+    n_obs : int
+    n_groups : dict
+        ``{group column: number of groups}``.
+    converged, singular : bool
+    n_iterations, n_evaluations : int
+    fit_log : list of dict
+        One record per Newton iteration (loglik, max_abs_grad, step, ...).
+    params : ndarray
+        The raw parameter vector ``[beta | theta | log_sigma]``.
+    vcov : ndarray
+        Covariance matrix of ``params`` (inverse observed information).
+    """
+
+    formula: str
+    family: str
+    link: str
+    n_agq: int
+    fixed_effects: pd.DataFrame
+    random_effects: dict[str, dict[str, Any]]
+    dispersion: float | None
+    loglik: float
+    aic: float
+    bic: float
+    n_obs: int
+    n_groups: dict[str, int]
+    converged: bool
+    singular: bool
+    n_iterations: int
+    n_evaluations: int
+    fit_log: list[dict[str, Any]]
+    params: np.ndarray
+    vcov: np.ndarray
+    message: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    n_partitions: int = 1
+    n_workers: int = 0
+    n_dropped: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    # -------------------------------------------------------------- derived views
+
+    @property
+    def group(self) -> str:
+        return next(iter(self.random_effects))
+
+    @property
+    def coef(self) -> pd.Series:
+        """Fixed-effect estimates as a Series indexed by term."""
+        return self.fixed_effects["estimate"]
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Random-effects covariance matrix of the (single) grouping factor."""
+        return np.asarray(self.random_effects[self.group]["covariance"])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.size)
+
+    # -------------------------------------------------------------- printing
+
+    def summary(self) -> str:
+        """A text summary laid out like lme4's."""
+        method = (
+            "Laplace approximation"
+            if self.n_agq == 1
+            else f"adaptive Gauss-Hermite quadrature, nAGQ = {self.n_agq}"
+        )
+        if self.family == "gaussian":
+            method = "maximum likelihood"
+        lines = [
+            f"Generalized linear mixed model fit by maximum likelihood ({method}) ['dglmm']",
+            f" Family: {self.family}  ( {self.link} )",
+            f"Formula: {self.formula}",
+            "",
+            f"{'AIC':>10} {'BIC':>10} {'logLik':>10}",
+            f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f}",
+            "",
+            "Random effects:",
+        ]
+        rows = [("Groups", "Name", "Variance", "Std.Dev.", "Corr")]
+        for group, re in self.random_effects.items():
+            terms = re["terms"]
+            cov = np.asarray(re["covariance"])
+            corr = np.asarray(re["corr"])
+            for a, term in enumerate(terms):
+                cells = " ".join(f"{corr[a, b]:5.2f}" for b in range(a))
+                rows.append(
+                    (group if a == 0 else "", term, f"{cov[a, a]:.4g}", f"{math.sqrt(cov[a, a]):.4g}",
+                     cells)
+                )  # fmt: skip
+        if self.dispersion is not None:
+            rows.append(("Residual", "", f"{self.dispersion:.4g}",
+                         f"{math.sqrt(self.dispersion):.4g}", ""))  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for r in rows:
+            lines.append(" " + " ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)))
+        groups = ", ".join(f"{g}, {n}" for g, n in self.n_groups.items())
+        lines += ["", f"Number of obs: {self.n_obs}, groups:  {groups}", "", "Fixed effects:"]
+        table = self.fixed_effects.rename(
+            columns={"estimate": "Estimate", "std_error": "Std. Error",
+                     "z_value": "z value", "p_value": "Pr(>|z|)"}
+        )  # fmt: skip
+        lines.append(
+            table.to_string(
+                float_format=lambda v: f"{v:.4g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.2e}"
+            )
+        )
+        status = "converged" if self.converged else "NOT converged"
+        lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
+                  f"evaluations): {self.message}"]  # fmt: skip
+        if self.singular:
+            lines.append("boundary (singular) fit: a variance is estimated as (nearly) zero")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        fe = self.fixed_effects.to_html(float_format=lambda v: f"{v:.4g}")
+        re_rows = []
+        for group, re in self.random_effects.items():
+            cov = np.asarray(re["covariance"])
+            for a, term in enumerate(re["terms"]):
+                re_rows.append(
+                    f"<tr><td>{html.escape(group)}</td><td>{html.escape(term)}</td>"
+                    f"<td>{cov[a, a]:.4g}</td><td>{math.sqrt(cov[a, a]):.4g}</td></tr>"
+                )
+        if self.dispersion is not None:
+            re_rows.append(
+                f"<tr><td>Residual</td><td></td><td>{self.dispersion:.4g}</td>"
+                f"<td>{math.sqrt(self.dispersion):.4g}</td></tr>"
+            )
+        status = "converged" if self.converged else "<b>not converged</b>"
+        singular = " &middot; <b>singular (boundary) fit</b>" if self.singular else ""
+        return (
+            f"<div><b>dglmm fit</b>: {html.escape(self.formula)}<br>"
+            f"family {self.family} ({self.link}), n_agq={self.n_agq}; "
+            f"{self.n_obs} obs, {sum(self.n_groups.values())} groups<br>"
+            f"logLik {self.loglik:.3f}, AIC {self.aic:.2f}, BIC {self.bic:.2f}; "
+            f"{status} in {self.n_iterations} iterations{singular}"
+            f"<h4>Fixed effects</h4>{fe}<h4>Variance components</h4>"
+            "<table><tr><th>group</th><th>term</th><th>variance</th><th>sd</th></tr>"
+            + "".join(re_rows)
+            + "</table></div>"
+        )
+
+    # -------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        fe = [
+            {"term": term, **{k: _num(v) for k, v in row.items()}}
+            for term, row in self.fixed_effects.iterrows()
+        ]
+        return {
+            "format": RESULT_FORMAT,
+            "formula": self.formula,
+            "family": self.family,
+            "link": self.link,
+            "n_agq": self.n_agq,
+            "n_obs": self.n_obs,
+            "n_groups": self.n_groups,
+            "loglik": self.loglik,
+            "aic": self.aic,
+            "bic": self.bic,
+            "converged": self.converged,
+            "singular": self.singular,
+            "n_iterations": self.n_iterations,
+            "n_evaluations": self.n_evaluations,
+            "fixed_effects": fe,
+            "random_effects": self.random_effects,
+            "dispersion": self.dispersion,
+            "message": self.message,
+            "warnings": self.warnings,
+            "n_partitions": self.n_partitions,
+            "n_workers": self.n_workers,
+            "n_dropped": self.n_dropped,
+            "timings": self.timings,
+            "fit_log": self.fit_log,
+            "params": self.params.tolist(),
+            "vcov": self.vcov.tolist(),
+            "spec": self.spec,
+        }
+
+    def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
+        """Serialise to JSON text; also write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, default=_num)
+        if path is not None:
+            if "://" in path and not path.startswith("file://"):
+                import fsspec
+
+                with fsspec.open(path, "w") as fh:
+                    fh.write(text)
+            else:
+                with open(path.removeprefix("file://"), "w") as fh:
+                    fh.write(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitResult:
+        fe = pd.DataFrame(d["fixed_effects"]).set_index("term")
+        fe = fe[["estimate", "std_error", "z_value", "p_value"]].astype(float)
+        return cls(
+            formula=d["formula"],
+            family=d["family"],
+            link=d["link"],
+            n_agq=int(d["n_agq"]),
+            fixed_effects=fe,
+            random_effects=d["random_effects"],
+            dispersion=d.get("dispersion"),
+            loglik=float(d["loglik"]),
+            aic=float(d["aic"]),
+            bic=float(d["bic"]),
+            n_obs=int(d["n_obs"]),
+            n_groups={k: int(v) for k, v in d["n_groups"].items()},
+            converged=bool(d["converged"]),
+            singular=bool(d["singular"]),
+            n_iterations=int(d["n_iterations"]),
+            n_evaluations=int(d.get("n_evaluations", 0)),
+            fit_log=list(d.get("fit_log", [])),
+            params=np.asarray(d.get("params", []), dtype=float),
+            vcov=np.asarray(d.get("vcov", []), dtype=float),
+            message=d.get("message", ""),
+            spec=d.get("spec", {}),
+            n_partitions=int(d.get("n_partitions", 1)),
+            n_workers=int(d.get("n_workers", 0)),
+            n_dropped=int(d.get("n_dropped", 0)),
+            timings=d.get("timings", {}),
+            warnings=list(d.get("warnings", [])),
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> FitResult:
+        """Read a result from JSON text or from a file path / URL."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            if "://" in text_or_path and not text_or_path.startswith("file://"):
+                import fsspec
+
+                with fsspec.open(text_or_path, "r") as fh:
+                    text = fh.read()
+            else:
+                with open(text_or_path.removeprefix("file://")) as fh:
+                    text = fh.read()
+        return cls.from_dict(json.loads(text))
+
+
+def _num(v):
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def wald_table(terms, estimates, std_errors) -> pd.DataFrame:
+    """Fixed-effects table with Wald z statistics and two-sided p-values."""
+    est = np.asarray(estimates, dtype=float)
+    se = np.asarray(std_errors, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = est / se
+    p = 2.0 * stats.norm.sf(np.abs(z))
+    return pd.DataFrame(
+        {"estimate": est, "std_error": se, "z_value": z, "p_value": p},
+        index=pd.Index(list(terms), name="term"),
+    )
