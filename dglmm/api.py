@@ -505,7 +505,7 @@ def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
     diag = {a: layout.p + j for j, (a, b) in enumerate(cov_pattern) if a == b}
     for col, idx in diag.items():
         if out[idx] < 0:
-            for j, (a, b) in enumerate(cov_pattern):
+            for j, (_row, b) in enumerate(cov_pattern):
                 if b == col:
                     out[layout.p + j] = -out[layout.p + j]
     return out

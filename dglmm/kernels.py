@@ -576,7 +576,7 @@ def _block_kernel(
                             tmp[c, d] = 0.0
                         elif d == c:
                             tmp[c, d] *= 0.5
-                # M = LHi' Phi' LHi'  (dLH' = Phi' LH')  so dA = -sqrt2 LHi' Phi' LH' LHi' = -sqrt2 LHi' Phi'
+                # dLH' = Phi' LH', so dA = -sqrt2 LHi' Phi' LH' LHi' = -sqrt2 LHi' Phi'
                 for c in range(q):
                     for d in range(q):
                         acc = 0.0

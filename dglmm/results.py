@@ -118,10 +118,9 @@ class FitResult:
             corr = np.asarray(re["corr"])
             for a, term in enumerate(terms):
                 cells = " ".join(f"{corr[a, b]:5.2f}" for b in range(a))
-                rows.append(
-                    (group if a == 0 else "", term, f"{cov[a, a]:.4g}", f"{math.sqrt(cov[a, a]):.4g}",
-                     cells)
-                )  # fmt: skip
+                var = cov[a, a]
+                rows.append((group if a == 0 else "", term, f"{var:.4g}", f"{math.sqrt(var):.4g}",
+                             cells))  # fmt: skip
         if self.dispersion is not None:
             rows.append(("Residual", "", f"{self.dispersion:.4g}",
                          f"{math.sqrt(self.dispersion):.4g}", ""))  # fmt: skip

@@ -1,0 +1,188 @@
+"""The ``dglmm`` command.
+
+Subcommands: ``fit``, ``prepare``, ``simulate``, ``predict``, ``plot``.  Any
+error a user can cause prints one line ``dglmm: error: ...`` and exits with
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+
+from .errors import DglmmError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dglmm`` command (also used by tests)."""
+    parser = argparse.ArgumentParser(
+        prog="dglmm",
+        description="Generalized linear mixed models fitted by adaptive Gauss-Hermite "
+        "quadrature on Dask.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit a model", description="Fit a GLMM and print its summary.")
+    f.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
+    f.add_argument("--formula", required=True, help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
+    f.add_argument("--family", default="binomial", help="binomial, poisson or gaussian")
+    f.add_argument("--link", default=None, help="link (default: the family's canonical link)")
+    f.add_argument("--n-agq", type=int, default=1, help="quadrature nodes per dimension")
+    f.add_argument("--trials", default=None, help="binomial trials column")
+    f.add_argument("--offset", default=None, help="offset column")
+    f.add_argument("--weights", default=None, help="prior weights column")
+    f.add_argument("--missing", choices=("error", "drop"), default="error",
+                   help="rows with missing values: stop with an error (default) or drop them")
+    f.add_argument("--output", default=None, help="write the result as JSON here")
+    f.add_argument("--random-effects", default=None,
+                   help="write per-group random-effect predictions as Parquet here")
+    f.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
+    f.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
+    f.add_argument("--workers", type=int, default=None, help="size of the local cluster")
+    f.add_argument("--partitions", type=int, default=None, help="number of partitions")
+    f.add_argument("--in-process", action="store_true", help="fit in this process, no Dask")
+    f.add_argument("--checkpoint", default=None, help="checkpoint file (JSON)")
+    f.add_argument("--resume", action="store_true", help="resume from --checkpoint")
+    f.add_argument("--max-iter", type=int, default=100, help="Newton iterations per stage")
+    f.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits")
+    p.add_argument("data")
+    p.add_argument("out")
+    p.add_argument("--group", required=True, help="grouping column (e.g. subscriber)")
+    p.add_argument("--partitions", type=int, default=None)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--scheduler-file", default=None)
+    p.add_argument("--workers", type=int, default=None)
+
+    s = sub.add_parser("simulate", help="simulate calls-within-subscribers data")
+    s.add_argument("out", help="output directory (or a .parquet file)")
+    s.add_argument("--subscribers", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--calls-per-subscriber", type=float, default=20.0)
+    s.add_argument("--effects", default=None, help="also write the true random effects here")
+    s.add_argument("--overwrite", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict from a fitted result")
+    pr.add_argument("result", help="result JSON written by dglmm fit --output")
+    pr.add_argument("data")
+    pr.add_argument("--output", required=True, help="Parquet file to write")
+    pr.add_argument("--random-effects", default=None,
+                    help="random-effects Parquet (from fit --random-effects) for conditional "
+                    "predictions of known groups")
+
+    pl = sub.add_parser("plot", help="plots of a fitted result")
+    pl.add_argument("result")
+    pl.add_argument("--random-effects", default=None)
+    pl.add_argument("--output", required=True, help="directory for the PNG files")
+    return parser
+
+
+def _cmd_fit(args) -> int:
+    from .api import IN_PROCESS, fit
+
+    if args.resume and not args.checkpoint:
+        raise DglmmError("--resume needs --checkpoint PATH")
+    client = IN_PROCESS if args.in_process else None
+    result = fit(
+        args.formula, args.data, family=args.family, link=args.link, n_agq=args.n_agq,
+        trials=args.trials, offset=args.offset, weights=args.weights, client=client,
+        missing=args.missing, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
+        n_workers=args.workers, npartitions=args.partitions, checkpoint=args.checkpoint,
+        resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
+        random_effects=args.random_effects,
+    )  # fmt: skip
+    print(result.summary())
+    if args.output:
+        result.to_json(args.output)
+        print(f"\nresult written to {args.output}", file=sys.stderr)
+    return 0 if result.converged else 1
+
+
+def _cmd_prepare(args) -> int:
+    from . import dask_driver
+
+    with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
+                             n_workers=args.workers) as handle:  # fmt: skip
+        info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,
+                                   handle=handle)  # fmt: skip
+    print(f"prepared {info['n_rows']} rows of {info['n_groups']} groups in "
+          f"{info['n_files']} files under {args.out}")  # fmt: skip
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from .simulate import simulate_to_parquet
+
+    truth = simulate_to_parquet(
+        args.out, args.subscribers, seed=args.seed,
+        calls_per_subscriber=args.calls_per_subscriber, effects_path=args.effects,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"wrote {truth['n_rows']} calls of {truth['n_subscribers']} subscribers to {args.out}")
+    print(f"true model: {truth['formula']}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict_to_parquet
+
+    n = predict_to_parquet(args.result, args.data, args.output,
+                           random_effects=args.random_effects)  # fmt: skip
+    print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_result
+
+    paths = plot_result(args.result, args.output, random_effects=args.random_effects)
+    for p in paths:
+        print(p)
+    return 0
+
+
+COMMANDS = {
+    "fit": _cmd_fit,
+    "prepare": _cmd_prepare,
+    "simulate": _cmd_simulate,
+    "predict": _cmd_predict,
+    "plot": _cmd_plot,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dglmm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("DGLMM_DEBUG"))
+    warnings.simplefilter("always", category=UserWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"dglmm: warning: {msg}\n"
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("dglmm: interrupted", file=sys.stderr)
+        return 130
+    except (DglmmError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"dglmm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - last line of defence for batch jobs
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"dglmm: error: unexpected {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback and please report it)",
+                  file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
