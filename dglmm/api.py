@@ -26,7 +26,7 @@ import pandas as pd
 from .design import Block, ModelSpec, build_block, learn_spec
 from .errors import CheckpointError, DataError, DglmmWarning, SpecificationError
 from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_POISSON, Family, get_family
-from .kernels import BlockResult, KernelModel, evaluate_block
+from .kernels import BlockResult, KernelModel, evaluate_block, random_effects_block
 from .optimizer import (
     NewtonSettings,
     NewtonState,
@@ -52,9 +52,11 @@ class InProcessEvaluator:
     used as starting values next time (warm start).
     """
 
-    def __init__(self, blocks: Sequence[Block], model: KernelModel):
+    def __init__(self, blocks: Sequence[Block], model: KernelModel, spec: ModelSpec | None = None):
         self.blocks = list(blocks)
         self.model = model
+        self.random_columns = list(spec.random_columns) if spec is not None else []
+        self.group = spec.group if spec is not None else "group"
         self._modes: list[np.ndarray | None] = [None] * len(self.blocks)
         self.kernel_seconds = 0.0
 
@@ -76,10 +78,6 @@ class InProcessEvaluator:
     def n_dropped(self) -> int:
         return sum(int(getattr(b, "n_dropped", 0)) for b in self.blocks)
 
-    def with_model(self, model: KernelModel) -> InProcessEvaluator:
-        other = InProcessEvaluator(self.blocks, model)
-        return other
-
     def evaluate(self, params_list: Sequence[np.ndarray], hessian: bool) -> list[BlockResult]:
         t0 = time.perf_counter()
         out = []
@@ -98,6 +96,18 @@ class InProcessEvaluator:
 
     def fingerprint(self) -> dict:
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": []}
+
+    def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
+        """Per-group random-effect predictions (see :func:`random_effects_frame`)."""
+        frames = [
+            random_effects_frame(block, params, self.model, self.random_columns, self.group,
+                                 u_init=self._modes[i])
+            for i, block in enumerate(self.blocks)
+        ]  # fmt: skip
+        table = pd.concat(frames, ignore_index=True)
+        if output is not None:
+            table.to_parquet(output, index=False)
+        return table
 
 
 # ----------------------------------------------------------------------------- public API
@@ -124,6 +134,7 @@ def fit(
     max_iter: int = 100,
     progress: bool | None = None,
     storage_options: dict | None = None,
+    random_effects: str | None = None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -161,6 +172,9 @@ def fit(
         Iteration limit of each Newton stage.
     progress : bool, optional
         One line per iteration on stderr (default: when stderr is a terminal).
+    random_effects : str, optional
+        Write per-group random-effect predictions (conditional modes, posterior means
+        and standard deviations) as Parquet here, computed where the data lives.
 
     Returns
     -------
@@ -179,11 +193,11 @@ def fit(
         df = _read_pandas(data, storage_options)
         spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
-        evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq))
+        evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq), spec)
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress)  # fmt: skip
+                         progress=progress, random_effects=random_effects)  # fmt: skip
     from . import dask_driver
 
     with dask_driver.connect(
@@ -200,7 +214,7 @@ def fit(
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress)  # fmt: skip
+                         progress=progress, random_effects=random_effects)  # fmt: skip
 
 
 def _check_n_agq(n_agq) -> int:
@@ -278,6 +292,7 @@ def fit_model(
     resume: bool = False,
     max_iter: int = 100,
     progress: bool = False,
+    random_effects: str | None = None,
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -384,6 +399,10 @@ def fit_model(
         "n_evaluations": sum(e["n"] for e in eval_times),
         "iterations": iterations,
     }
+    if random_effects is not None:
+        t0 = time.perf_counter()
+        evaluator.random_effects(params, random_effects)
+        timings["random_effects_s"] = time.perf_counter() - t0
     return _build_result(
         spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs, timings,
         warn_msgs, layout,
@@ -579,9 +598,26 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
     )
 
 
+def random_effects_frame(block, params, model: KernelModel, terms: Sequence[str], group: str,
+                         u_init=None) -> pd.DataFrame:  # fmt: skip
+    """One row per group of ``block``: the group key, and for each random-effect term
+    ``<term>_mode``, ``<term>_mode_sd`` (conditional mode and the curvature-based sd)
+    and ``<term>_mean``, ``<term>_sd`` (posterior mean and sd by the model's
+    quadrature rule; equal to the mode values for the Laplace approximation).
+    """
+    pred = random_effects_block(block, params, model, u_init=u_init)
+    out = {group: pred["group_keys"]}
+    for a, term in enumerate(terms):
+        out[f"{term}_mode"] = pred["mode"][:, a]
+        out[f"{term}_mode_sd"] = pred["mode_sd"][:, a]
+        out[f"{term}_mean"] = pred["mean"][:, a]
+        out[f"{term}_sd"] = pred["sd"][:, a]
+    return pd.DataFrame(out)
+
+
 def evaluator_for(blocks: Sequence[Block], spec: ModelSpec, fam: Family, n_agq: int):
     """In-process evaluator for prebuilt blocks (a step of :func:`fit` users can call)."""
-    return InProcessEvaluator(blocks, _kernel_model(spec, fam, n_agq))
+    return InProcessEvaluator(blocks, _kernel_model(spec, fam, n_agq), spec)
 
 
 Callback = Callable[[NewtonState], None]
