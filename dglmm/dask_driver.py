@@ -60,6 +60,7 @@ __all__ = [
     "connect",
     "is_prepared",
     "load_data",
+    "make_evaluator",
     "partition_by_group",
     "prepare",
     "read_prepared",
@@ -425,6 +426,10 @@ class PreparedData:
     path: str
     metadata: dict
 
+    def __getitem__(self, key: str) -> Any:
+        """``prepared["n_rows"]`` etc.: the entries of the metadata file."""
+        return self.metadata[key]
+
     @property
     def files(self) -> list[str]:
         return [os.path.join(self.path, f) for f in self.metadata["files"]]
@@ -504,6 +509,7 @@ def prepare(
     columns: Sequence[str] | None = None,
     balance: str = "rows",
     overwrite: bool = False,
+    handle: ClusterHandle | None = None,
 ) -> PreparedData:
     """Write ``data`` once as Parquet files each holding whole groups, sorted by group.
 
@@ -511,8 +517,8 @@ def prepare(
     ``_dglmm_prepared.json`` with the group column, ``n_rows``, ``n_groups``, ``n_files``,
     per-file row and group counts, the columns and the format version.  Groups are packed into
     files largest first so the files hold about the same number of rows (``balance="rows"``)
-    or hashed (``balance="hash"``, one pass fewer).  Uses the current Dask scheduler (the
-    client of :func:`connect` when one is open).
+    or hashed (``balance="hash"``, one pass fewer).  Runs on ``handle``'s cluster, else on the
+    current Dask scheduler.  The result also reads like the metadata: ``prepared["n_rows"]``.
 
     Raises
     ------
@@ -534,7 +540,10 @@ def prepare(
         dask.delayed(_write_part)(part, os.path.join(out, name), group)
         for part, name in zip(parts, names, strict=True)
     ]
-    counts = dask.compute(*writes)
+    if handle is not None:
+        counts = handle.client.gather(handle.client.compute(writes))
+    else:
+        counts = dask.compute(*writes)
     rows = [int(r) for r, _ in counts]
     metadata = {
         "format_version": PREPARED_FORMAT_VERSION,
@@ -589,8 +598,9 @@ def _merge_summaries(
     return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head)
 
 
-def _finish_summary(s: tuple) -> tuple[Any, int, int, pd.DataFrame]:
-    return s[0], s[1], len(s[2]), s[3]
+def _finish_summary(s: tuple, merge_levels: Callable) -> tuple[Any, int, int, pd.DataFrame]:
+    # merging the root alone normalises it (sorted levels) even when there is one partition
+    return merge_levels(s[0]), s[1], len(s[2]), s[3]
 
 
 def spec_from_dask(
@@ -607,9 +617,10 @@ def spec_from_dask(
     """Learn the ModelSpec from all partitions in one pass, and count rows and groups.
 
     Maps ``collect_levels(parsed, df)`` over the partitions and reduces the results with
-    ``merge_levels(a, b)`` in a binary tree on the workers, together with the row count, the
-    distinct non-missing keys of ``group`` (only their number comes back) and the first
-    ``n_head`` rows; then calls ``make_spec(parsed, levels, head, **spec_options)`` here.
+    ``merge_levels(a, b)`` in a binary tree on the workers (then ``merge_levels(root)``),
+    together with the row count, the distinct non-missing keys of ``group`` (only their
+    number comes back) and the first ``n_head`` rows; then calls
+    ``make_spec(parsed, levels, head, **spec_options)`` here.
     The three functions default to those of :mod:`dglmm.design`.
 
     Raises
@@ -632,7 +643,7 @@ def spec_from_dask(
             else level[i]
             for i in range(0, len(level), 2)
         ]
-    levels, n_rows, n_groups, head = dask.delayed(_finish_summary)(level[0]).compute()
+    levels, n_rows, n_groups, head = dask.delayed(_finish_summary)(level[0], merge_levels).compute()
     if n_rows == 0:
         raise DataError("the data have no rows")
     spec = make_spec(parsed, levels, head, **spec_options)
@@ -697,7 +708,11 @@ def _kernel_task(
     kernel: Callable,
 ) -> list[Any]:
     block = entry[0]
-    return [kernel(block, p, model, hessian=hessian) for p in params_list]
+    results = [kernel(block, p, model, hessian=hessian) for p in params_list]
+    for r in results:  # per-group modes are dropped by the sum anyway: never ship them
+        if getattr(r, "modes", None) is not None:
+            r.modes = None
+    return results
 
 
 def _sum_task(*lists: list[Any]) -> list[Any]:
@@ -723,13 +738,16 @@ class DaskEvaluator:
         into ``npartitions`` partitions (default: at least one per worker).  Without ``group``
         the partitions must already hold whole groups (as the output of
         :func:`partition_by_group` and :func:`read_prepared` do); pass ``n_groups`` (from
-        :func:`spec_from_dask`) to have a group split across partitions detected.
+        :func:`spec_from_dask`) to have a group split across partitions detected (the
+        blocks then hold more groups than the data).
     spec : ModelSpec
     model : KernelModel
     check_response, missing :
         Passed to the block builder.
     kernel, block_builder : callable, optional
         Default to :func:`dglmm.kernels.evaluate_block` and :func:`dglmm.design.build_block`.
+    columns : sequence of str, optional
+        Read only these columns.
     retries : int
         Retries of each evaluation task after an exception (lost workers are handled by
         the scheduler, then by one rebuild).
@@ -757,6 +775,7 @@ class DaskEvaluator:
         group: str | None = None,
         npartitions: int | None = None,
         n_groups: int | None = None,
+        columns: Sequence[str] | None = None,
         retries: int = 2,
     ) -> None:
         self.handle = handle
@@ -772,15 +791,15 @@ class DaskEvaluator:
         self._prepared_rows: list[int] | None = None
         if isinstance(data, PreparedData):
             self._prepared_rows = list(data.metadata["rows_per_file"])
-            ddf = data.to_dask()
+            ddf = data.to_dask(columns)
         else:
-            ddf = load_data(data)
+            ddf = load_data(data, columns)
             if group is not None:
                 n = npartitions or max(ddf.npartitions, handle.n_workers)
                 ddf = partition_by_group(ddf, group, n)
         self._ddf = ddf
         self._build()
-        if n_groups is not None and self.n_groups != n_groups:
+        if n_groups is not None and self.n_groups > n_groups:  # fewer: groups all dropped
             raise DataError(
                 f"the blocks hold {self.n_groups} groups but the data have {n_groups}: "
                 "some groups are split across partitions (partition the data with "
@@ -939,6 +958,80 @@ class DaskEvaluator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def make_evaluator(
+    handle: ClusterHandle,
+    data: Any,
+    formula: Any,
+    family: Any,
+    n_agq: int,
+    *,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+    missing: str = "error",
+    npartitions: int | None = None,
+    storage_options: dict | None = None,
+    kernel_model: Callable[[Any, Any, int], Any],
+    kernel: Callable | None = None,
+) -> tuple[DaskEvaluator, Any]:
+    """Formula and data -> (DaskEvaluator, ModelSpec): the Dask path of ``dglmm.fit``.
+
+    Reads only the columns the model needs, learns the spec in one pass
+    (:func:`spec_from_dask`), then persists one block per partition: the files of prepared
+    data as they are, any other data shuffled by :func:`partition_by_group`.
+
+    Parameters
+    ----------
+    formula : str or ParsedFormula
+    family : Family
+        Its ``check_response`` is passed to the block builder.
+    kernel_model : callable
+        ``(spec, family, n_agq) -> KernelModel``.
+
+    Raises
+    ------
+    DataError, SpecificationError, ClusterError
+    """
+    from dglmm.design import needed_columns
+    from dglmm.formula import ParsedFormula, parse_formula
+
+    parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    columns = needed_columns(parsed, trials, offset, weights)
+    prepared = _as_prepared(data)
+    if prepared is not None and prepared.group == parsed.group:
+        source: Any = prepared  # already whole groups, one file per partition
+        ddf, group = prepared.to_dask(columns), None
+    else:
+        ddf = load_data(data, columns, storage_options=storage_options)
+        source, group = ddf, parsed.group
+    learned = spec_from_dask(
+        ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights
+    )
+    evaluator = DaskEvaluator(
+        handle,
+        source,
+        learned.spec,
+        kernel_model(learned.spec, family, n_agq),
+        check_response=getattr(family, "check_response", None),
+        missing=missing,
+        kernel=kernel,
+        group=group,
+        npartitions=npartitions,
+        n_groups=learned.n_groups,
+        columns=columns,
+    )
+    return evaluator, learned.spec
+
+
+def _as_prepared(data: Any) -> PreparedData | None:
+    if isinstance(data, PreparedData):
+        return data
+    if isinstance(data, (str, os.PathLike)) and not _is_url(os.fspath(data)):
+        if is_prepared(data):
+            return read_prepared(data)
+    return None
 
 
 def wait_for_workers(handle: ClusterHandle, n: int, timeout: float = 60) -> None:

@@ -298,8 +298,8 @@ def test_spec_from_dask_one_pass(sync_scheduler):
     def collect(parsed, pdf):
         return set(pdf["g"])
 
-    def merge(a, b):
-        return a | b
+    def merge(*levels):
+        return set().union(*levels)
 
     def make(parsed, levels, head, *, tag):
         return {"parsed": parsed, "levels": sorted(levels), "head": len(head), "tag": tag}
@@ -487,3 +487,49 @@ def test_repeated_worker_deaths_become_cluster_error(process_cluster, handle):
         ev.kernel = suicidal_kernel
         with pytest.raises(ClusterError, match="largest partition has \\d+ rows"):
             ev.evaluate(PARAMS)
+
+
+# ------------------------------------------------------------------------------------------
+# with the real design and kernel
+
+
+@pytest.mark.cluster
+def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
+    from dglmm.api import InProcessEvaluator, _kernel_model
+    from dglmm.design import build_block, learn_spec
+    from dglmm.families import get_family
+
+    rng = np.random.default_rng(3)
+    n_groups = 40
+    sizes = rng.integers(2, 12, n_groups)
+    g = np.repeat(np.arange(n_groups), sizes)
+    n = len(g)
+    b = rng.normal(0, 0.5, n_groups)
+    x = rng.normal(size=n)
+    df = pd.DataFrame(
+        {"g": g.astype(str), "x": x, "f": rng.choice(["a", "b", "c"], n),
+         "y": rng.poisson(np.exp(0.3 + 0.5 * x + b[g]))}
+    ).sample(frac=1.0, random_state=1)  # fmt: skip
+    formula = "y ~ x + f + (1 | g)"
+    fam = get_family("poisson")
+    spec = learn_spec(formula, df)
+    model = _kernel_model(spec, fam, 1)
+    local = InProcessEvaluator([build_block(spec, df, check_response=fam.check_response)], model)
+    params = [np.array([0.3, 0.5, 0.0, 0.1, 0.4]), np.array([0.2, 0.4, -0.1, 0.0, 0.6])]
+    want = local.evaluate(params, hessian=True)
+
+    prepared = drv.prepare(df, tmp_path / "prep", "g", npartitions=3, handle=handle)
+    assert prepared["n_rows"] == n and prepared["n_groups"] == n_groups
+    for data in [df, tmp_path / "prep"]:
+        ev, dspec = drv.make_evaluator(
+            handle, data, formula, fam, 1, npartitions=4, kernel_model=_kernel_model
+        )
+        with ev:
+            assert dspec == spec and ev.n_groups == n_groups and ev.n_obs == n
+            assert ev.n_partitions == (4 if data is df else 3)
+            got = ev.evaluate(params, hessian=True)
+        for a, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.loglik, w.loglik, rtol=1e-10)
+            np.testing.assert_allclose(a.gradient, w.gradient, rtol=1e-8, atol=1e-8)
+            np.testing.assert_allclose(a.hessian, w.hessian, rtol=1e-8, atol=1e-8)
+            assert a.modes is None
