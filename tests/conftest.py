@@ -59,6 +59,9 @@ class ProcessCluster:
         # tasks that name functions of the test modules must unpickle on the scheduler/workers
         tests = str(Path(__file__).resolve().parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+        # a task may take one worker down with it; the second death makes it KilledWorker
+        # (default 3: keeps the repeated-death tests short)
+        env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"
         return subprocess.Popen(
             [sys.executable, "-m", "dask", *args],
             stdout=log,

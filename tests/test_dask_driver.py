@@ -126,9 +126,8 @@ def assert_results_equal(got: list[FakeResult], want: list[FakeResult]) -> None:
 
 def evaluator(handle, data, **kwargs) -> drv.DaskEvaluator:
     kwargs.setdefault("missing", "drop")
-    return drv.DaskEvaluator(
-        handle, data, SPEC, {}, kernel=fake_kernel, block_builder=fake_build_block, **kwargs
-    )
+    kwargs.setdefault("kernel", fake_kernel)
+    return drv.DaskEvaluator(handle, data, SPEC, {}, block_builder=fake_build_block, **kwargs)
 
 
 @pytest.fixture
@@ -463,13 +462,13 @@ def test_worker_killed_during_slow_evaluation(process_cluster, handle):
     df = make_data()
     want = in_process(df, PARAMS)
     with drv.DaskEvaluator(
-        handle, df, SPEC, {"sleep": 0.4}, kernel=fake_kernel, block_builder=fake_build_block,
+        handle, df, SPEC, {"sleep": 0.15}, kernel=fake_kernel, block_builder=fake_build_block,
         missing="drop", group="g", npartitions=6,
     ) as ev:  # fmt: skip
         out: dict = {}
         thread = threading.Thread(target=lambda: out.update(r=ev.evaluate(PARAMS)))
         thread.start()
-        time.sleep(0.6)  # two or three kernel tasks are running or done
+        time.sleep(0.5)  # each worker is in its first or second kernel task (0.45 s each)
         process_cluster.kill_worker(1)
         thread.join(timeout=60)
         assert not thread.is_alive()
@@ -487,6 +486,20 @@ def test_repeated_worker_deaths_become_cluster_error(process_cluster, handle):
         ev.kernel = suicidal_kernel
         with pytest.raises(ClusterError, match="largest partition has \\d+ rows"):
             ev.evaluate(PARAMS)
+
+
+@pytest.mark.cluster
+def test_memory_error_becomes_cluster_error(handle):
+    def hungry_kernel(block, params, model, *, hessian=True, u_init=None):
+        raise MemoryError("Unable to allocate 80 GiB")
+
+    df = make_data()
+    with evaluator(handle, df, group="g", npartitions=3, kernel=hungry_kernel) as ev:
+        with pytest.raises(ClusterError) as info:
+            ev.evaluate(PARAMS)
+        largest = max(ev.partition_rows)
+    assert f"largest partition has {largest} rows" in str(info.value)
+    assert "more partitions" in str(info.value) and "Unable to allocate" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------
