@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .families import row_derivatives
+from .families import row_d12, row_derivatives, row_l_d1
 from .quadrature import gauss_hermite_rule
 
 _MODE_TOL = 1e-10
 _MODE_MAX_ITER = 100
+_CHUNK_ROWS = 65536
+_FREE_STEP = 0.25  # Newton steps up to this size (in sd units of u) are not checked
 
 
 @dataclass(frozen=True)
@@ -181,14 +183,24 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     grad = np.zeros(P)
     hess = np.zeros((P, P))
     modes = np.empty((n_groups, model.q))
+    wrow = np.empty(X.shape[0])
+    sizes = np.diff(np.asarray(block.group_ptr))
+    max_rows = int(sizes.max()) if (sizes.size and rule.nodes.shape[0] > 1) else 0
+    d1s = np.empty((max_rows, rule.nodes.shape[0]))  # AGQ scratch: d1 per row and node
     loglik = _block_kernel(
         X, Z, np.asarray(block.y, dtype=np.float64), np.asarray(block.trials, dtype=np.float64),
         np.asarray(block.weights, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
         eta0, V, L, tau, model.family_code, model.link_code,
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
         rule.nodes, rule.log_weights, hessian,
-        np.ascontiguousarray(u_init, dtype=np.float64), modes, grad, hess,
+        np.ascontiguousarray(u_init, dtype=np.float64), modes, grad, hess, wrow, d1s,
     )  # fmt: skip
+    if hessian:
+        # beta-beta block of -sum_g T Sw T' is -X' diag(w) X over the whole block
+        p = model.p
+        for start in range(0, X.shape[0], _CHUNK_ROWS):
+            Xc = X[start : start + _CHUNK_ROWS]
+            hess[:p, :p] -= Xc.T @ (Xc * wrow[start : start + _CHUNK_ROWS, None])
     loglik += block_constant(block, model.family_code)
     return BlockResult(
         loglik=float(loglik),
@@ -236,8 +248,10 @@ def _chol_solve_small(H, rhs, Lc):
 
 
 @numba.njit(cache=True)
-def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
-    """h(u) = sum l_i - u'u/2, its u-gradient and negative u-Hessian for one group."""
+def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_out):
+    """For one group at ``u``: the u-gradient and negative u-Hessian of
+    ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
+    ``want_h`` (otherwise 0; the log-density is then not computed)."""
     q = V.shape[1]
     h = 0.0
     for c in range(q):
@@ -249,8 +263,11 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
         eta = eta0[i]
         for c in range(q):
             eta += V[i, c] * u[c]
-        l, d1, d2, _d3, _lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
-        h += l
+        if want_h:
+            l, d1, d2, _d3, _lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+            h += l
+        else:
+            d1, d2 = row_d12(fam, link, y[i], ntr[i], w[i], eta, tau)
         for c in range(q):
             g_out[c] += d1 * V[i, c]
             for d in range(c + 1):
@@ -262,32 +279,51 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
 
 
 @numba.njit(cache=True)
-def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau):
-    """Newton iteration with step halving for the conditional mode (updates ``u``)."""
+def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H):
+    """Newton iteration with step halving for the conditional mode.
+
+    Updates ``u`` in place and leaves in ``H`` the negative Hessian at the final ``u``
+    (the iteration stops at a Newton step below the tolerance without taking it, so
+    ``u`` and ``H`` agree exactly).  Small steps (quadratic regime of a concave
+    function) are taken without evaluating the log-density; steps longer than
+    ``_FREE_STEP`` are checked for ascent and halved if needed.
+    """
     q = V.shape[1]
     g = np.empty(q)
-    H = np.empty((q, q))
     Lc = np.empty((q, q))
     step = np.empty((q, 1))
     u_new = np.empty(q)
     g_new = np.empty(q)
     H_new = np.empty((q, q))
-    h = _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g, H)
+    _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
+    h = np.nan
     for _ in range(_MODE_MAX_ITER):
         for c in range(q):
             step[c, 0] = g[c]
         if not _chol_solve_small(H, step, Lc):
             break  # cannot happen for log-concave families: H >= I
         size = 0.0
+        umax = 0.0
         for c in range(q):
             size = max(size, abs(step[c, 0]))
-        if size < _MODE_TOL * (1.0 + np.max(np.abs(u))):
+            umax = max(umax, abs(u[c]))
+        if size < _MODE_TOL * (1.0 + umax):
             break
+        if size <= _FREE_STEP:
+            for c in range(q):
+                u[c] += step[c, 0]
+            _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
+            h = np.nan
+            continue
+        if np.isnan(h):
+            h = _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, True, g_new, H_new)
         t = 1.0
         while True:
             for c in range(q):
                 u_new[c] = u[c] + t * step[c, 0]
-            h_new = _mode_pass(eta0, V, y, ntr, w, i0, i1, u_new, fam, link, tau, g_new, H_new)
+            h_new = _mode_pass(
+                eta0, V, y, ntr, w, i0, i1, u_new, fam, link, tau, True, g_new, H_new
+            )
             if h_new >= h - 1e-12 * (1.0 + abs(h)) or t < 1e-8:
                 break
             t *= 0.5
@@ -297,36 +333,12 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau):
             for d in range(q):
                 H[c, d] = H_new[c, d]
         h = h_new
-    return h
-
-
-@numba.njit(cache=True)
-def _node_pass(X, Z, eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, s_out):
-    """At ``u``: return (sum l_i, sum dl_i/dtau) and fill s_out = sum d1_i r_i."""
-    p = X.shape[1]
-    q = Z.shape[1]
-    G = 0.0
-    lt_sum = 0.0
-    for a in range(p + q):
-        s_out[a] = 0.0
-    for i in range(i0, i1):
-        eta = eta0[i]
-        for c in range(q):
-            eta += V[i, c] * u[c]
-        l, d1, _d2, _d3, lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
-        G += l
-        lt_sum += lt
-        for a in range(p):
-            s_out[a] += d1 * X[i, a]
-        for a in range(q):
-            s_out[p + a] += d1 * Z[i, a]
-    return G, lt_sum
 
 
 @numba.njit(cache=True)
 def _block_kernel(
     X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
-    nodes, logw, want_hess, u_init, modes, grad, hess,
+    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s,
 ):  # fmt: skip
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
@@ -345,6 +357,11 @@ def _block_kernel(
     s1 = np.empty(m)
     Sw = np.empty((m, m))
     Q3 = np.empty((q, q, m))
+    cs = np.empty(m)
+    svk = np.empty((K, q))
+    sx = np.empty(p)
+    szb = np.empty((q, q))
+    dub = np.empty(q)
     T = np.zeros((P, m))
     E = np.zeros((q, m))
     Hm = np.empty((q, q))
@@ -357,7 +374,6 @@ def _block_kernel(
     QE = np.empty((q, q, q))
     C = np.empty((q, q))
     fk = np.empty(K)
-    sk = np.empty((K, m))
     ltk = np.empty(K)
     uk = np.empty((K, q))
     LHi = np.empty((q, q))
@@ -377,62 +393,10 @@ def _block_kernel(
         i1 = gptr[g + 1]
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau)
+        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, Hm)
         for c in range(q):
             modes[g, c] = u[c]
-
-        # ---- sums at the mode
-        hsum = 0.0
-        lts = 0.0
-        ltts = 0.0
-        s1[:] = 0.0
-        Sw[:, :] = 0.0
-        Q3[:, :, :] = 0.0
-        for i in range(i0, i1):
-            eta = eta0[i]
-            for c in range(q):
-                eta += V[i, c] * u[c]
-            l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
-            hsum += l
-            lts += lt
-            ltts += ltt
-            for a in range(p):
-                r[a] = X[i, a]
-            for a in range(q):
-                r[p + a] = Z[i, a]
-            for a in range(m):
-                s1[a] += d1 * r[a]
-                wr = -d2 * r[a]
-                for b in range(a + 1):
-                    Sw[a, b] += wr * r[b]
-            if d3 != 0.0:
-                for c in range(q):
-                    for d in range(c + 1):
-                        coef = d3 * V[i, c] * V[i, d]
-                        for a in range(m):
-                            Q3[c, d, a] += coef * r[a]
-        for a in range(m):
-            for b in range(a):
-                Sw[b, a] = Sw[a, b]
-        for c in range(q):
-            for d in range(c):
-                for a in range(m):
-                    Q3[d, c, a] = Q3[c, d, a]
-
-        # ---- T(u): d eta_i / d psi = T r_i at fixed u
-        for j in range(nth):
-            for a in range(q):
-                T[p + j, p + a] = 0.0
-            T[p + j, p + pat_r[j]] = u[pat_c[j]]
-
-        # ---- H = E Sw E' + I  and its Cholesky factor / inverse
-        for c in range(q):
-            for d in range(q):
-                acc = 0.0
-                for a in range(q):
-                    for b in range(q):
-                        acc += E[c, p + a] * Sw[p + a, p + b] * E[d, p + b]
-                Hm[c, d] = acc + (1.0 if c == d else 0.0)
+        # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
         for c in range(q):
             for d in range(q):
                 Hi[c, d] = 1.0 if c == d else 0.0
@@ -440,6 +404,78 @@ def _block_kernel(
         logdetH = 0.0
         for c in range(q):
             logdetH += 2.0 * math.log(LH[c, c])
+
+        # ---- sums at the mode.  Sw holds only the rows/columns of z: the x-x block
+        # of sum_i w_i r_i r_i' is needed only summed over the block (the beta-beta
+        # Hessian), which the caller adds with one matrix product over wrow.
+        hsum = 0.0
+        lts = 0.0
+        ltts = 0.0
+        s1[:] = 0.0
+        Sw[:, :] = 0.0
+        cs[:] = 0.0
+        if not laplace:
+            Q3[:, :, :] = 0.0
+        for i in range(i0, i1):
+            eta = eta0[i]
+            for c in range(q):
+                eta += V[i, c] * u[c]
+            l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+            wi = -d2
+            wrow[i] = wi
+            hsum += l
+            lts += lt
+            ltts += ltt
+            for a in range(p):
+                s1[a] += d1 * X[i, a]
+            for a in range(q):
+                za = Z[i, a]
+                s1[p + a] += d1 * za
+                wz = wi * za
+                for b in range(p):
+                    Sw[p + a, b] += wz * X[i, b]
+                for b in range(a + 1):
+                    Sw[p + a, p + b] += wz * Z[i, b]
+            if d3 != 0.0:
+                if laplace:
+                    # c = sum_i d3_i (v_i' H^-1 v_i) r_i gives tr(H^-1 dH/dpsi) directly
+                    mi = 0.0
+                    for c in range(q):
+                        acc = 0.0
+                        for d in range(q):
+                            acc += Hi[c, d] * V[i, d]
+                        mi += V[i, c] * acc
+                    cm = d3 * mi
+                    for a in range(p):
+                        cs[a] += cm * X[i, a]
+                    for a in range(q):
+                        cs[p + a] += cm * Z[i, a]
+                else:
+                    for a in range(p):
+                        r[a] = X[i, a]
+                    for a in range(q):
+                        r[p + a] = Z[i, a]
+                    for c in range(q):
+                        for d in range(c + 1):
+                            coef = d3 * V[i, c] * V[i, d]
+                            for a in range(m):
+                                Q3[c, d, a] += coef * r[a]
+        for a in range(q):
+            for b in range(p):
+                Sw[b, p + a] = Sw[p + a, b]
+            for b in range(a):
+                Sw[p + b, p + a] = Sw[p + a, p + b]
+        if not laplace:
+            for c in range(q):
+                for d in range(c):
+                    for a in range(m):
+                        Q3[d, c, a] = Q3[c, d, a]
+
+        # ---- T(u): d eta_i / d psi = T r_i at fixed u
+        for j in range(nth):
+            for a in range(q):
+                T[p + j, p + a] = 0.0
+            T[p + j, p + pat_r[j]] = u[pat_c[j]]
 
         # ---- g_u,psi (q x P) and du_hat/dpsi = H^-1 g_u,psi
         for c in range(q):
@@ -466,19 +502,7 @@ def _block_kernel(
                     acc += Hi[c, d] * guPsi[d, k]
                 du[c, k] = acc
 
-        # ---- dH/dpsi (total) and its fixed-weight part dHw
-        for c in range(q):
-            for d in range(q):
-                for k in range(P):
-                    acc = 0.0
-                    for a in range(m):
-                        acc += Q3[c, d, a] * T[k, a]
-                    QT[c, d, k] = acc
-                for e in range(q):
-                    acc = 0.0
-                    for a in range(m):
-                        acc += Q3[c, d, a] * E[e, a]
-                    QE[c, d, e] = acc
+        # ---- fixed-weight part dHw of dH/dpsi (W held fixed)
         for a in range(q):
             for c in range(q):
                 acc = 0.0
@@ -496,21 +520,50 @@ def _block_kernel(
             for c in range(q):
                 for d in range(q):
                     dHw[itau, c, d] = -2.0 * (Hm[c, d] - (1.0 if c == d else 0.0))
-        for k in range(P):
-            for c in range(q):
-                for d in range(q):
-                    acc = QT[c, d, k]
-                    for e in range(q):
-                        acc += QE[c, d, e] * du[e, k]
-                    dH[k, c, d] = dHw[k, c, d] - acc
 
-        # ---- gradient of log|det A| = -1/2 tr(H^-1 dH)
-        for k in range(P):
-            acc = 0.0
+        # ---- gradient of log|det A| = -1/2 tr(H^-1 dH), dH = dHw - d3-terms
+        if laplace:
+            for e in range(q):
+                acc = 0.0
+                for a in range(m):
+                    acc += E[e, a] * cs[a]
+                r[e] = acc  # E c
+            for k in range(P):
+                acc = 0.0
+                for c in range(q):
+                    for d in range(q):
+                        acc += Hi[c, d] * dHw[k, d, c]
+                for a in range(m):
+                    acc -= T[k, a] * cs[a]
+                for e in range(q):
+                    acc -= r[e] * du[e, k]
+                grad[k] -= 0.5 * acc
+        else:
             for c in range(q):
                 for d in range(q):
-                    acc += Hi[c, d] * dH[k, d, c]
-            grad[k] -= 0.5 * acc
+                    for k in range(P):
+                        acc = 0.0
+                        for a in range(m):
+                            acc += Q3[c, d, a] * T[k, a]
+                        QT[c, d, k] = acc
+                    for e in range(q):
+                        acc = 0.0
+                        for a in range(m):
+                            acc += Q3[c, d, a] * E[e, a]
+                        QE[c, d, e] = acc
+            for k in range(P):
+                for c in range(q):
+                    for d in range(q):
+                        acc = QT[c, d, k]
+                        for e in range(q):
+                            acc += QE[c, d, e] * du[e, k]
+                        dH[k, c, d] = dHw[k, c, d] - acc
+            for k in range(P):
+                acc = 0.0
+                for c in range(q):
+                    for d in range(q):
+                        acc += Hi[c, d] * dH[k, d, c]
+                grad[k] -= 0.5 * acc
 
         if laplace:
             loglik += hsum
@@ -545,9 +598,21 @@ def _block_kernel(
                         acc += sqrt2 * LHi[d, c] * nodes[kk, d]
                     uk[kk, c] = acc
                     norm2 += nodes[kk, c] * nodes[kk, c]
-                Gk, lt_node = _node_pass(
-                    X, Z, eta0, V, y, ntr, w, i0, i1, uk[kk], fam, link, tau, sk[kk]
-                )
+                # node pass: log-density and d1 per row; only q-vectors are summed
+                Gk = 0.0
+                lt_node = 0.0
+                for c in range(q):
+                    svk[kk, c] = 0.0
+                for i in range(i0, i1):
+                    eta = eta0[i]
+                    for c in range(q):
+                        eta += V[i, c] * uk[kk, c]
+                    l, d1, lt = row_l_d1(fam, link, y[i], ntr[i], w[i], eta, tau)
+                    Gk += l
+                    lt_node += lt
+                    d1s[i - i0, kk] = d1
+                    for c in range(q):
+                        svk[kk, c] += d1 * V[i, c]
                 ltk[kk] = lt_node
                 f = logw[kk] + Gk + norm2
                 for c in range(q):
@@ -583,33 +648,47 @@ def _block_kernel(
                         for e in range(q):
                             acc += LHi[e, c] * tmp[d, e]
                         dA[k, c, d] = -sqrt2 * acc
+            # posterior weights of the nodes
             for kk in range(K):
-                pk = fk[kk] / ssum
+                fk[kk] = fk[kk] / ssum
+            # sum_k pi_k T(u_k) s_k from one pass: x-part sum_i x_i sum_k pi_k d1_ik,
+            # theta (a, b) part sum_i z_ia sum_k pi_k u_kb d1_ik
+            sx[:] = 0.0
+            szb[:, :] = 0.0
+            for i in range(i0, i1):
+                dbar = 0.0
+                for c in range(q):
+                    dub[c] = 0.0
+                for kk in range(K):
+                    wd = fk[kk] * d1s[i - i0, kk]
+                    dbar += wd
+                    for c in range(q):
+                        dub[c] += wd * uk[kk, c]
+                for a in range(p):
+                    sx[a] += dbar * X[i, a]
+                for a in range(q):
+                    za = Z[i, a]
+                    for c in range(q):
+                        szb[a, c] += za * dub[c]
+            for k in range(p):
+                grad[k] += sx[k]
+            for j in range(nth):
+                grad[p + j] += szb[pat_r[j], pat_c[j]]
+            # sum_k pi_k g_u(u_k)' (du + dA t_k),  g_u(u_k) = sum_i d1_ik v_i - u_k
+            for kk in range(K):
+                pk = fk[kk]
                 if pk == 0.0:
                     continue
-                # T(u_k)
-                for j in range(nth):
-                    T[p + j, p + pat_r[j]] = uk[kk, pat_c[j]]
-                # g_u(u_k) = E s_k - u_k
-                for c in range(q):
-                    acc = -uk[kk, c]
-                    for a in range(m):
-                        acc += E[c, a] * sk[kk, a]
-                    r[c] = acc  # reuse r[:q] as g_u
                 for k in range(P):
                     acc = 0.0
-                    for a in range(m):
-                        acc += T[k, a] * sk[kk, a]
                     for c in range(q):
                         mv = du[c, k]
                         for d in range(q):
                             mv += dA[k, c, d] * nodes[kk, d]
-                        acc += r[c] * mv
+                        acc += (svk[kk, c] - uk[kk, c]) * mv
                     grad[k] += pk * acc
                 if has_disp:
                     grad[itau] += pk * ltk[kk]
-            for j in range(nth):
-                T[p + j, p + pat_r[j]] = u[pat_c[j]]
 
         if want_hess:
             # exact Hessian of h(u_hat(psi), psi): -T Sw T' + g_psi,u H^-1 g_u,psi
@@ -722,7 +801,6 @@ def _posterior_kernel(
     K = nodes.shape[0]
     sqrt2 = math.sqrt(2.0)
     u = np.empty(q)
-    g = np.empty(q)
     H = np.empty((q, q))
     LH = np.empty((q, q))
     Hi = np.empty((q, q))
@@ -734,8 +812,7 @@ def _posterior_kernel(
         i1 = gptr[grp + 1]
         for c in range(q):
             u[c] = u_init[grp, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau)
-        _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g, H)
+        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H)
         for c in range(q):
             for d in range(q):
                 Hi[c, d] = 1.0 if c == d else 0.0
