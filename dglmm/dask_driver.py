@@ -35,7 +35,6 @@ import glob
 import heapq
 import json
 import os
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
@@ -1032,20 +1031,3 @@ def _as_prepared(data: Any) -> PreparedData | None:
         if is_prepared(data):
             return read_prepared(data)
     return None
-
-
-def wait_for_workers(handle: ClusterHandle, n: int, timeout: float = 60) -> None:
-    """Block until ``n`` workers are connected.
-
-    Raises
-    ------
-    ClusterError
-        Fewer than ``n`` workers after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while handle.n_workers < n:
-        if time.monotonic() > deadline:
-            raise ClusterError(
-                f"only {handle.n_workers} of {n} Dask workers connected after {timeout:.0f} s"
-            )
-        time.sleep(0.1)
