@@ -714,6 +714,14 @@ def _kernel_task(
     return results
 
 
+def _random_effects_task(
+    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any
+) -> pd.DataFrame:
+    from dglmm.api import random_effects_frame
+
+    return random_effects_frame(entry[0], params, model, spec.random_columns, spec.group)
+
+
 def _sum_task(*lists: list[Any]) -> list[Any]:
     total = list(lists[0])
     for other in lists[1:]:
@@ -788,8 +796,10 @@ class DaskEvaluator:
         self._blocks: list = []
         self._stats: list[_BlockStats] = []
         self._prepared_rows: list[int] | None = None
+        self._sources: list[str] = []
         if isinstance(data, PreparedData):
             self._prepared_rows = list(data.metadata["rows_per_file"])
+            self._sources = list(data.metadata["files"])
             ddf = data.to_dask(columns)
         else:
             ddf = load_data(data, columns)
@@ -878,6 +888,31 @@ class DaskEvaluator:
     def partition_rows(self) -> list[int]:
         """Rows of each partition before the builder dropped any."""
         return [s.n_rows_in for s in self._stats]
+
+    @property
+    def n_workers(self) -> int:
+        return self.handle.n_workers
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records about the input: counts and prepared file names."""
+        return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self._sources}
+
+    def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
+        """Per-group random-effect predictions (``dglmm.api.random_effects_frame``).
+
+        One row per group: computed on the workers, gathered here (n_groups rows), and
+        written to the Parquet file ``output`` when given.
+        """
+        params = np.array(params, dtype=np.float64, copy=True)
+        tasks = [
+            self.client.submit(_random_effects_task, entry, params, self.model, self.spec,
+                               pure=False, retries=self.retries)
+            for entry in self._blocks
+        ]  # fmt: skip
+        table = pd.concat(self.client.gather(tasks), ignore_index=True)
+        if output is not None:
+            table.to_parquet(output, index=False)
+        return table
 
     # -- evaluation ------------------------------------------------------------------------
 

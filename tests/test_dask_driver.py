@@ -527,7 +527,8 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
     fam = get_family("poisson")
     spec = learn_spec(formula, df)
     model = _kernel_model(spec, fam, 1)
-    local = InProcessEvaluator([build_block(spec, df, check_response=fam.check_response)], model)
+    block = build_block(spec, df, check_response=fam.check_response)
+    local = InProcessEvaluator([block], model, spec)
     params = [np.array([0.3, 0.5, 0.0, 0.1, 0.4]), np.array([0.2, 0.4, -0.1, 0.0, 0.6])]
     want = local.evaluate(params, hessian=True)
 
@@ -541,6 +542,16 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
             assert dspec == spec and ev.n_groups == n_groups and ev.n_obs == n
             assert ev.n_partitions == (4 if data is df else 3)
             got = ev.evaluate(params, hessian=True)
+            re = ev.random_effects(params[0], output=str(tmp_path / "re.parquet"))
+            assert ev.fingerprint()["n_groups"] == n_groups and ev.n_workers == 2
+        assert len(pd.read_parquet(tmp_path / "re.parquet")) == n_groups
+        want_re = InProcessEvaluator([block], model, spec).random_effects(params[0])
+        assert list(re.columns) == list(want_re.columns)
+        pd.testing.assert_frame_equal(
+            re.sort_values("g").reset_index(drop=True),
+            want_re.sort_values("g").reset_index(drop=True),
+            check_dtype=False, rtol=1e-8,
+        )  # fmt: skip
         for a, w in zip(got, want, strict=True):
             np.testing.assert_allclose(a.loglik, w.loglik, rtol=1e-10)
             np.testing.assert_allclose(a.gradient, w.gradient, rtol=1e-8, atol=1e-8)
