@@ -198,9 +198,10 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     if hessian:
         # beta-beta block of -sum_g T Sw T' is -X' diag(w) X over the whole block
         p = model.p
-        for start in range(0, X.shape[0], _CHUNK_ROWS):
-            Xc = X[start : start + _CHUNK_ROWS]
-            hess[:p, :p] -= Xc.T @ (Xc * wrow[start : start + _CHUNK_ROWS, None])
+        with np.errstate(all="ignore"):  # a wild trial step may overflow: loglik shows it
+            for start in range(0, X.shape[0], _CHUNK_ROWS):
+                Xc = X[start : start + _CHUNK_ROWS]
+                hess[:p, :p] -= Xc.T @ (Xc * wrow[start : start + _CHUNK_ROWS, None])
     loglik += block_constant(block, model.family_code)
     return BlockResult(
         loglik=float(loglik),

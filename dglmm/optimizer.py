@@ -150,7 +150,7 @@ def newton_direction(gradient: np.ndarray, hessian: np.ndarray) -> tuple[np.ndar
 def _converged(state: NewtonState, decrement: float, settings: NewtonSettings) -> bool:
     g = state.gradient
     scaled = np.max(np.abs(g) * np.maximum(1.0, np.abs(state.params)), initial=0.0)
-    return decrement < settings.tol and scaled / max(1.0, abs(state.loglik)) < settings.gtol
+    return bool(decrement < settings.tol and scaled / max(1.0, abs(state.loglik)) < settings.gtol)
 
 
 def maximize(
@@ -210,7 +210,7 @@ def maximize(
         if chosen is None:
             # No uphill progress along the direction: the objective is flat to
             # rounding error here.  Judge convergence on the gradient alone.
-            g_ok = _converged(masked, 0.0, settings)
+            g_ok = bool(_converged(masked, 0.0, settings))
             state.converged = g_ok
             state.message = (
                 "converged: no further improvement possible and the gradient is small"

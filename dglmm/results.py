@@ -217,8 +217,9 @@ class FitResult:
         }
 
     def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
-        """Serialise to JSON text; also write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, default=_num)
+        """Serialise to standard JSON text (non-finite numbers become null); also
+        write it to ``path`` when given."""
+        text = json.dumps(_finite(self.to_dict()), indent=indent, default=_num, allow_nan=False)
         if path is not None:
             if "://" in path and not path.startswith("file://"):
                 import fsspec
@@ -277,6 +278,15 @@ class FitResult:
                 with open(text_or_path.removeprefix("file://")) as fh:
                     text = fh.read()
         return cls.from_dict(json.loads(text))
+
+
+def _finite(obj):
+    """Replace non-finite floats (anywhere in nested dicts/lists) by None."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return _num(obj)
 
 
 def _num(v):

@@ -130,12 +130,6 @@ def _strict_loads(text):
     return json.loads(text, parse_constant=reject)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG results.py to_dict/to_json: NaN in fit_log (the first record's 'decrement' is "
-    "always NaN) is written as the bare token NaN, which is not valid JSON (RFC 8259); only the "
-    "fixed-effects table goes through _num (NaN -> null)",
-)
 def test_to_json_is_standard_json():
     r = make_result()  # fit_log[0]["decrement"] is NaN, as in every real fit
     _strict_loads(r.to_json())
