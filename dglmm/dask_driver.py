@@ -270,6 +270,16 @@ def _is_compressed(path: str) -> bool:
     return path.lower().endswith(_COMPRESSION_SUFFIXES)
 
 
+_DATA_SUFFIXES = (".parquet", ".parq", ".pq", ".csv", ".tsv", ".txt")
+
+
+def _is_data_file(path: str) -> bool:
+    p = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        p = p.removesuffix(suffix)
+    return p.endswith(_DATA_SUFFIXES)
+
+
 def _kind(path: str) -> str:
     p = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
@@ -301,6 +311,9 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
                 for f in os.listdir(p)
                 if not f.startswith(("_", ".")) and os.path.isfile(os.path.join(p, f))
             )
+            # side files (a JSON of metadata, a README, ...) next to the data are ignored
+            data_files = [f for f in inside if _is_data_file(f)]
+            inside = data_files or inside
             if not inside:
                 raise DataError(f"the directory {p!r} holds no data files")
             files.extend(inside)

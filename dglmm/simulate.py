@@ -433,7 +433,7 @@ def simulate_to_parquet(
       ``<out>.truth.json`` (e.g. ``calls.parquet.truth.json``).
     * otherwise ``out`` is a directory holding ``part-00000.parquet``, ``part-00001.parquet``,
       ... (``n_files = max(1, ceil(n_subscribers * calls_per_subscriber / rows_per_file))``,
-      about ``rows_per_file`` rows each) and ``truth.json``.
+      about ``rows_per_file`` rows each) and ``_truth.json``.
 
     Each chunk of ``chunk_subscribers`` subscribers (rounded up to a multiple of
     :data:`BLOCK_SUBSCRIBERS`) is generated, its rows shuffled and split evenly over all files,
@@ -451,11 +451,11 @@ def simulate_to_parquet(
     directory ``out``, which readers treat as one data set.
 
     Reading back: ``dask.dataframe.read_parquet(out)`` reads the directory (it skips
-    ``truth.json``); ``pandas.read_parquet``/``pyarrow`` need the part files, e.g.
+    ``_truth.json``); ``pandas.read_parquet``/``pyarrow`` need the part files, e.g.
     ``sorted(Path(out).glob("part-*.parquet"))``, because they refuse the non-Parquet
-    ``truth.json``.
+    ``_truth.json``.
 
-    An existing output (the single file, or ``part-*.parquet``/``truth.json`` in the directory)
+    An existing output (the single file, or ``part-*.parquet``/``_truth.json`` in the directory)
     raises ``FileExistsError`` unless ``overwrite=True``, which first removes those files.
 
     Returns the truth dictionary (as written to the JSON file), with the output ``files`` added.
@@ -477,7 +477,7 @@ def simulate_to_parquet(
         paths = [out]
         stale = [p for p in (out, truth_path) if p.exists()]
     else:
-        truth_path = out / "truth.json"
+        truth_path = out / "_truth.json"
         n_files = max(1, math.ceil(n_subscribers * cfg.calls_per_subscriber / int(rows_per_file)))
         paths = [out / f"part-{i:05d}.parquet" for i in range(n_files)]
         stale = sorted(out.glob("part-*.parquet")) + ([truth_path] if truth_path.exists() else [])

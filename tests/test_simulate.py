@@ -197,7 +197,7 @@ def test_parquet_directory_chunks(tmp_path, monkeypatch):
     )
     n_files = int(np.ceil(5_000 * 20 / 30_000))
     assert truth["files"] == [f"part-{i:05d}.parquet" for i in range(n_files)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(truth["files"] + ["truth.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(truth["files"] + ["_truth.json"])
     # generated in several bounded chunks
     assert len(chunk_rows) == 5 and sum(chunk_rows) == truth["n_rows"]
     assert max(chunk_rows) < truth["n_rows"] / 3
@@ -209,7 +209,7 @@ def test_parquet_directory_chunks(tmp_path, monkeypatch):
     ]
     assert len(set.intersection(*per_file)) > 100
 
-    on_disk = json.loads((out / "truth.json").read_text())
+    on_disk = json.loads((out / "_truth.json").read_text())
     assert on_disk == json.loads(json.dumps(truth))
     df = _read_dir(out)
     assert len(df) == truth["n_rows"] == on_disk["n_rows"]
