@@ -232,7 +232,7 @@ def test_parquet_directory_chunks(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         simulate_to_parquet(out, 100)
     truth2 = simulate_to_parquet(out, 100, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "truth.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_truth.json", "part-00000.parquet"]
     assert len(_read_dir(out)) == truth2["n_rows"]
 
 
