@@ -674,3 +674,83 @@ def build_block(
         group_keys=group_keys,
         n_dropped=n_dropped,
     )
+
+
+# ---------------------------------------------------------------------------
+# designs for prediction
+
+
+def build_design(
+    spec: ModelSpec,
+    df: pd.DataFrame,
+    *,
+    missing: str = "error",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed and random designs of ``df`` for prediction, rows in input order.
+
+    Unlike :func:`build_block`, the response, trials and weights columns are not
+    needed, the rows are not sorted by group and groups need not be whole.
+
+    Args:
+        spec: the model spec of a fit.
+        df: the rows to predict.
+        missing: ``"error"`` raises DataError for rows with missing or non-finite
+            values in the columns the design reads; ``"nan"`` gives such rows NaN
+            designs (and NaN predictions).
+
+    Returns:
+        ``(X, Z, offset, group_keys)``: X (n, p) and Z (n, q) float64 in the
+        spec's column order, offset (n,) float64 (zeros without an offset), and
+        the group key of each row (n,) (all ``None`` when ``df`` lacks the group
+        column: every row is then a new group).
+
+    Raises:
+        DataError: a needed column is missing, a categorical value was not seen
+            when the model was fitted, text in a numeric column, missing values
+            with ``missing="error"``.
+        SpecificationError: invalid ``missing``.
+    """
+    if missing not in ("error", "nan"):
+        raise SpecificationError(f'missing must be "error" or "nan", got {missing!r}')
+    parsed = spec.parsed
+    used = set(_formula_columns(parsed))
+    needed = [c for c in spec.columns if (c in used or c == spec.offset) and c != spec.response]
+    _check_columns(df, needed)
+    n = len(df)
+    frame = _prepare(spec.levels, df[needed], [c for c in needed if c not in spec.levels])
+    bad = np.zeros(n, dtype=bool)
+    problems: list[str] = []
+    for name in needed:
+        col_bad = _bad_mask(df[name] if name in spec.levels else frame[name])
+        if col_bad.any():
+            problems.append(f"column {name!r} has {int(col_bad.sum())} missing or infinite values")
+            bad |= col_bad
+    if missing == "error" and bad.any():
+        raise DataError(f'{"; ".join(problems)} (of {n} rows); clean them or pass missing="nan"')
+    X = np.full((n, spec.p), np.nan)
+    Z = np.full((n, spec.q), np.nan)
+    good = ~bad
+    if good.any():
+        sub = frame.loc[good] if bad.any() else frame
+        Xg, fixed_names = _design(parsed.fixed, sub)
+        Zg, random_names, _ = _random_design(parsed, sub)
+        if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
+            raise DataError(
+                f"design columns {fixed_names} / {random_names} differ from the model spec "
+                f"{spec.fixed_columns} / {spec.random_columns}"
+            )
+        X[good] = Xg
+        Z[good] = Zg
+    if missing == "error":
+        bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
+        if bad_design.any():
+            raise DataError(
+                f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
+                '(e.g. np.log of 0); clean them or pass missing="nan"'
+            )
+    offset = _column_or(frame, spec.offset, 0.0)
+    if spec.group in df.columns:
+        keys = df[spec.group].to_numpy()
+    else:
+        keys = np.full(n, None, dtype=object)
+    return np.ascontiguousarray(X), np.ascontiguousarray(Z), offset, keys
