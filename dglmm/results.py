@@ -279,6 +279,66 @@ class FitResult:
                     text = fh.read()
         return cls.from_dict(json.loads(text))
 
+    # -------------------------------------------------------------- random effects
+
+    def random_effects_table(
+        self, data, *, output: str | None = None, client="in-process", **fit_kwargs
+    ) -> pd.DataFrame:
+        """Per-group random-effect predictions recomputed from ``data`` with the fitted
+        parameters (the table ``dglmm.fit(..., random_effects=)`` writes).
+
+        One row per group: the group key and, per term, ``<term>_mode``,
+        ``<term>_mode_sd``, ``<term>_mean``, ``<term>_sd``.  ``client`` is as in
+        :func:`dglmm.fit` (``"in-process"``, a ``distributed.Client``, a scheduler
+        address, or None for an embedded local cluster); ``fit_kwargs`` takes
+        ``missing``, ``storage_options``, ``scheduler``, ``scheduler_file``,
+        ``n_workers`` and ``npartitions``.  Written as Parquet to ``output`` when given.
+        """
+        from .api import IN_PROCESS, InProcessEvaluator, _kernel_model, _read_pandas
+        from .design import ModelSpec, build_block
+        from .errors import SpecificationError
+        from .families import get_family
+
+        known = {"missing", "storage_options", "scheduler", "scheduler_file", "n_workers",
+                 "npartitions"}  # fmt: skip
+        unknown = sorted(set(fit_kwargs) - known)
+        if unknown:
+            raise SpecificationError(f"random_effects_table() got unknown arguments {unknown}")
+        if not self.spec:
+            raise SpecificationError("this result has no model spec (written by an old dglmm)")
+        spec = ModelSpec.from_dict(self.spec)
+        fam = get_family(self.family, self.link)
+        model = _kernel_model(spec, fam, self.n_agq)
+        params = np.asarray(self.params, dtype=np.float64)
+        missing = fit_kwargs.get("missing", "error")
+        storage_options = fit_kwargs.get("storage_options")
+        if client == IN_PROCESS or client is False:
+            df = _read_pandas(data, storage_options)
+            block = build_block(spec, df, missing=missing, check_response=fam.check_response)
+            return InProcessEvaluator([block], model, spec).random_effects(params, output)
+        from . import dask_driver
+
+        with dask_driver.connect(
+            client=client, scheduler=fit_kwargs.get("scheduler"),
+            scheduler_file=fit_kwargs.get("scheduler_file"), n_workers=fit_kwargs.get("n_workers"),
+        ) as handle:  # fmt: skip
+            columns = list(spec.columns)
+            prepared = dask_driver._as_prepared(data)
+            if prepared is not None and prepared.group == spec.group:
+                source, group = prepared, None
+            else:
+                source = dask_driver.load_data(data, columns, storage_options=storage_options)
+                group = spec.group
+            evaluator = dask_driver.DaskEvaluator(
+                handle, source, spec, model, check_response=fam.check_response,
+                missing=missing, group=group, npartitions=fit_kwargs.get("npartitions"),
+                columns=columns,
+            )  # fmt: skip
+            try:
+                return evaluator.random_effects(params, output)
+            finally:
+                evaluator.close()
+
 
 def _finite(obj):
     """Replace non-finite floats (anywhere in nested dicts/lists) by None."""
