@@ -337,6 +337,7 @@ def fit_model(
             })  # fmt: skip
 
     # ---- stage 1: GLM (random effects off)
+    hess0_for_scale = None
     if saved is not None and saved["stage"] == "full":
         glm_state = None
         state = NewtonState.from_dict(saved["state"])
@@ -344,13 +345,16 @@ def fit_model(
         if saved is not None:
             glm_state = NewtonState.from_dict(saved["state"])
         else:
-            x0 = _glm_start(evaluate, layout, fam, P)
+            x0, hess0 = _glm_start(evaluate, layout, fam, P)
+            hess0_for_scale = hess0
+            _check_rank(hess0[: layout.p, : layout.p], spec.fixed_columns)
             glm_state = NewtonState(params=x0)
         active = np.ones(P, dtype=bool)
         active[layout.theta] = False
-        glm_state = maximize(evaluate, glm_state, settings, active=active, stage="glm",
+        # the GLM stage only provides starting values: a loose tolerance is enough
+        glm_settings = NewtonSettings(max_iter=max_iter, tol=1e-3, gtol=1e-3)
+        glm_state = maximize(evaluate, glm_state, glm_settings, active=active, stage="glm",
                              callback=lambda s: save("glm", s))  # fmt: skip
-        _check_rank(glm_state.hessian[: layout.p, : layout.p], spec.fixed_columns)
         # ---- stage 2: all parameters
         x1 = glm_state.params.copy()
         x1[layout.theta] = _theta_start(glm_state, spec, layout, fam)
@@ -381,6 +385,14 @@ def fit_model(
             f"the fit did not converge ({state.message}); last max |gradient| "
             f"{np.max(np.abs(state.gradient)):.3g}; the estimates are the best found"
         )
+    if saved is None or saved["stage"] != "full":
+        sep = _separated_columns(params, vcov, hess0_for_scale, spec, fam, layout)
+        if sep:
+            warn_msgs.append(
+                f"possible complete separation: the response is (almost) perfectly predicted by "
+                f"{', '.join(sep)}; their estimates and standard errors are not meaningful "
+                "(remove or regroup them, or use a penalised model)"
+            )
     if not info_ok:
         warn_msgs.append("the observed information is not positive definite; standard "
                          "errors are unreliable")  # fmt: skip
@@ -425,23 +437,21 @@ def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str) ->
             )
 
 
-def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> np.ndarray:
+def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> tuple[np.ndarray, np.ndarray]:
     """Intercept (and log sigma) from one evaluation at zero; the rest zero.
 
     At ``beta = 0, L = 0`` (and ``log sigma = 0``) the gradient and Hessian of the
-    intercept give the response totals needed for the intercept-only GLM.
+    intercept give the response totals needed for the intercept-only GLM.  Returns
+    the start and the Hessian at zero (``-X'W0X`` with constant weights ``W0``,
+    used for the rank check and to scale the columns).
     """
     x0 = np.zeros(P)
     (res,) = evaluate([x0], True)
     g, h = res.gradient, res.hessian
     n = res.n_obs
-    # the intercept is the first fixed column when present
-    intercept = 0 if layout.p > 0 and h is not None else None
-    if intercept is None:
-        return x0
+    if layout.p == 0 or -h[0, 0] <= 0:
+        return x0, h
     h00 = -h[0, 0]
-    if h00 <= 0:
-        return x0
     if fam.code == FAMILY_BINOMIAL and fam.link.name == "logit":
         total = 4.0 * h00  # sum of trials * weights
         mean = min(max((g[0] + total / 2.0) / total, 1e-6), 1 - 1e-6)
@@ -457,7 +467,7 @@ def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> np.ndarray:
         ey2 = (g[-1] + n) / wsum
         x0[0] = mean
         x0[-1] = 0.5 * math.log(max(ey2 - mean * mean, 1e-12))
-    return x0
+    return x0, h
 
 
 def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: Family):
@@ -478,6 +488,34 @@ def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: 
                 scale = math.sqrt(h[k, k] / base)
         theta[j] = 0.5 * sigma / max(scale, 1e-8)
     return theta
+
+
+def _separated_columns(params, vcov, hess0, spec, fam: Family, layout: _Layout) -> list[str]:
+    """Fixed-effect columns whose effect has run off to (practically) infinity.
+
+    With complete separation the estimate of a binary-response model grows until
+    the fitted probabilities are 0 or 1 and its standard error explodes.  A column
+    is flagged when its effect per root-mean-square unit of the column exceeds 10
+    on the linear-predictor scale (odds ratio e^10) or its standard error exceeds
+    50 in those units.
+    """
+    if fam.code == FAMILY_GAUSSIAN or hess0 is None or layout.p == 0:
+        return []
+    d = np.abs(np.diag(hess0)[: layout.p])
+    if d[0] <= 0:
+        return []
+    rms = np.sqrt(d / d[0])  # column rms relative to the intercept column
+    se = np.sqrt(np.maximum(np.diag(vcov)[: layout.p], 0.0))
+    beta = params[: layout.p]
+    names = list(spec.fixed_columns)
+    not_intercept = np.array([n != "Intercept" for n in names])
+    for flagged in (np.abs(beta) * rms > 10.0, se * rms > 50.0):
+        cols = [names[k] for k in np.flatnonzero(flagged & not_intercept)]
+        if cols:
+            return cols
+        if flagged[~not_intercept].any():
+            return ["Intercept (all responses are 0, or all are at the maximum)"]
+    return []
 
 
 def _check_rank(neg_xwx: np.ndarray, names: Sequence[str]) -> None:

@@ -45,7 +45,7 @@ class NewtonSettings:
     """
 
     max_iter: int = 100
-    tol: float = 1e-10
+    tol: float = 1e-8
     gtol: float = 1e-5
 
 

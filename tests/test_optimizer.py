@@ -197,7 +197,7 @@ def test_nan_trials_are_rejected():
     ev = FakeEvaluator(f, lambda x: np.array([-2 * (x[0] - 0.4)]), lambda x: np.array([[-0.2]]))
     state = maximize(ev, NewtonState(params=np.array([0.0])), NewtonSettings())
     assert state.converged and math.isfinite(state.loglik)
-    assert state.params[0] == pytest.approx(0.4, abs=1e-6)
+    assert state.params[0] == pytest.approx(0.4, abs=1e-4)
 
 
 def test_newton_direction_and_fd_hessian():
