@@ -12,6 +12,7 @@ The public :func:`fit` is a thin chain of steps a user can also run one by one:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from .optimizer import (
     read_checkpoint,
     write_checkpoint,
 )
+from .progress import Progress, _in_notebook, _isatty
 from .results import FitResult, wald_table
 
 IN_PROCESS = "in-process"
@@ -188,7 +190,7 @@ def fit(
     fam = get_family(family, link)
     n_agq = _check_n_agq(n_agq)
     if progress is None:
-        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        progress = _isatty(sys.stderr) or _in_notebook()
     if client == IN_PROCESS or client is False:
         df = _read_pandas(data, storage_options)
         spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
@@ -200,6 +202,8 @@ def fit(
                          progress=progress, random_effects=random_effects)  # fmt: skip
     from . import dask_driver
 
+    # the scheduler of an embedded cluster logs every shuffle at WARNING level
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
     with dask_driver.connect(
         client=client, scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers
     ) as handle:
@@ -324,12 +328,10 @@ def fit_model(
     if saved is not None:
         _check_resume(saved, model_key, fingerprint, checkpoint)
 
+    reporter = Progress(bool(progress), tol=settings.tol)
+
     def save(stage: str, state: NewtonState) -> None:
-        if progress:
-            h = state.history[-1]
-            print(f"dglmm: [{stage}] iter {h.iteration:3d}  loglik {h.loglik:.6f}  "
-                  f"max|grad| {h.max_abs_grad:.3e}  step {h.step:.3g}  {h.seconds:.2f}s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        reporter.iteration(stage, state.history[-1])
         if checkpoint:
             write_checkpoint(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "stage": stage, "model": model_key,
@@ -364,6 +366,7 @@ def fit_model(
         )  # fmt: skip
     state = maximize(evaluate, state, settings, stage="full",
                      callback=lambda s: save("full", s))  # fmt: skip
+    reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.cov_pattern, layout)
 
     # ---- observed information by central differences of the exact gradient
