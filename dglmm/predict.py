@@ -1,0 +1,373 @@
+"""Predictions from a fitted model: population, marginal, and conditional on known groups.
+
+For each input row, with ``x`` and ``z`` its fixed and random design rows::
+
+    population   eta = x'beta + offset                      mu = g^-1(eta)
+    marginal     eta = x'beta + offset  (the mean over b)   mu = E_b[g^-1(eta + z'b)],
+                                                                  b ~ N(0, Sigma)
+    conditional  eta = x'beta + offset + z'b_j              mu = g^-1(eta)
+
+``b_j`` is the posterior mean of group j's random effects (``<term>_mean``; the
+conditional mode ``<term>_mode`` when the table has no means) from a random-effects
+table written by ``dglmm fit --random-effects`` / ``dglmm.fit(random_effects=)`` /
+:meth:`FitResult.random_effects_table`.  Groups not in the table (new subscribers)
+are predicted at the population level (or marginally, ``new_groups="marginal"``)
+and flagged in the boolean column ``new_group``.
+
+The marginal mean uses ``s^2 = z'Sigma z``: exact for the log link
+(``exp(eta + s^2/2)``), the probit link (``Phi(eta / sqrt(1 + s^2))``) and the
+identity link; a 20-node Gauss-Hermite rule for logit and cloglog.
+
+Pandas frames and single CSV/Parquet files are predicted in this process; a Dask
+DataFrame, a directory or a glob partition by partition (``map_partitions``),
+never collected whole: :func:`predict` then returns a lazy Dask DataFrame and
+:func:`predict_to_parquet` writes a Parquet directory.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .design import ModelSpec, build_design
+from .errors import DataError, SpecificationError
+from .families import get_link
+from .results import FitResult
+
+__all__ = ["GH_NODES", "load_random_effects", "predict", "predict_to_parquet"]
+
+#: Gauss-Hermite nodes of the marginal mean for the logit and cloglog links.
+GH_NODES = 20
+
+_TYPES = ("response", "link")
+_RE_FORMS = ("conditional", "population", "marginal")
+_NEW_GROUPS = ("population", "marginal")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _as_result(result: FitResult | str | os.PathLike) -> FitResult:
+    if isinstance(result, FitResult):
+        return result
+    if isinstance(result, (str, os.PathLike)):
+        path = os.fspath(result)
+        if not path.lstrip().startswith("{") and "://" not in path and not os.path.exists(path):
+            raise DataError(f"result file {path!r} does not exist")
+        return FitResult.from_json(path)
+    raise SpecificationError(
+        f"result must be a FitResult or the path of its JSON, not {type(result).__name__}"
+    )
+
+
+def _is_dask(data: Any) -> bool:
+    return hasattr(data, "map_partitions") and hasattr(data, "npartitions")
+
+
+def _is_partitioned_path(data: Any) -> bool:
+    if isinstance(data, (list, tuple)):
+        return True
+    if not isinstance(data, (str, os.PathLike)):
+        return False
+    path = os.fspath(data)
+    return _glob.has_magic(path) or os.path.isdir(path)
+
+
+def _read_frame(data: Any) -> pd.DataFrame:
+    """A pandas frame from a DataFrame or one CSV/Parquet file."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"data must be a DataFrame or a path, not {type(data).__name__}")
+    path = os.fspath(data)
+    if "://" not in path and not os.path.exists(path):
+        raise DataError(f"data path {path!r} does not exist")
+    try:
+        if path.endswith((".csv", ".csv.gz", ".txt", ".tsv")):
+            return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
+        raise DataError(f"cannot read {path!r} as CSV or Parquet: {exc}") from exc
+
+
+def load_random_effects(table: pd.DataFrame | str | os.PathLike, spec: ModelSpec):
+    """Group keys (G,) and random effects (G, q) from a random-effects table.
+
+    Uses the ``<term>_mean`` columns (posterior means), or ``<term>_mode`` when a
+    term has no mean column.
+
+    Raises:
+        DataError: the table cannot be read, lacks the group column or a term, or
+            lists a group twice.
+    """
+    if not isinstance(table, pd.DataFrame):
+        path = os.fspath(table)
+        if "://" not in path and not os.path.exists(path):
+            raise DataError(f"random-effects table {path!r} does not exist")
+        try:
+            table = pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot read the random-effects table {path!r}: {exc}") from exc
+    if spec.group not in table.columns:
+        raise DataError(
+            f"the random-effects table has no column {spec.group!r} (the model's group); "
+            f"its columns are {list(table.columns)[:8]}"
+        )
+    cols = []
+    for term in spec.random_columns:
+        for suffix in ("_mean", "_mode"):
+            if term + suffix in table.columns:
+                cols.append(term + suffix)
+                break
+        else:
+            raise DataError(
+                f"the random-effects table has neither {term + '_mean'!r} nor "
+                f"{term + '_mode'!r} for the model's random term {term!r}"
+            )
+    keys = table[spec.group]
+    if keys.duplicated().any():
+        dup = keys[keys.duplicated()].iloc[0]
+        raise DataError(
+            f"the random-effects table lists group {dup!r} more than once "
+            f"({int(keys.duplicated().sum())} duplicate rows)"
+        )
+    return keys.to_numpy(), table[cols].to_numpy(dtype=np.float64)
+
+
+def _check_options(type: str, re_form: str, new_groups: str) -> None:
+    for name, value, allowed in (
+        ("type", type, _TYPES),
+        ("re_form", re_form, _RE_FORMS),
+        ("new_groups", new_groups, _NEW_GROUPS),
+    ):
+        if value not in allowed:
+            raise SpecificationError(
+                f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def marginal_mean(eta: np.ndarray, var: np.ndarray, link: str) -> np.ndarray:
+    """``E[g^-1(eta + e)]`` for ``e ~ N(0, var)``, row by row."""
+    eta = np.asarray(eta, dtype=np.float64)
+    var = np.maximum(np.asarray(var, dtype=np.float64), 0.0)
+    lk = get_link(link)
+    if lk.name == "identity":
+        return eta.copy()
+    if lk.name == "log":
+        return np.exp(np.minimum(eta + var / 2.0, 700.0))
+    if lk.name == "probit":
+        return lk.inverse(eta / np.sqrt(1.0 + var))
+    x, w = np.polynomial.hermite.hermgauss(GH_NODES)
+    sd = np.sqrt(2.0 * var)
+    points = eta[:, None] + sd[:, None] * x[None, :]
+    return lk.inverse(points) @ (w / math.sqrt(math.pi))
+
+
+class _Predictor:
+    """Everything a partition needs: spec, beta, Sigma, link and the random-effects table."""
+
+    def __init__(self, result: FitResult, random_effects, type: str, re_form: str,
+                 new_groups: str, keep: Sequence[str], missing: str) -> None:  # fmt: skip
+        if not result.spec:
+            raise SpecificationError("the result has no model spec (written by an old dglmm)")
+        self.spec = ModelSpec.from_dict(result.spec)
+        self.beta = np.asarray(result.params, dtype=np.float64)[: self.spec.p]
+        self.sigma = np.asarray(result.random_effects[self.spec.group]["covariance"], float)
+        self.link = result.link
+        self.type, self.re_form, self.new_groups = type, re_form, new_groups
+        self.keep, self.missing = list(keep), missing
+        self.keys = self.b = None
+        if re_form == "conditional":
+            if random_effects is None:
+                raise SpecificationError(
+                    "conditional predictions need the random-effects table of the fit "
+                    "(random_effects=, written by dglmm fit --random-effects); or use "
+                    're_form="population" or "marginal"'
+                )
+            self.keys, self.b = load_random_effects(random_effects, self.spec)
+            self.index = pd.Index(self.keys)
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        spec = self.spec
+        missing_keep = [c for c in self.keep if c not in df.columns]
+        if missing_keep:
+            raise DataError(f"column {missing_keep[0]!r} (keep=) not found in the data")
+        n = len(df)
+        out: dict[str, Any] = {c: df[c].to_numpy() for c in self.keep}
+        if spec.group in df.columns and spec.group not in out:
+            out[spec.group] = df[spec.group].to_numpy()
+        if n == 0:
+            X = np.zeros((0, spec.p))
+            Z = np.zeros((0, spec.q))
+            offset = np.zeros(0)
+            keys = np.zeros(0, dtype=object)
+        else:
+            X, Z, offset, keys = build_design(spec, df, missing=self.missing)
+        eta_pop = X @ self.beta + offset
+        inv = get_link(self.link).inverse
+        if self.re_form == "population":
+            eta, mu = eta_pop, inv(eta_pop)
+        elif self.re_form == "marginal":
+            eta, mu = eta_pop, marginal_mean(eta_pop, self._var(Z), self.link)
+        else:
+            pos = self.index.get_indexer(keys) if n else np.zeros(0, dtype=np.int64)
+            known = pos >= 0
+            eta = eta_pop.copy()
+            eta[known] += np.einsum("ia,ia->i", Z[known], self.b[pos[known]])
+            mu = inv(eta)
+            new = ~known
+            if self.new_groups == "marginal" and new.any():
+                mu[new] = marginal_mean(eta_pop[new], self._var(Z[new]), self.link)
+            out["new_group"] = new
+        out["eta"] = eta
+        out["mu"] = mu
+        out["prediction"] = mu if self.type == "response" else eta
+        frame = pd.DataFrame(out, index=df.index)
+        cols = [*dict.fromkeys([*self.keep, *([spec.group] if spec.group in out else [])])]
+        rest = ["eta", "mu", "prediction"] + (["new_group"] if "new_group" in out else [])
+        return frame[cols + rest]
+
+    def _var(self, Z: np.ndarray) -> np.ndarray:
+        return np.einsum("ia,ab,ib->i", Z, self.sigma, Z)
+
+    def meta(self, df_meta: pd.DataFrame) -> pd.DataFrame:
+        """Empty frame with the output columns and dtypes (for Dask)."""
+        out: dict[str, Any] = {c: df_meta[c] for c in self.keep}
+        if self.spec.group in df_meta.columns and self.spec.group not in out:
+            out[self.spec.group] = df_meta[self.spec.group]
+        frame = pd.DataFrame(out, index=df_meta.index[:0])
+        frame = frame.iloc[:0]
+        for c in ("eta", "mu", "prediction"):
+            frame[c] = pd.Series(dtype=np.float64)
+        if self.re_form == "conditional":
+            frame["new_group"] = pd.Series(dtype=bool)
+        return frame
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def predict(
+    result: FitResult | str | os.PathLike,
+    data: Any,
+    *,
+    type: str = "response",
+    re_form: str = "conditional",
+    random_effects: pd.DataFrame | str | os.PathLike | None = None,
+    client: Any = "in-process",
+    new_groups: str = "population",
+    keep: Sequence[str] = (),
+    missing: str = "error",
+):
+    """Predict the linear predictor and the mean response for each row of ``data``.
+
+    Parameters
+    ----------
+    result : FitResult or str
+        A fit, or the path of its JSON (``dglmm fit --output``).
+    data : DataFrame, dask DataFrame or str
+        The rows to predict (the response column is not needed): a pandas frame or a
+        CSV/Parquet file (predicted here), or a Dask DataFrame, directory or glob
+        (predicted partition by partition; a lazy Dask DataFrame is returned).
+    type : {"response", "link"}
+        What the ``prediction`` column holds: ``mu`` or ``eta``.
+    re_form : {"conditional", "population", "marginal"}
+        Conditional on the groups' predicted random effects (needs
+        ``random_effects``), at the random effects' mean zero, or averaged over
+        the random-effects distribution.
+    random_effects : DataFrame or str
+        The random-effects table of the fit (DataFrame or Parquet/CSV path).
+    client :
+        Unused for pandas input; for Dask input kept for symmetry with
+        :func:`predict_to_parquet`, which computes there.
+    new_groups : {"population", "marginal"}
+        How rows of groups missing from the table are predicted (conditional only).
+    keep : sequence of str
+        Input columns copied to the output (e.g. a call id).
+    missing : {"error", "nan"}
+        Rows with missing predictor values: an error, or NaN predictions.
+
+    Returns
+    -------
+    DataFrame (dask DataFrame for Dask input)
+        Rows in input order with the input's index: the ``keep`` columns, the group
+        column (when the data have it), ``eta``, ``mu``, ``prediction`` and, for
+        conditional predictions, the boolean ``new_group``.
+
+    Raises
+    ------
+    DataError, SpecificationError
+    """
+    _check_options(type, re_form, new_groups)
+    del client  # computing happens where the caller computes the result
+    res = _as_result(result)
+    predictor = _Predictor(res, random_effects, type, re_form, new_groups, keep, missing)
+    if _is_dask(data) or _is_partitioned_path(data):
+        return _predict_dask(predictor, data)
+    return predictor(_read_frame(data))
+
+
+def _predict_dask(predictor: _Predictor, data: Any):
+    import dask
+
+    from .dask_driver import load_data
+
+    ddf = load_data(data)
+    meta = predictor.meta(ddf._meta)
+    fn = dask.delayed(predictor, pure=True)  # one copy of the table in the graph
+    return ddf.map_partitions(lambda part, f: f(part), fn, meta=meta)
+
+
+def predict_to_parquet(
+    result: FitResult | str | os.PathLike,
+    data: Any,
+    output: str | os.PathLike,
+    random_effects: pd.DataFrame | str | os.PathLike | None = None,
+    *,
+    re_form: str | None = None,
+    type: str = "response",
+    new_groups: str = "population",
+    keep: Sequence[str] = (),
+    missing: str = "error",
+    client: Any = "in-process",
+) -> int:
+    """Write predictions as Parquet and return the number of rows (``dglmm predict``).
+
+    ``re_form`` defaults to ``"conditional"`` with a random-effects table and to
+    ``"population"`` without one.  Pandas frames and single files give one Parquet
+    file ``output``; Dask DataFrames, directories and globs a Parquet directory
+    ``output`` with one file per partition, computed partition by partition with
+    Dask's local threads (``client="in-process"``) or on a Dask cluster
+    (``client=`` a ``distributed.Client`` or a scheduler address).
+    """
+    if re_form is None:
+        re_form = "population" if random_effects is None else "conditional"
+    output = os.fspath(output)
+    out = predict(result, data, type=type, re_form=re_form, random_effects=random_effects,
+                  new_groups=new_groups, keep=keep, missing=missing)  # fmt: skip
+    if isinstance(out, pd.DataFrame):
+        parent = os.path.dirname(output)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        out.to_parquet(output, index=False)
+        return len(out)
+    write = out.to_parquet(output, write_index=False, compute=False)
+    if client == "in-process" or client is False:
+        write.compute()
+    else:
+        from .dask_driver import connect
+
+        with connect(client=client) as handle:
+            handle.client.compute(write).result()
+    import pyarrow.dataset as ds
+
+    return int(ds.dataset(output, format="parquet").count_rows())
