@@ -98,7 +98,12 @@ def _cmd_fit(args) -> int:
         resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
         random_effects=args.random_effects,
     )  # fmt: skip
-    print(result.summary())
+    summary = result.summary()
+    print(summary)
+    n_dropped = int(getattr(result, "n_dropped", 0) or 0)
+    if n_dropped and "dropped" not in summary:
+        print(f"\nDropped {n_dropped} of {result.n_obs + n_dropped} rows with missing or "
+              "non-finite values (--missing drop).")  # fmt: skip
     if args.output:
         result.to_json(args.output)
         print(f"\nresult written to {args.output}", file=sys.stderr)
@@ -172,16 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     except (DglmmError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"dglmm: error: {exc}", file=sys.stderr)
+        print(f"dglmm: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - last line of defence for batch jobs
         if debug:
             traceback.print_exc()
         else:
-            print(f"dglmm: error: unexpected {type(exc).__name__}: {exc} "
+            print(f"dglmm: error: unexpected {type(exc).__name__}: {_one_line(exc)} "
                   "(run with --debug for the traceback and please report it)",
                   file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (readers and Dask put newlines in theirs)."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -247,6 +247,8 @@ def collect_levels(parsed: ParsedFormula, df: pd.DataFrame) -> dict[str, list]:
         if name not in df.columns or name == parsed.response:
             continue
         series = df[name]
+        if name not in wrapped:
+            _check_numbers_mixed_with_text(series, name)
         if _is_categorical(series, name in wrapped):
             out[name] = [_python_scalar(v) for v in pd.unique(series.dropna())]
     return out
@@ -296,11 +298,51 @@ def merge_levels(*dicts: Mapping[str, Iterable] | Iterable[Mapping[str, Iterable
 
 
 def _check_columns(df: pd.DataFrame, names: Sequence[str], what: str = "column") -> None:
-    """Raise DataError for the first of ``names`` missing from ``df``, with a suggestion."""
+    """Raise DataError for the first of ``names`` missing from ``df``, with a suggestion.
+
+    The message names the column, then either the closest column names ("did you
+    mean") or, when none is close, the columns the data do have.
+    """
     present = [str(c) for c in df.columns]
     for name in names:
         if name not in df.columns:
-            raise DataError(f"{what} {name!r} not found in the data{suggest(name, present)}")
+            same_but_case = [c for c in present if c.lower() == str(name).lower()]
+            if same_but_case:
+                hint = f" (did you mean {same_but_case[0]!r}?)"
+            else:
+                hint = suggest(name, present)
+            if not hint:
+                shown = ", ".join(repr(c) for c in present[:12])
+                more = f" and {len(present) - 12} more" if len(present) > 12 else ""
+                hint = f"; the data have the columns {shown}{more}" if present else ""
+            raise DataError(
+                f"{what} {name!r} not found in the data{hint}; fix the name in the formula "
+                "or options, or add the column"
+            )
+
+
+def _check_numbers_mixed_with_text(series: pd.Series, name: str) -> None:
+    """DataError for a text column whose values are mostly numbers (a typo in numeric data).
+
+    A CSV column with a stray ``"n/a"`` or ``"abc"`` in a numeric column is read as
+    text; without this check it would become a factor with one level per number.
+    """
+    dtype = series.dtype
+    if not (pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)):
+        return
+    present = series.dropna()
+    if len(present) == 0:
+        return
+    numbers = pd.to_numeric(present, errors="coerce")
+    text = numbers.isna().to_numpy()
+    n_text = int(text.sum())
+    if 0 < n_text <= len(present) - n_text:
+        examples = ", ".join(repr(v) for v in pd.unique(present[text])[:3])
+        raise DataError(
+            f"column {name!r} holds numbers but {n_text} of {len(series)} rows are text such as "
+            f"{examples}; fix or remove those rows (or write C({name}) in the formula if the "
+            "column is categorical)"
+        )
 
 
 def _to_numeric(series: pd.Series, name: str) -> pd.Series:
@@ -480,6 +522,8 @@ def learn_spec(
     df.head(SAMPLE_ROWS), ...)``.
     """
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    if len(df) == 0:
+        raise DataError("the data have no rows")
     levels = merge_levels([collect_levels(parsed, df)])
     return make_spec(
         parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights
@@ -544,7 +588,10 @@ def _drop_or_raise(bad: np.ndarray, problems: Sequence[str], n: int, missing: st
     """With ``missing="error"`` and any ``bad`` row, raise DataError listing ``problems``."""
     if missing == "error" and bad.any():
         details = "; ".join(problems)
-        raise DataError(f'{details} (of {n} rows); clean them or pass missing="drop"')
+        raise DataError(
+            f'{details} (of {n} rows); clean them, or pass missing="drop" (command line: '
+            "--missing drop) to drop those rows"
+        )
 
 
 def _group_order(keys: pd.Series) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -653,10 +700,14 @@ def build_block(
     weights = _column_or(frame, spec.weights, 1.0)
     if np.any(weights < 0):
         raise DataError(
-            f"weights column {spec.weights!r} has {int((weights < 0).sum())} negative values"
+            f"weights column {spec.weights!r} has {int((weights < 0).sum())} negative values "
+            f"(of {len(weights)} rows); prior weights must be >= 0"
         )
     if np.any(trials <= 0):
-        raise DataError(f"trials column {spec.trials!r} has {int((trials <= 0).sum())} values <= 0")
+        raise DataError(
+            f"trials column {spec.trials!r} has {int((trials <= 0).sum())} values <= 0 "
+            f"(of {len(trials)} rows); binomial trials must be positive whole numbers"
+        )
 
     order, group_ptr, group_keys = _group_order(frame[spec.group])
     if order is not None:
