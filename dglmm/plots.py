@@ -1,0 +1,237 @@
+"""Plots of a fit: caterpillar plots of the random effects and the convergence of the fit.
+
+matplotlib is optional (``pip install dglmm[plot]``) and imported only when a plot is
+drawn.  Figures are built with the object-oriented API on an Agg canvas, so drawing
+never needs a display and never changes the pyplot backend of the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, DglmmError
+from .results import FitResult
+
+__all__ = ["caterpillar_plot", "convergence_plot", "plot_result"]
+
+_STAGE_COLOURS = {"glm": "tab:orange", "full": "tab:blue"}
+
+
+def _matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - matplotlib is a test dependency
+        raise DglmmError(
+            "plotting needs matplotlib: install matplotlib (pip install dglmm[plot])"
+        ) from None
+    return Figure, FigureCanvasAgg
+
+
+def _new_axes(width: float, height: float, nrows: int = 1):
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 1, sharex=nrows > 1)
+    return fig, axes
+
+
+def _as_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    if isinstance(table, pd.DataFrame):
+        return table
+    path = os.fspath(table)
+    if not os.path.exists(path) and "://" not in path:
+        raise DataError(f"random-effects table {path!r} does not exist")
+    try:
+        return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot read the random-effects table {path!r}: {exc}") from exc
+
+
+def _as_result(result: FitResult | str | os.PathLike) -> FitResult:
+    if isinstance(result, FitResult):
+        return result
+    path = os.fspath(result)
+    if not path.lstrip().startswith("{") and "://" not in path and not os.path.exists(path):
+        raise DataError(f"result file {path!r} does not exist")
+    return FitResult.from_json(path)
+
+
+def table_terms(table: pd.DataFrame) -> list[str]:
+    """Random-effect terms of a table (columns ``<term>_mode`` or ``<term>_mean``)."""
+    terms = []
+    for c in table.columns:
+        m = re.fullmatch(r"(.+)_(mode|mean)", str(c))
+        if m and m.group(1) not in terms:
+            terms.append(m.group(1))
+    return terms
+
+
+def _group_column(table: pd.DataFrame) -> str:
+    measured = set()
+    for term in table_terms(table):
+        measured |= {f"{term}_{s}" for s in ("mode", "mode_sd", "mean", "sd")}
+    rest = [c for c in table.columns if c not in measured]
+    if not rest:
+        raise DataError("the random-effects table has no group column")
+    return str(rest[0])
+
+
+def caterpillar_plot(
+    table: pd.DataFrame | str | os.PathLike,
+    term: str,
+    ax: Any = None,
+    max_groups: int = 200,
+    *,
+    seed: int | None = None,
+):
+    """Caterpillar plot of one random-effect term: each group's prediction with a
+    +-1.96 sd interval, sorted by value.
+
+    Uses the posterior mean and sd (``<term>_mean``, ``<term>_sd``), or the
+    conditional mode and its sd when the table has no means.  With more than
+    ``max_groups`` groups, ``max_groups`` of them evenly spaced in the sorted order
+    are shown (a random sample with ``seed`` given), and the title says so.
+
+    Returns the matplotlib Axes (a new figure when ``ax`` is None).
+    """
+    table = _as_table(table)
+    if f"{term}_mean" in table.columns:
+        value, sd, what = f"{term}_mean", f"{term}_sd", "posterior mean"
+    elif f"{term}_mode" in table.columns:
+        value, sd, what = f"{term}_mode", f"{term}_mode_sd", "conditional mode"
+    else:
+        raise DataError(
+            f"the random-effects table has no term {term!r}; its terms are {table_terms(table)}"
+        )
+    if max_groups < 1:
+        raise DataError(f"max_groups must be positive, got {max_groups}")
+    group = _group_column(table)
+    order = np.argsort(table[value].to_numpy(), kind="stable")
+    n = len(order)
+    if n > max_groups:
+        if seed is None:
+            pick = np.unique(np.round(np.linspace(0, n - 1, max_groups)).astype(int))
+        else:
+            rng = np.random.default_rng(seed)
+            pick = np.sort(rng.choice(n, size=max_groups, replace=False))
+        order = order[pick]
+    shown = table.iloc[order]
+    k = len(shown)
+    if ax is None:
+        _, ax = _new_axes(7.0, min(max(3.0, 0.13 * k + 1.3), 40.0))
+    y = np.arange(k)
+    est = shown[value].to_numpy(dtype=float)
+    err = 1.96 * shown[sd].to_numpy(dtype=float) if sd in shown.columns else None
+    ax.errorbar(est, y, xerr=err, fmt="o", ms=3, lw=0.8, color="tab:blue",
+                ecolor="0.55", capsize=0)  # fmt: skip
+    ax.axvline(0.0, color="tab:red", lw=0.8, ls="--")
+    ax.set_ylim(-1, k)
+    if k <= 150:
+        ax.set_yticks(y)
+        ax.set_yticklabels([str(v) for v in shown[group]], fontsize=6 if k > 40 else 8)
+    else:
+        ax.set_yticks([])
+    ax.set_ylabel(group)
+    ax.set_xlabel(f"{term}: {what} \u00b1 1.96 sd")
+    title = f"Random effects of {group}: {term}"
+    if n > k:
+        how = "random sample" if seed is not None else "evenly spaced in rank"
+        title += f"\n{k} of {n:,} groups shown ({how})"
+    else:
+        title += f" ({n:,} groups)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return ax
+
+
+def convergence_plot(result: FitResult | str | os.PathLike, axes: Any = None):
+    """Log-likelihood and max |gradient| (log scale) per Newton iteration, coloured by
+    stage (``glm``: fixed effects only; ``full``: all parameters).
+
+    Returns the matplotlib Figure.
+    """
+    res = _as_result(result)
+    log = res.fit_log
+    if not log:
+        raise DataError("the result has no fit log")
+    it = np.array([h.get("iteration", i) for i, h in enumerate(log)], dtype=float)
+    ll = np.array([np.nan if h.get("loglik") is None else h["loglik"] for h in log], float)
+    grad = np.array([np.nan if h.get("max_abs_grad") is None else h["max_abs_grad"]
+                     for h in log], float)  # fmt: skip
+    stages = [str(h.get("stage", "")) for h in log]
+    if axes is None:
+        fig, axes = _new_axes(7.0, 5.5, nrows=2)
+    else:
+        fig = axes[0].figure
+    ax_ll, ax_g = axes
+    positive = np.where(grad > 0, grad, np.nan)
+    for stage in dict.fromkeys(stages):
+        sel = np.array([s == stage for s in stages])
+        colour = _STAGE_COLOURS.get(stage, "tab:green")
+        ax_ll.plot(it[sel], ll[sel], "o-", ms=4, color=colour, label=f"stage {stage}")
+        ax_g.semilogy(it[sel], positive[sel], "o-", ms=4, color=colour, label=f"stage {stage}")
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            x = it[i] - 0.5
+            for ax in axes:
+                ax.axvline(x, color="0.4", ls=":", lw=1)
+            ax_ll.annotate(
+                f"start of stage {stages[i]}", (x, 0.03), xycoords=("data", "axes fraction"),
+                xytext=(4, 0), textcoords="offset points", fontsize=8, color="0.3",
+            )  # fmt: skip
+    ax_ll.set_ylabel("log-likelihood")
+    ax_g.set_ylabel("max |gradient|")
+    ax_g.set_xlabel("Newton iteration")
+    status = "converged" if res.converged else "NOT converged"
+    ax_ll.set_title(
+        f"Convergence of the fit ({status}, {res.n_iterations} iterations, "
+        f"final logLik {res.loglik:.1f})",
+        fontsize=10,
+    )
+    ax_ll.legend(fontsize=8, loc="center right")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "term"
+
+
+def plot_result(
+    result_path: FitResult | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    random_effects: pd.DataFrame | str | os.PathLike | None = None,
+    *,
+    max_groups: int = 200,
+    dpi: int = 120,
+) -> list[str]:
+    """Write ``convergence.png`` and, given the random-effects table, one
+    ``caterpillar_<term>.png`` per random-effect term into ``output_dir``.
+
+    Returns the paths written (``dglmm plot``).
+    """
+    res = _as_result(result_path)
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    fig = convergence_plot(res)
+    path = os.path.join(out, "convergence.png")
+    fig.savefig(path, dpi=dpi)
+    paths.append(path)
+    if random_effects is not None:
+        table = _as_table(random_effects)
+        terms = res.random_effects[res.group]["terms"] if res.random_effects else []
+        for term in terms or table_terms(table):
+            ax = caterpillar_plot(table, term, max_groups=max_groups)
+            path = os.path.join(out, f"caterpillar_{_slug(term)}.png")
+            ax.figure.savefig(path, dpi=dpi)
+            paths.append(path)
+    return paths
