@@ -27,14 +27,31 @@ Blocks are persisted from a graph that reads the source (files, or the pandas fr
 the graph), so Dask rebuilds a block lost with its worker.  Evaluation tasks carry ``retries``;
 a ``KilledWorker`` or lost future triggers one rebuild and resubmission, and a second failure
 is a :class:`~dglmm.errors.ClusterError`.
+
+Warm starts and timing
+----------------------
+Each kernel task keeps the conditional modes of its block at the first parameter vector of the
+call on the block object itself (attribute ``_dglmm_modes``, in worker memory) and passes them
+as ``u_init`` next time; a rebuilt block has none and starts from zeros.  Each kernel task also
+times its kernel calls; the sums travel with the results, so
+:attr:`DaskEvaluator.last_kernel_seconds` (and the cumulative ``kernel_seconds``) separate the
+kernel's time from the Dask overhead of an evaluation (``last_wall_seconds`` minus it).
+
+Input fingerprint
+-----------------
+:func:`input_fingerprint` records what a checkpoint must find unchanged on resume: for files
+their absolute path, size, modification time and a hash of their last 64 KiB (the Parquet
+footer), for a pandas frame a hash of its rows.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import heapq
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
@@ -57,6 +74,7 @@ __all__ = [
     "LearnedSpec",
     "PreparedData",
     "connect",
+    "input_fingerprint",
     "is_prepared",
     "load_data",
     "make_evaluator",
@@ -351,6 +369,75 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
     if len(ddf.columns) == 0:
         raise DataError(f"the data {_describe(data)} have no columns")
     return ddf
+
+
+def _expand_local(p: str) -> list[str]:
+    """The data files a local path, glob or directory stands for (as :func:`_read_paths`)."""
+    p = p.removeprefix("file://")
+    if glob.has_magic(p):
+        return sorted(glob.glob(p))
+    if os.path.isdir(p):
+        inside = sorted(
+            os.path.join(p, f)
+            for f in os.listdir(p)
+            if not f.startswith(("_", ".")) and os.path.isfile(os.path.join(p, f))
+        )
+        return [f for f in inside if _is_data_file(f)] or inside
+    return [p] if os.path.exists(p) else []
+
+
+_TAIL_BYTES = 65536
+
+
+def _file_fingerprint(path: str, storage_options: dict | None = None) -> dict:
+    """Path, size, modification time and a hash of the last 64 KiB of one file."""
+    if _is_url(path):
+        try:
+            import fsspec
+
+            fs, _, (p,) = fsspec.get_fs_token_paths(path, storage_options=storage_options)
+            info = fs.info(p)
+        except Exception:  # noqa: BLE001 - an unreadable URL fails later, when it is read
+            return {"path": path}
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
+        return {"path": path, "size": info.get("size"), "modified": str(stamp)}
+    path = os.path.abspath(path.removeprefix("file://"))
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            fh.seek(max(0, st.st_size - _TAIL_BYTES))
+            tail = hashlib.sha256(fh.read(_TAIL_BYTES)).hexdigest()[:32]
+    except OSError:
+        return {"path": path, "missing": True}
+    return {"path": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "tail": tail}
+
+
+def input_fingerprint(data: Any, storage_options: dict | None = None) -> list[dict]:
+    """What identifies the input of a fit, as JSON-ready values (compared on resume).
+
+    Files (paths, globs, directories, URLs, prepared data with its metadata file): one entry
+    per file with its absolute path, size, modification time (``mtime_ns``) and a hash of its
+    last 64 KiB, so a file replaced by another with the same number of rows is still noticed.
+    A pandas frame: its shape and an order-free hash of its rows.  A Dask frame: nothing
+    (``[]``): the caller knows where it came from.
+    """
+    if isinstance(data, PreparedData):
+        names = [os.path.join(data.path, PREPARED_METADATA), *data.files]
+        return [_file_fingerprint(f) for f in names]
+    if isinstance(data, pd.DataFrame):
+        h = pd.util.hash_pandas_object(data, index=False).to_numpy()
+        total = int(np.sum(h, dtype=np.uint64))  # wraps modulo 2**64; row order free
+        return [{"pandas_rows": int(len(data)), "columns": [str(c) for c in data.columns],
+                 "hash": f"{total:016x}"}]  # fmt: skip
+    if isinstance(data, (str, os.PathLike, list, tuple)):
+        paths = [os.fspath(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
+        if len(paths) == 1 and not _is_url(paths[0]) and is_prepared(paths[0]):
+            return input_fingerprint(read_prepared(paths[0]))
+        files: list[str] = []
+        for p in paths:
+            files.extend([p] if _is_url(p) else _expand_local(p))
+        return [_file_fingerprint(f, storage_options) for f in files]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,19 +799,69 @@ def _stats_task(entry: tuple[Any, int]) -> _BlockStats:
     )
 
 
+_MODES_ATTR = "_dglmm_modes"
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):  # pragma: no cover - outside a worker
+        return "local"
+
+
 def _kernel_task(
     entry: tuple[Any, int],
     params_list: list[np.ndarray],
     model: Any,
     hessian: bool,
     kernel: Callable,
-) -> list[Any]:
+) -> tuple[list[Any], dict]:
+    """The kernel of one block for each parameter vector, and the seconds it took.
+
+    Warm start: the block's conditional modes at the first parameter vector of the previous
+    call (kept on the block object in worker memory) are the starting values; the first
+    vector's modes of this call are kept for the others and for next time.  A block without
+    them (new, or rebuilt after a worker was lost) starts from zeros.
+    """
     block = entry[0]
-    results = [kernel(block, p, model, hessian=hessian) for p in params_list]
+    u_init = getattr(block, _MODES_ATTR, None)
+    n_groups = len(block.group_ptr) - 1
+    if u_init is not None and np.shape(u_init)[0] != n_groups:
+        u_init = None
+    t0 = time.perf_counter()
+    results = []
+    for j, p in enumerate(params_list):
+        kwargs = {"hessian": hessian} if u_init is None else {"hessian": hessian, "u_init": u_init}
+        r = kernel(block, p, model, **kwargs)
+        modes = getattr(r, "modes", None)
+        if j == 0 and modes is not None and np.all(np.isfinite(modes)):
+            u_init = modes
+            try:
+                setattr(block, _MODES_ATTR, modes)
+            except AttributeError:  # pragma: no cover - a block type without a __dict__
+                pass
+        results.append(r)
+    seconds = time.perf_counter() - t0
     for r in results:  # per-group modes are dropped by the sum anyway: never ship them
         if getattr(r, "modes", None) is not None:
             r.modes = None
-    return results
+    timing = {"total": seconds, "max_block": seconds, "n_blocks": 1,
+              "per_worker": {_worker_address(): seconds}}  # fmt: skip
+    return results, timing
+
+
+def _merge_timing(a: dict, b: dict) -> dict:
+    per_worker = dict(a["per_worker"])
+    for w, sec in b["per_worker"].items():
+        per_worker[w] = per_worker.get(w, 0.0) + sec
+    return {
+        "total": a["total"] + b["total"],
+        "max_block": max(a["max_block"], b["max_block"]),
+        "n_blocks": a["n_blocks"] + b["n_blocks"],
+        "per_worker": per_worker,
+    }
 
 
 def _random_effects_task(
@@ -732,14 +869,20 @@ def _random_effects_task(
 ) -> pd.DataFrame:
     from dglmm.api import random_effects_frame
 
-    return random_effects_frame(entry[0], params, model, spec.random_columns, spec.group)
+    block = entry[0]
+    u_init = getattr(block, _MODES_ATTR, None)
+    if u_init is not None and np.shape(u_init)[0] != len(block.group_ptr) - 1:
+        u_init = None
+    return random_effects_frame(block, params, model, spec.random_columns, spec.group,
+                                u_init=u_init)  # fmt: skip
 
 
-def _sum_task(*lists: list[Any]) -> list[Any]:
-    total = list(lists[0])
-    for other in lists[1:]:
+def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
+    total, timing = list(parts[0][0]), parts[0][1]
+    for other, other_timing in parts[1:]:
         total = [a + b for a, b in zip(total, other, strict=True)]
-    return total
+        timing = _merge_timing(timing, other_timing)
+    return total, timing
 
 
 class DaskEvaluator:
@@ -797,6 +940,7 @@ class DaskEvaluator:
         n_groups: int | None = None,
         columns: Sequence[str] | None = None,
         retries: int = 2,
+        sources: list[dict] | None = None,
     ) -> None:
         self.handle = handle
         self.spec = spec
@@ -809,10 +953,17 @@ class DaskEvaluator:
         self._blocks: list = []
         self._stats: list[_BlockStats] = []
         self._prepared_rows: list[int] | None = None
-        self._sources: list[str] = []
+        self._sources: list[dict] = list(sources) if sources is not None else []
+        self.kernel_seconds = 0.0
+        self.wall_seconds = 0.0
+        self.n_evaluations = 0
+        self.last_kernel_seconds = 0.0
+        self.last_wall_seconds = 0.0
+        self.last_timing: dict = {}
+        if sources is None and not isinstance(data, dd.DataFrame):
+            self._sources = input_fingerprint(data)
         if isinstance(data, PreparedData):
             self._prepared_rows = list(data.metadata["rows_per_file"])
-            self._sources = list(data.metadata["files"])
             ddf = data.to_dask(columns)
         else:
             ddf = load_data(data, columns)
@@ -907,7 +1058,7 @@ class DaskEvaluator:
         return self.handle.n_workers
 
     def fingerprint(self) -> dict:
-        """What a checkpoint records about the input: counts and prepared file names."""
+        """What a checkpoint records about the input: counts and :func:`input_fingerprint`."""
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self._sources}
 
     def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
@@ -952,7 +1103,7 @@ class DaskEvaluator:
         if not params:
             return []
         try:
-            return self._evaluate_once(params, hessian)
+            return self._evaluate_timed(params, hessian)
         except (KilledWorker, CancelledError):
             pass  # blocks lost for good or a task killed its workers: rebuild once
         except MemoryError as exc:
@@ -960,11 +1111,25 @@ class DaskEvaluator:
         self._release()
         self._build()
         try:
-            return self._evaluate_once(params, hessian)
+            return self._evaluate_timed(params, hessian)
         except (KilledWorker, CancelledError, MemoryError) as exc:
             raise ClusterError(self._failure_message("evaluating", exc)) from None
 
-    def _evaluate_once(self, params: list[np.ndarray], hessian: bool) -> list[Any]:
+    def _evaluate_timed(self, params: list[np.ndarray], hessian: bool) -> list[Any]:
+        t0 = time.perf_counter()
+        results, timing = self._evaluate_once(params, hessian)
+        wall = time.perf_counter() - t0
+        # the kernel's share of the wall time: the busiest worker's kernel seconds
+        critical = max(timing["per_worker"].values(), default=0.0)
+        self.last_timing = {**timing, "wall": wall, "critical_path": critical}
+        self.last_kernel_seconds = critical
+        self.last_wall_seconds = wall
+        self.kernel_seconds += timing["total"]
+        self.wall_seconds += wall
+        self.n_evaluations += 1
+        return results
+
+    def _evaluate_once(self, params: list[np.ndarray], hessian: bool) -> tuple[list[Any], dict]:
         submit = self.client.submit
         tag = uuid.uuid4().hex[:12]
         level = [
@@ -1047,6 +1212,8 @@ def make_evaluator(
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     columns = needed_columns(parsed, trials, offset, weights)
     prepared = _as_prepared(data)
+    # before anything is read: a checkpoint compares it on resume
+    sources = input_fingerprint(prepared if prepared is not None else data, storage_options)
     if prepared is not None and prepared.group == parsed.group:
         source: Any = prepared  # already whole groups, one file per partition
         ddf, group = prepared.to_dask(columns), None
@@ -1068,6 +1235,7 @@ def make_evaluator(
         npartitions=npartitions,
         n_groups=learned.n_groups,
         columns=columns,
+        sources=sources,
     )
     return evaluator, learned.spec
 
