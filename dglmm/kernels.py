@@ -280,24 +280,28 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
 
 
 @numba.njit(cache=True)
-def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H):
+def _mode_work(q):
+    """Scratch arrays of :func:`_find_mode` (allocated once per block)."""
+    return (np.empty(q), np.empty((q, q)), np.empty((q, 1)), np.empty(q), np.empty(q),
+            np.empty((q, q)))  # fmt: skip
+
+
+@numba.njit(cache=True)
+def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
     """Newton iteration with step halving for the conditional mode.
 
     Updates ``u`` in place and leaves in ``H`` the negative Hessian at the final ``u``
     (the iteration stops at a Newton step below the tolerance without taking it, so
     ``u`` and ``H`` agree exactly).  Small steps (quadratic regime of a concave
     function) are taken without evaluating the log-density; steps longer than
-    ``_FREE_STEP`` are checked for ascent and halved if needed.
+    ``_FREE_STEP`` are checked for ascent and halved if needed.  ``work`` holds
+    scratch arrays from :func:`_mode_work`.
     """
     q = V.shape[1]
-    g = np.empty(q)
-    Lc = np.empty((q, q))
-    step = np.empty((q, 1))
-    u_new = np.empty(q)
-    g_new = np.empty(q)
-    H_new = np.empty((q, q))
+    g, Lc, step, u_new, g_new, H_new = work
     _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
     h = np.nan
+    n_pass = 1
     for _ in range(_MODE_MAX_ITER):
         for c in range(q):
             step[c, 0] = g[c]
@@ -314,10 +318,12 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H):
             for c in range(q):
                 u[c] += step[c, 0]
             _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
+            n_pass += 1
             h = np.nan
             continue
         if np.isnan(h):
             h = _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, True, g_new, H_new)
+            n_pass += 1
         t = 1.0
         while True:
             for c in range(q):
@@ -325,6 +331,7 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H):
             h_new = _mode_pass(
                 eta0, V, y, ntr, w, i0, i1, u_new, fam, link, tau, True, g_new, H_new
             )
+            n_pass += 1
             if h_new >= h - 1e-12 * (1.0 + abs(h)) or t < 1e-8:
                 break
             t *= 0.5
@@ -334,6 +341,7 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H):
             for d in range(q):
                 H[c, d] = H_new[c, d]
         h = h_new
+    return n_pass
 
 
 @numba.njit(cache=True)
@@ -363,7 +371,6 @@ def _block_kernel(
     sx = np.empty(p)
     szb = np.empty((q, q))
     dub = np.empty(q)
-    T = np.zeros((P, m))
     E = np.zeros((q, m))
     Hm = np.empty((q, q))
     LH = np.empty((q, q))
@@ -381,20 +388,28 @@ def _block_kernel(
     dA = np.empty((P, q, q))
     tmp = np.empty((q, q))
     dHw = np.empty((P, q, q))
+    work = _mode_work(q)
     loglik = 0.0
 
     for c in range(q):
         for a in range(q):
             E[c, p + a] = L[a, c]
+    # d eta_i / d psi_k = tcoef[k] * r_i[tcol[k]] at fixed u (r_i = [x_i, z_i]):
+    # beta_k -> x_ik; L_ab -> z_ia u_b; log sigma -> 0
+    tcol = np.zeros(P, dtype=np.int64)
+    tcoef = np.zeros(P)
     for k in range(p):
-        T[k, k] = 1.0
+        tcol[k] = k
+        tcoef[k] = 1.0
+    for j in range(nth):
+        tcol[p + j] = p + pat_r[j]
 
     for g in range(n_groups):
         i0 = gptr[g]
         i1 = gptr[g + 1]
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, Hm)
+        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, Hm, work)
         for c in range(q):
             modes[g, c] = u[c]
         # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
@@ -472,22 +487,16 @@ def _block_kernel(
                     for a in range(m):
                         Q3[d, c, a] = Q3[c, d, a]
 
-        # ---- T(u): d eta_i / d psi = T r_i at fixed u
         for j in range(nth):
-            for a in range(q):
-                T[p + j, p + a] = 0.0
-            T[p + j, p + pat_r[j]] = u[pat_c[j]]
+            tcoef[p + j] = u[pat_c[j]]
 
         # ---- g_u,psi (q x P) and du_hat/dpsi = H^-1 g_u,psi
         for c in range(q):
             for k in range(P):
                 acc = 0.0
-                for a in range(m):
-                    ea = E[c, a]
-                    if ea != 0.0:
-                        for b in range(m):
-                            acc += ea * Sw[a, b] * T[k, b]
-                guPsi[c, k] = -acc
+                for a in range(q):
+                    acc += E[c, p + a] * Sw[p + a, tcol[k]]
+                guPsi[c, k] = -acc * tcoef[k]
         for j in range(nth):
             guPsi[pat_c[j], p + j] += s1[p + pat_r[j]]
         if has_disp:
@@ -534,8 +543,7 @@ def _block_kernel(
                 for c in range(q):
                     for d in range(q):
                         acc += Hi[c, d] * dHw[k, d, c]
-                for a in range(m):
-                    acc -= T[k, a] * cs[a]
+                acc -= tcoef[k] * cs[tcol[k]]
                 for e in range(q):
                     acc -= r[e] * du[e, k]
                 grad[k] -= 0.5 * acc
@@ -543,10 +551,7 @@ def _block_kernel(
             for c in range(q):
                 for d in range(q):
                     for k in range(P):
-                        acc = 0.0
-                        for a in range(m):
-                            acc += Q3[c, d, a] * T[k, a]
-                        QT[c, d, k] = acc
+                        QT[c, d, k] = Q3[c, d, tcol[k]] * tcoef[k]
                     for e in range(q):
                         acc = 0.0
                         for a in range(m):
@@ -572,10 +577,7 @@ def _block_kernel(
                 loglik -= 0.5 * u[c] * u[c]
             loglik -= 0.5 * logdetH
             for k in range(P):
-                acc = 0.0
-                for a in range(m):
-                    acc += T[k, a] * s1[a]
-                grad[k] += acc
+                grad[k] += tcoef[k] * s1[tcol[k]]
             if has_disp:
                 grad[itau] += lts
         else:
@@ -695,12 +697,7 @@ def _block_kernel(
             # exact Hessian of h(u_hat(psi), psi): -T Sw T' + g_psi,u H^-1 g_u,psi
             for k in range(P):
                 for k2 in range(k + 1):
-                    acc = 0.0
-                    for a in range(m):
-                        ta = T[k, a]
-                        if ta != 0.0:
-                            for b in range(m):
-                                acc += ta * Sw[a, b] * T[k2, b]
+                    acc = tcoef[k] * tcoef[k2] * Sw[tcol[k], tcol[k2]]
                     acc2 = 0.0
                     for c in range(q):
                         acc2 += guPsi[c, k] * du[c, k2]
@@ -708,10 +705,7 @@ def _block_kernel(
             if has_disp:
                 hess[itau, itau] += ltts
                 for k in range(itau):
-                    acc = 0.0
-                    for a in range(m):
-                        acc += T[k, a] * s1[a]
-                    hess[itau, k] += -2.0 * acc
+                    hess[itau, k] += -2.0 * tcoef[k] * s1[tcol[k]]
             # Hessian of -1/2 log det H with the working weights fixed
             for k in range(p, P):
                 for k2 in range(p, k + 1):
@@ -808,12 +802,13 @@ def _posterior_kernel(
     LHi = np.empty((q, q))
     uk = np.empty((K, q))
     fk = np.empty(K)
+    work = _mode_work(q)
     for grp in range(n_groups):
         i0 = gptr[grp]
         i1 = gptr[grp + 1]
         for c in range(q):
             u[c] = u_init[grp, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H)
+        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
         for c in range(q):
             for d in range(q):
                 Hi[c, d] = 1.0 if c == d else 0.0
