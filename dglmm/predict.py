@@ -357,7 +357,7 @@ def predict_to_parquet(
                   new_groups=new_groups, keep=keep, missing=missing)  # fmt: skip
     if isinstance(out, pd.DataFrame):
         parent = os.path.dirname(output)
-        if parent:
+        if parent and "://" not in output:
             os.makedirs(parent, exist_ok=True)
         out.to_parquet(output, index=False)
         return len(out)
