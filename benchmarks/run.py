@@ -308,13 +308,14 @@ def _pop_times(dask_worker=None):
     return times
 
 
-def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: int) -> dict:
+def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: int,
+                     client=None) -> dict:  # fmt: skip
     from dglmm.api import _kernel_model
     from dglmm.dask_driver import connect, make_evaluator
     from dglmm.families import get_family
 
     fam = get_family("binomial")
-    with RSSPoller() as poll, connect(n_workers=workers) as handle:
+    with RSSPoller() as poll, connect(client=client, n_workers=workers) as handle:
         t0 = time.perf_counter()
         ev, spec = make_evaluator(handle, str(data_dir), cfg["formula"], fam, cfg["n_agq"],
                                   kernel_model=_kernel_model, kernel=_timed_kernel)  # fmt: skip
@@ -349,13 +350,13 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
     return out
 
 
-def dask_fit(data_dir: Path, cfg: dict, workers: int) -> dict:
+def dask_fit(data_dir: Path, cfg: dict, workers: int, client=None) -> dict:
     import dglmm
 
     with RSSPoller() as poll:
         t0 = time.perf_counter()
         res = dglmm.fit(cfg["formula"], str(data_dir), family="binomial", n_agq=cfg["n_agq"],
-                        n_workers=workers, progress=False)  # fmt: skip
+                        client=client, n_workers=workers, progress=False)  # fmt: skip
         wall = time.perf_counter() - t0
     tm = res.timings if hasattr(res, "timings") else {}
     return {
@@ -515,7 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None,
                     help="where simulated data are kept (default: <out>/../../scratch/bench-data)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="CI: 3 repeats, no R")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI: 2 repeats, no R, one local cluster shared by all steps")
     ap.add_argument("--no-fit", action="store_true", help="skip the whole-fit measurement")
     ap.add_argument("--no-dask", action="store_true", help="in-process kernel timings only")
     ap.add_argument("--no-r", action="store_true")
@@ -528,8 +530,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats = min(args.repeats, 3)
+        args.repeats = min(args.repeats, 2)
         args.no_r = True
+    shared = None  # --quick: one local cluster for every step (the full run starts one per fit,
+    # as dglmm.fit with the default client does)
+    if args.quick and not args.no_dask:
+        from dglmm.dask_driver import connect
+
+        shared = connect(n_workers=args.workers)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -585,7 +593,8 @@ def main(argv=None) -> int:
         del block
         ev_s = kt["warm_s"]
         if not args.no_dask:
-            de = dask_evaluations(data_dir, cfg, params, args.workers, args.repeats)
+            de = dask_evaluations(data_dir, cfg, params, args.workers, args.repeats,
+                                  client=shared.client if shared else None)
             print(f"  dask: load {de['load_s']:.2f}s, evaluate {de['eval_s_median']:.3f}s, "
                   f"worker kernel {de['worker_kernel_s_median']:.3f}s, overhead "
                   f"{de['overhead_ms_median']:.1f} ms, {de['partitions']} partitions", flush=True)
@@ -605,7 +614,7 @@ def main(argv=None) -> int:
         row["ratio_eval_vs_glm_1thread"] = kt["warm_s"] / g1
         row["ratio_eval_vs_glm_default"] = kt["warm_s"] / gd
         if not args.no_fit and not args.no_dask:
-            fr = dask_fit(data_dir, cfg, args.workers)
+            fr = dask_fit(data_dir, cfg, args.workers, client=shared.client if shared else None)
             print(f"  fit: total {fr['total_s']:.2f}s (load {fr['load_s']:.2f}s), "
                   f"{fr['n_evaluations']} evaluations, peak worker RSS "
                   f"{fr['peak_worker_rss_mb']:.0f} MB", flush=True)  # fmt: skip
@@ -639,6 +648,8 @@ def main(argv=None) -> int:
         else:
             print("Rscript with lme4 and glmmTMB not available: R comparison skipped")
             info["r_skipped"] = True
+    if shared is not None:
+        shared.close()
     info["table"] = rows
     info["details"] = details
     info["r_comparison"] = r_rows
