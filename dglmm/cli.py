@@ -167,8 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or bool(os.environ.get("DGLMM_DEBUG"))
-    warnings.simplefilter("always", category=UserWarning)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"dglmm: warning: {msg}\n"
+    # warnings as "dglmm: warning: ..." lines; restored afterwards for callers of main()
+    saved_format = warnings.formatwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", category=UserWarning)
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"dglmm: warning: {msg}\n"
+            return _run(args, debug)
+    finally:
+        warnings.formatwarning = saved_format
+
+
+def _run(args, debug: bool) -> int:
+    """Run the subcommand; DglmmError and the like become one ``dglmm: error:`` line."""
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

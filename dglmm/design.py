@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ import formulaic
 import numpy as np
 import pandas as pd
 
-from dglmm.errors import DataError, SpecificationError, suggest
+from dglmm.errors import DataError, DglmmWarning, SpecificationError, suggest
 from dglmm.formula import (
     ParsedFormula,
     c_wrapped_variables,
@@ -487,7 +488,9 @@ def make_spec(
     numeric = [c for c in used if c not in levels]
     sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
     _, fixed_columns = _design(parsed.fixed, sample)
-    _, random_columns, blocks = _random_design(parsed, sample)
+    z_sample, random_columns, blocks = _random_design(parsed, sample)
+    if parsed.group in sample_df.columns:
+        _warn_constant_random_columns(z_sample, random_columns, sample_df[parsed.group], parsed)
     dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]
     if dup:
         raise SpecificationError(
@@ -506,6 +509,41 @@ def make_spec(
         weights=weights,
         columns=tuple(columns),
     )
+
+
+def _warn_constant_random_columns(
+    z: np.ndarray, names: Sequence[str], keys: pd.Series, parsed: ParsedFormula
+) -> None:
+    """Warn about random-effects columns that vary, but never within a group of the sample.
+
+    Such a column (a subscriber-level covariate used as a random slope) is confounded
+    with the random intercept: its variance is barely identified and the fit is often
+    singular.  Only the sample given to :func:`make_spec` is checked.
+    """
+    if z.shape[0] < 2 or z.shape[1] < 2:
+        return
+    frame = pd.DataFrame(z, index=keys.index)
+    frame["_dglmm_group"] = keys.to_numpy()
+    frame = frame.dropna(subset=["_dglmm_group"])
+    grouped = frame.groupby("_dglmm_group", sort=False)
+    sizes = grouped.size()
+    if int((sizes >= 2).sum()) < 2:
+        return
+    spread = (grouped.max() - grouped.min())[sizes.to_numpy() >= 2]
+    for k, name in enumerate(names):
+        column = z[:, k][np.isfinite(z[:, k])]
+        if column.size == 0 or np.ptp(column) == 0.0:  # the intercept, or constant
+            continue
+        within = spread[k].to_numpy(dtype=np.float64)
+        if np.all(np.nan_to_num(within) == 0.0):
+            warnings.warn(
+                f"random-effects column {name!r} does not vary within any group of "
+                f"{parsed.group!r} ({len(frame)} rows checked): its variance is confounded "
+                f"with the random intercept (the fit may be singular or unstable); keep it as a "
+                f"fixed effect only, e.g. (1 | {parsed.group})",
+                DglmmWarning,
+                stacklevel=3,
+            )
 
 
 def learn_spec(
