@@ -322,6 +322,10 @@ def _check_columns(df: pd.DataFrame, names: Sequence[str], what: str = "column")
             )
 
 
+#: distinct numbers above which a text column with a few text values is numeric data
+_MIN_DISTINCT_NUMBERS = 10
+
+
 def _check_numbers_mixed_with_text(series: pd.Series, name: str) -> None:
     """DataError for a text column whose values are mostly numbers (a typo in numeric data).
 
@@ -337,7 +341,14 @@ def _check_numbers_mixed_with_text(series: pd.Series, name: str) -> None:
     numbers = pd.to_numeric(present, errors="coerce")
     text = numbers.isna().to_numpy()
     n_text = int(text.sum())
-    if 0 < n_text <= len(present) - n_text:
+    # a factor may mix number-like and text levels ("0", "1", "2", "3+"): only a column
+    # with many distinct numbers and fewer distinct text values counts as numeric
+    n_distinct_numbers = int(numbers.nunique())
+    if (
+        0 < n_text <= len(present) - n_text
+        and n_distinct_numbers >= _MIN_DISTINCT_NUMBERS
+        and present[text].nunique() < n_distinct_numbers
+    ):
         examples = ", ".join(repr(v) for v in pd.unique(present[text])[:3])
         raise DataError(
             f"column {name!r} holds numbers but {n_text} of {len(series)} rows are text such as "

@@ -584,3 +584,11 @@ def test_command_line_worker_error_is_one_line(tmp_path, capfd):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines and lines[-1].startswith("dglmm: error: column 'y' has 2 missing")
     assert len(lines) == 1, err
+
+
+def test_factor_with_number_like_levels_is_not_text_in_a_numeric_column():
+    """Levels such as "0", "1", "2", "3+" (contraception's livch) are a factor."""
+    df = make_data()
+    df["kids"] = np.resize(np.array(["0", "1", "2", "3+"], dtype=object), N_ROWS)
+    res, _ = fit_quiet("y ~ x + kids + (1 | g)", df)
+    assert "kids[T.3+]" in res.fixed_effects.index
