@@ -58,7 +58,8 @@ COLUMNS = [
     "block_bytes_per_row", "raw_bytes_per_row", "block_vs_raw",
     "glm_pass_1thread_s", "glm_pass_default_s", "ratio_eval_vs_glm_1thread",
     "ratio_eval_vs_glm_default", "dask_overhead_ms", "ns_per_row_eval_warm",
-    "ns_per_row_eval_cold",
+    "ns_per_row_eval_cold", "kernel_warm_cpu_s_median", "ns_per_row_eval_warm_cpu",
+    "load_average_1min",
 ]  # fmt: skip
 R_COLUMNS = [
     "config", "rows", "groups", "n_agq", "dglmm_inprocess_s", "glmer_s", "glmmTMB_s",
@@ -273,17 +274,21 @@ def time_kernel(block, params, model, repeats: int) -> dict:
 
     with threadpool_limits(limits=1):  # as on a single-threaded Dask worker
         r = evaluate_block(block, params, model)  # compile / warm caches
-        cold, warm = [], []
+        cold, warm, cold_cpu, warm_cpu = [], [], [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             evaluate_block(block, params, model)
             cold.append(time.perf_counter() - t0)
+            cold_cpu.append(time.thread_time() - c0)
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             r = evaluate_block(block, params, model, u_init=r.modes)
             warm.append(time.perf_counter() - t0)
+            warm_cpu.append(time.thread_time() - c0)
+    # thread CPU time: what the single-threaded kernel itself used, robust to other load
     return {"cold_s": median(cold), "warm_s": median(warm), "cold_all": cold, "warm_all": warm,
-            "loglik": r.loglik}  # fmt: skip
+            "cold_cpu_s": median(cold_cpu), "warm_cpu_s": median(warm_cpu),
+            "cold_cpu_all": cold_cpu, "warm_cpu_all": warm_cpu, "loglik": r.loglik}  # fmt: skip
 
 
 def _timed_kernel(block, params, model, **kwargs):
@@ -412,7 +417,8 @@ def run_r(csv_path: Path, formula: str, n_agq: int, which: str, timeout: float) 
     return fits.get(which, {})
 
 
-def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int]) -> list[dict]:
+def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int],
+                 stem: Path | None = None) -> list[dict]:  # fmt: skip
     import dglmm
 
     rows_out = []
@@ -454,6 +460,8 @@ def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int]) -> l
                                                             "glmmTMB_s")), flush=True)  # fmt: skip
             rows_out.append(row)
             csv_path.unlink()
+            if stem is not None:  # written after every sample: R fits are slow
+                write_table(rows_out, R_COLUMNS, stem)
     return rows_out
 
 
@@ -586,6 +594,9 @@ def main(argv=None) -> int:
             "glm_pass_1thread_s": g1, "glm_pass_default_s": gd,
             "ns_per_row_eval_warm": 1e9 * kt["warm_s"] / n,
             "ns_per_row_eval_cold": 1e9 * kt["cold_s"] / n,
+            "kernel_warm_cpu_s_median": kt["warm_cpu_s"],
+            "ns_per_row_eval_warm_cpu": 1e9 * kt["warm_cpu_s"] / n,
+            "load_average_1min": os.getloadavg()[0],
         }  # fmt: skip
         detail = {"config": cfg, "build_block_inprocess_s": build_s, "kernel": kt,
                   "phases_1thread": phases, "inprocess_block_bytes_per_row": block.nbytes / n,
@@ -643,7 +654,8 @@ def main(argv=None) -> int:
             sizes = [int(s) for s in args.r_rows.split(",") if s]
             extra = [int(s) for s in args.tmb_rows.split(",") if s]
             with tempfile.TemporaryDirectory() as tmp:
-                r_rows = r_comparison(df, cfgs, sizes, args.r_timeout, Path(tmp), extra)
+                r_rows = r_comparison(df, cfgs, sizes, args.r_timeout, Path(tmp), extra,
+                                      stem=out / f"r-{args.rows}{args.tag}")
             print(write_table(r_rows, R_COLUMNS, out / f"r-{args.rows}{args.tag}"))
         else:
             print("Rscript with lme4 and glmmTMB not available: R comparison skipped")
