@@ -38,6 +38,7 @@ from .optimizer import (
 )
 from .progress import Progress, _in_notebook, _isatty
 from .results import FitResult, wald_table
+from .sources import input_fingerprint
 
 IN_PROCESS = "in-process"
 SINGULAR_TOL = 1e-4
@@ -54,8 +55,10 @@ class InProcessEvaluator:
     used as starting values next time (warm start).
     """
 
-    def __init__(self, blocks: Sequence[Block], model: KernelModel, spec: ModelSpec | None = None):
+    def __init__(self, blocks: Sequence[Block], model: KernelModel, spec: ModelSpec | None = None,
+                 sources: list | None = None):  # fmt: skip
         self.blocks = list(blocks)
+        self.sources = list(sources or [])
         self.model = model
         self.random_columns = list(spec.random_columns) if spec is not None else []
         self.group = spec.group if spec is not None else "group"
@@ -97,7 +100,7 @@ class InProcessEvaluator:
         return out
 
     def fingerprint(self) -> dict:
-        return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": []}
+        return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self.sources}
 
     def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
         """Per-group random-effect predictions (see :func:`random_effects_frame`)."""
@@ -192,10 +195,11 @@ def fit(
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
     if client == IN_PROCESS or client is False:
+        sources = input_fingerprint(data, storage_options)  # before reading: what is read
         df = _read_pandas(data, storage_options)
         spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
-        evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq), spec)
+        evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq), spec, sources)
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,

@@ -47,7 +47,6 @@ footer), for a pandas frame a hash of its rows.
 from __future__ import annotations
 
 import glob
-import hashlib
 import heapq
 import json
 import os
@@ -65,6 +64,13 @@ import pandas as pd
 from distributed import Client, KilledWorker, LocalCluster
 
 from dglmm.errors import ClusterError, DataError, suggest
+from dglmm.sources import (
+    _COMPRESSION_SUFFIXES,
+    PREPARED_METADATA,
+    _is_data_file,
+    _is_url,
+    input_fingerprint,
+)
 
 __all__ = [
     "PREPARED_FORMAT_VERSION",
@@ -84,7 +90,6 @@ __all__ = [
     "spec_from_dask",
 ]
 
-PREPARED_METADATA = "_dglmm_prepared.json"
 PREPARED_FORMAT_VERSION = 1
 _PART_COLUMN = "_dglmm_part"
 _ROWS_PER_PANDAS_PARTITION = 1_000_000
@@ -277,25 +282,8 @@ def _check_columns(columns: Sequence[str] | None, available: Sequence[str]) -> N
             raise DataError(f"column {c!r} is not in the data{hint}")
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
-
-
 def _is_compressed(path: str) -> bool:
     return path.lower().endswith(_COMPRESSION_SUFFIXES)
-
-
-_DATA_SUFFIXES = (".parquet", ".parq", ".pq", ".csv", ".tsv", ".txt")
-
-
-def _is_data_file(path: str) -> bool:
-    p = path.lower()
-    for suffix in _COMPRESSION_SUFFIXES:
-        p = p.removesuffix(suffix)
-    return p.endswith(_DATA_SUFFIXES)
 
 
 def _kind(path: str) -> str:
@@ -369,75 +357,6 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
     if len(ddf.columns) == 0:
         raise DataError(f"the data {_describe(data)} have no columns")
     return ddf
-
-
-def _expand_local(p: str) -> list[str]:
-    """The data files a local path, glob or directory stands for (as :func:`_read_paths`)."""
-    p = p.removeprefix("file://")
-    if glob.has_magic(p):
-        return sorted(glob.glob(p))
-    if os.path.isdir(p):
-        inside = sorted(
-            os.path.join(p, f)
-            for f in os.listdir(p)
-            if not f.startswith(("_", ".")) and os.path.isfile(os.path.join(p, f))
-        )
-        return [f for f in inside if _is_data_file(f)] or inside
-    return [p] if os.path.exists(p) else []
-
-
-_TAIL_BYTES = 65536
-
-
-def _file_fingerprint(path: str, storage_options: dict | None = None) -> dict:
-    """Path, size, modification time and a hash of the last 64 KiB of one file."""
-    if _is_url(path):
-        try:
-            import fsspec
-
-            fs, _, (p,) = fsspec.get_fs_token_paths(path, storage_options=storage_options)
-            info = fs.info(p)
-        except Exception:  # noqa: BLE001 - an unreadable URL fails later, when it is read
-            return {"path": path}
-        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
-        return {"path": path, "size": info.get("size"), "modified": str(stamp)}
-    path = os.path.abspath(path.removeprefix("file://"))
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            fh.seek(max(0, st.st_size - _TAIL_BYTES))
-            tail = hashlib.sha256(fh.read(_TAIL_BYTES)).hexdigest()[:32]
-    except OSError:
-        return {"path": path, "missing": True}
-    return {"path": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "tail": tail}
-
-
-def input_fingerprint(data: Any, storage_options: dict | None = None) -> list[dict]:
-    """What identifies the input of a fit, as JSON-ready values (compared on resume).
-
-    Files (paths, globs, directories, URLs, prepared data with its metadata file): one entry
-    per file with its absolute path, size, modification time (``mtime_ns``) and a hash of its
-    last 64 KiB, so a file replaced by another with the same number of rows is still noticed.
-    A pandas frame: its shape and an order-free hash of its rows.  A Dask frame: nothing
-    (``[]``): the caller knows where it came from.
-    """
-    if isinstance(data, PreparedData):
-        names = [os.path.join(data.path, PREPARED_METADATA), *data.files]
-        return [_file_fingerprint(f) for f in names]
-    if isinstance(data, pd.DataFrame):
-        h = pd.util.hash_pandas_object(data, index=False).to_numpy()
-        total = int(np.sum(h, dtype=np.uint64))  # wraps modulo 2**64; row order free
-        return [{"pandas_rows": int(len(data)), "columns": [str(c) for c in data.columns],
-                 "hash": f"{total:016x}"}]  # fmt: skip
-    if isinstance(data, (str, os.PathLike, list, tuple)):
-        paths = [os.fspath(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
-        if len(paths) == 1 and not _is_url(paths[0]) and is_prepared(paths[0]):
-            return input_fingerprint(read_prepared(paths[0]))
-        files: list[str] = []
-        for p in paths:
-            files.extend([p] if _is_url(p) else _expand_local(p))
-        return [_file_fingerprint(f, storage_options) for f in files]
-    return []
 
 
 # --------------------------------------------------------------------------------------------

@@ -380,12 +380,6 @@ def test_changed_file_refused_on_resume_dask(small, cluster, tmp_path):
         dglmm.fit(FORMULA, str(data), client=cluster.address, checkpoint=str(ckpt), resume=True)
 
 
-@pytest.mark.filterwarnings("ignore:the fit did not converge")  # resumed on other data
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.InProcessEvaluator.fingerprint() records no sources (n_obs/n_groups only): "
-    "a data file replaced by one with the same number of rows and groups is not noticed",
-)
 def test_changed_file_refused_on_resume_in_process(small, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small, data)
