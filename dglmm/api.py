@@ -110,8 +110,10 @@ class InProcessEvaluator:
             for i, block in enumerate(self.blocks)
         ]  # fmt: skip
         table = pd.concat(frames, ignore_index=True)
-        if output is not None:
-            table.to_parquet(output, index=False)
+        if output is not None:  # the same layout as the Dask driver writes: a directory
+            if "://" not in output:
+                os.makedirs(output, exist_ok=True)
+            table.to_parquet(f"{output.rstrip('/')}/part-00000.parquet", index=False)
         return table
 
 

@@ -796,6 +796,18 @@ def _random_effects_task(
                                 u_init=u_init)  # fmt: skip
 
 
+def _random_effects_write_task(
+    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any, path: str,
+    storage_options: dict | None,
+) -> int:  # fmt: skip
+    """Write one block's random-effects rows as one Parquet file; return the row count."""
+    table = _random_effects_task(entry, params, model, spec)
+    if not _is_url(path):
+        os.makedirs(os.path.dirname(path.removeprefix("file://")) or ".", exist_ok=True)
+    table.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
+    return len(table)
+
+
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
     total, timing = list(parts[0][0]), parts[0][1]
     for other, other_timing in parts[1:]:
@@ -980,22 +992,35 @@ class DaskEvaluator:
         """What a checkpoint records about the input: counts and :func:`input_fingerprint`."""
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self._sources}
 
-    def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
+    def random_effects(
+        self, params: np.ndarray, output: str | None = None, storage_options: dict | None = None
+    ) -> pd.DataFrame | dd.DataFrame:
         """Per-group random-effect predictions (``dglmm.api.random_effects_frame``).
 
-        One row per group: computed on the workers, gathered here (n_groups rows), and
-        written to the Parquet file ``output`` when given.
+        With ``output`` (a directory path or URL the workers can write to) each worker
+        writes its blocks' rows as ``output/part-NNNNN.parquet``, nothing is collected
+        here, and a lazy dask DataFrame over the written files is returned.  Without
+        ``output`` the table (one row per group) is gathered and returned as pandas.
         """
         params = np.array(params, dtype=np.float64, copy=True)
+        if output is not None:
+            out = output.rstrip("/")
+            writes = [
+                self.client.submit(
+                    _random_effects_write_task, entry, params, self.model, self.spec,
+                    f"{out}/part-{i:05d}.parquet", storage_options, pure=False,
+                    retries=self.retries,
+                )
+                for i, entry in enumerate(self._blocks)
+            ]  # fmt: skip
+            self.client.gather(writes)
+            return dd.read_parquet(out, storage_options=storage_options)
         tasks = [
             self.client.submit(_random_effects_task, entry, params, self.model, self.spec,
                                pure=False, retries=self.retries)
             for entry in self._blocks
         ]  # fmt: skip
-        table = pd.concat(self.client.gather(tasks), ignore_index=True)
-        if output is not None:
-            table.to_parquet(output, index=False)
-        return table
+        return pd.concat(self.client.gather(tasks), ignore_index=True)
 
     # -- evaluation ------------------------------------------------------------------------
 

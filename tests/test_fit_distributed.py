@@ -459,3 +459,19 @@ def test_dask_overhead_per_evaluation(big, big_reference, cluster):
     print("\nDask overhead per evaluation (200k rows, 2 workers):", json.dumps(stats))
     assert 0 < stats["median_max_block_kernel_s"] <= stats["median_wall_s"]
     assert stats["median_overhead_s"] < 1.0  # a round trip, not a reload of the data
+
+
+def test_random_effects_written_by_the_workers(small, small_reference, cluster, tmp_path):
+    """`random_effects=` on a cluster: one Parquet file per partition, one row per group,
+    equal to the in-process table."""
+    out = tmp_path / "re"
+    result = dglmm.fit(FORMULA, str(small), client=cluster.address, npartitions=3,
+                       random_effects=str(out))  # fmt: skip
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts == [f"part-{i:05d}.parquet" for i in range(3)]
+    table = pd.read_parquet(out).sort_values("subscriber").reset_index(drop=True)
+    assert len(table) == table["subscriber"].nunique() == result.n_groups["subscriber"]
+    ref_path = tmp_path / "re_ref"
+    dglmm.fit(FORMULA, str(small), client=IN_PROCESS, random_effects=str(ref_path))
+    ref = pd.read_parquet(ref_path).sort_values("subscriber").reset_index(drop=True)
+    pd.testing.assert_frame_equal(table, ref, rtol=1e-6, check_dtype=False)
