@@ -142,6 +142,7 @@ def fit(
     progress: bool | None = None,
     storage_options: dict | None = None,
     random_effects: str | None = None,
+    connect_timeout: float = 10.0,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -179,6 +180,8 @@ def fit(
         Iteration limit of each Newton stage.
     progress : bool, optional
         One line per iteration on stderr (default: when stderr is a terminal).
+    connect_timeout : float
+        Seconds to wait for a remote scheduler before raising ClusterError.
     random_effects : str, optional
         Write per-group random-effect predictions (conditional modes, posterior means
         and standard deviations) as Parquet here, computed where the data lives.
@@ -211,7 +214,8 @@ def fit(
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
     logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
     with dask_driver.connect(
-        client=client, scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers
+        client=client, scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
+        timeout=connect_timeout,
     ) as handle:
         if progress and handle.dashboard_link:
             print(f"dglmm: Dask dashboard at {handle.dashboard_link}", file=sys.stderr)
@@ -325,6 +329,12 @@ def fit_model(
         eval_times.append({"n": len(params_list), "seconds": time.perf_counter() - t0})
         return out
 
+    if evaluator.n_groups < 2:
+        raise DataError(
+            f"the data have {evaluator.n_groups} group(s) of {spec.group!r}: a random effect "
+            "needs at least 2 groups (and many more to estimate its variance well); check the "
+            "grouping column, or fit a GLM without the random-effects term"
+        )
     fingerprint = evaluator.fingerprint()
     model_key = {
         "formula": spec.formula, "family": fam.name, "link": fam.link.name, "n_agq": n_agq,
@@ -522,8 +532,9 @@ def _separated_columns(params, vcov, hess0, spec, fam: Family, layout: _Layout) 
         cols = [names[k] for k in np.flatnonzero(flagged & not_intercept)]
         if cols:
             return cols
-        if flagged[~not_intercept].any():
-            return ["Intercept (all responses are 0, or all are at the maximum)"]
+    # the intercept's size says nothing (offsets shift it); only its standard error does
+    if np.any((se * rms > 50.0) & ~not_intercept):
+        return ["Intercept (all responses are 0, or all are at the maximum)"]
     return []
 
 
@@ -531,7 +542,10 @@ def _check_rank(neg_xwx: np.ndarray, names: Sequence[str]) -> None:
     """Raise DataError naming aliased fixed-effect columns (from X'WX at the GLM fit)."""
     m = -neg_xwx
     d = np.sqrt(np.maximum(np.diag(m), 0.0))
-    zero = d <= 1e-12 * max(d.max(initial=0.0), 1.0)
+    dmax = d.max(initial=0.0)
+    if not dmax > 0:
+        return  # no information at all at the start (e.g. extreme offsets): nothing to judge
+    zero = d <= 1e-12 * dmax
     if zero.any():
         cols = [names[i] for i in np.flatnonzero(zero)]
         raise DataError(

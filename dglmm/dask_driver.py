@@ -49,6 +49,7 @@ from __future__ import annotations
 import glob
 import heapq
 import json
+import logging
 import os
 import time
 import uuid
@@ -195,6 +196,8 @@ def connect(
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",  # a free port, and never 0.0.0.0
+            # a failing task is reported once, by dglmm, not with a worker traceback
+            silence_logs=logging.CRITICAL,
         )
     except Exception as exc:
         raise ClusterError(f"could not start a local Dask cluster of {n} workers: {exc}") from exc

@@ -37,7 +37,8 @@ import numpy as np
 from .families import row_d12, row_derivatives, row_l_d1
 from .quadrature import gauss_hermite_rule
 
-_MODE_TOL = 1e-10
+_MODE_DECREMENT_TOL = 1e-20
+_MODE_STEP_FLOOR = 1e-14
 _MODE_MAX_ITER = 100
 _CHUNK_ROWS = 65536
 _FREE_STEP = 0.25  # Newton steps up to this size (in sd units of u) are not checked
@@ -309,10 +310,15 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
             break  # cannot happen for log-concave families: H >= I
         size = 0.0
         umax = 0.0
+        decrement = 0.0
         for c in range(q):
             size = max(size, abs(step[c, 0]))
             umax = max(umax, abs(u[c]))
-        if size < _MODE_TOL * (1.0 + umax):
+            decrement += g[c] * step[c, 0]
+        # The Newton decrement g' H^-1 g bounds the error that a residual gradient at
+        # the mode leaves in the exact gradient of the objective, whatever the scale
+        # of H; the step-size floor stops at rounding level.
+        if decrement < _MODE_DECREMENT_TOL or size < _MODE_STEP_FLOOR * (1.0 + umax):
             break
         if size <= _FREE_STEP:
             for c in range(q):

@@ -210,7 +210,7 @@ def maximize(
         if chosen is None:
             # No uphill progress along the direction: the objective is flat to
             # rounding error here.  Judge convergence on the gradient alone.
-            g_ok = bool(_converged(masked, 0.0, settings))
+            g_ok = bool(decrement < settings.tol or _converged(masked, 0.0, settings))
             state.converged = g_ok
             state.message = (
                 "converged: no further improvement possible and the gradient is small"
