@@ -60,11 +60,12 @@ from typing import Any, NamedTuple
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pandas as pd
 from distributed import Client, KilledWorker, LocalCluster
 
-from dglmm.errors import ClusterError, DataError, suggest
+from dglmm.errors import ClusterError, DataError, missing_values_error, suggest
 from dglmm.sources import (
     _COMPRESSION_SUFFIXES,
     PREPARED_METADATA,
@@ -930,6 +931,9 @@ class DaskEvaluator:
         stats = [self.client.submit(_stats_task, b, pure=False) for b in self._blocks]
         try:
             self._stats = self.client.gather(stats)  # re-raises a builder's exception as is
+        except DataError as exc:
+            self._release_after(stats)
+            raise self._whole_data_error(exc, stats) from None
         except (KilledWorker, MemoryError) as exc:
             self._release()
             raise ClusterError(self._failure_message("building the blocks", exc)) from None
@@ -942,6 +946,31 @@ class DaskEvaluator:
         except BaseException:
             self._release()
             raise
+
+    def _release_after(self, futures) -> None:
+        distributed.wait(futures)
+        self._release()
+
+    @staticmethod
+    def _whole_data_error(first: DataError, stats) -> DataError:
+        """One error for the whole data: missing-value counts added over partitions."""
+        if first.missing_counts is None:
+            return first
+        counts: dict[str, int] = {}
+        n_rows = 0
+        for f in stats:
+            if f.status == "error":
+                exc = f.exception()
+                if not isinstance(exc, DataError) or exc.missing_counts is None:
+                    return first
+                for name, n in exc.missing_counts.items():
+                    counts[name] = counts.get(name, 0) + n
+                n_rows += exc.n_rows or 0
+            elif f.status == "finished":
+                n_rows += f.result().n_rows_in
+            else:
+                return first
+        return missing_values_error(counts, n_rows)
 
     def _failure_message(self, what: str, exc: BaseException) -> str:
         rows = self._largest_partition_rows()

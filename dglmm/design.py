@@ -38,7 +38,13 @@ import formulaic
 import numpy as np
 import pandas as pd
 
-from dglmm.errors import DataError, DglmmWarning, SpecificationError, suggest
+from dglmm.errors import (
+    DataError,
+    DglmmWarning,
+    SpecificationError,
+    missing_values_error,
+    suggest,
+)
 from dglmm.formula import (
     ParsedFormula,
     c_wrapped_variables,
@@ -710,13 +716,14 @@ def build_block(
 
     # missing values (before formulaic, which would silently drop or zero them)
     bad = np.zeros(n_in, dtype=bool)
-    problems: list[str] = []
+    counts: dict[str, int] = {}
     for name in spec.columns:
         col_bad = _bad_mask(df[name] if name in spec.levels else frame[name])
         if col_bad.any():
-            problems.append(f"column {name!r} has {int(col_bad.sum())} missing or infinite values")
+            counts[name] = int(col_bad.sum())
             bad |= col_bad
-    _drop_or_raise(bad, problems, n_in, missing)
+    if missing == "error" and counts:
+        raise missing_values_error(counts, n_in)
 
     # designs; non-finite design values (e.g. np.log(0)) count as missing too
     if bad.any():

@@ -19,7 +19,38 @@ class DglmmError(Exception):
 
 
 class DataError(DglmmError, ValueError):
-    """The data cannot be used as given (missing column, bad values, empty, ...)."""
+    """The data cannot be used as given (missing column, bad values, empty, ...).
+
+    ``missing_counts`` (column -> number of rows with missing or non-finite values)
+    and ``n_rows`` are set when the error is about missing values, so that the
+    counts of several partitions can be added into one message.
+    """
+
+    def __init__(self, message: str, *, missing_counts: dict | None = None,
+                 n_rows: int | None = None):  # fmt: skip
+        super().__init__(message)
+        self.missing_counts = missing_counts
+        self.n_rows = n_rows
+
+    def __reduce__(self):  # keep the counts when Dask sends the error from a worker
+        return (_rebuild_data_error, (self.args[0], self.missing_counts, self.n_rows))
+
+
+def _rebuild_data_error(message, missing_counts, n_rows):
+    return DataError(message, missing_counts=missing_counts, n_rows=n_rows)
+
+
+def missing_values_error(counts: dict, n_rows: int, extra: list[str] | None = None) -> DataError:
+    """The error for rows with missing or non-finite values in the named columns."""
+    problems = [
+        f"column {name!r} has {n} missing or infinite values" for name, n in counts.items()
+    ] + list(extra or [])
+    return DataError(
+        f'{"; ".join(problems)} (of {n_rows} rows); clean them, or pass missing="drop" '
+        "(command line: --missing drop) to drop those rows",
+        missing_counts=dict(counts),
+        n_rows=n_rows,
+    )
 
 
 class SpecificationError(DglmmError, ValueError):

@@ -542,7 +542,7 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
             assert dspec == spec and ev.n_groups == n_groups and ev.n_obs == n
             assert ev.n_partitions == (4 if data is df else 3)
             got = ev.evaluate(params, hessian=True)
-            re = ev.random_effects(params[0], output=str(tmp_path / "re.parquet"))
+            re = ev.random_effects(params[0], output=str(tmp_path / "re.parquet")).compute()
             assert ev.fingerprint()["n_groups"] == n_groups and ev.n_workers == 2
         assert len(pd.read_parquet(tmp_path / "re.parquet")) == n_groups
         want_re = InProcessEvaluator([block], model, spec).random_effects(params[0])

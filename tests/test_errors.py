@@ -545,9 +545,6 @@ def test_missing_column_distributed_names_it(process_cluster):
         dglmm.fit("y ~ xx + (1 | g)", make_data(), client=process_cluster.address)
 
 
-@pytest.mark.xfail(strict=True, reason="each partition's block builder counts only its own "
-                   "rows, so the first failing partition's count reaches the user, not the "
-                   "data set's (dask_driver)")  # fmt: skip
 def test_worker_data_error_counts_every_partition(process_cluster):
     df = _set("y", [1, 5, 7, 100, 170], np.nan)(make_data())
     with pytest.raises(DataError, match=r"column 'y' has 5 missing or infinite values \(of 180"):
