@@ -38,7 +38,7 @@ from .optimizer import (
 )
 from .progress import Progress, _in_notebook, _isatty
 from .results import FitResult, wald_table
-from .sources import input_fingerprint
+from .sources import clear_parts, input_fingerprint
 
 IN_PROCESS = "in-process"
 SINGULAR_TOL = 1e-4
@@ -113,6 +113,7 @@ class InProcessEvaluator:
         if output is not None:  # the same layout as the Dask driver writes: a directory
             if "://" not in output:
                 os.makedirs(output, exist_ok=True)
+            clear_parts(output)
             table.to_parquet(f"{output.rstrip('/')}/part-00000.parquet", index=False)
         return table
 

@@ -71,6 +71,7 @@ from dglmm.sources import (
     PREPARED_METADATA,
     _is_data_file,
     _is_url,
+    clear_parts,
     input_fingerprint,
 )
 
@@ -1037,6 +1038,7 @@ class DaskEvaluator:
         params = np.array(params, dtype=np.float64, copy=True)
         if output is not None:
             out = output.rstrip("/")
+            clear_parts(out, storage_options)
             writes = [
                 self.client.submit(
                     _random_effects_write_task, entry, params, self.model, self.spec,
