@@ -92,8 +92,9 @@ class InProcessEvaluator:
                 res = evaluate_block(block, params, self.model, hessian=hessian,
                                      u_init=self._modes[i])  # fmt: skip
                 if j == 0:
-                    self._modes[i] = res.modes
+                    self._modes[i] = res.warm_start
                 res.modes = None
+                res.warm_start = None
                 total = res if total is None else total + res
             out.append(total)
         self.kernel_seconds += time.perf_counter() - t0

@@ -735,6 +735,15 @@ def _worker_address() -> str:
         return "local"
 
 
+def _stored_modes(block: Any) -> Any:
+    """The warm start kept on ``block`` (modes array or the kernel's WarmStart), if usable."""
+    u_init = getattr(block, _MODES_ATTR, None)
+    modes = getattr(u_init, "modes", u_init)
+    if u_init is not None and np.shape(modes)[0] != len(block.group_ptr) - 1:
+        return None
+    return u_init
+
+
 def _kernel_task(
     entry: tuple[Any, int],
     params_list: list[np.ndarray],
@@ -750,10 +759,7 @@ def _kernel_task(
     them (new, or rebuilt after a worker was lost) starts from zeros.
     """
     block = entry[0]
-    u_init = getattr(block, _MODES_ATTR, None)
-    n_groups = len(block.group_ptr) - 1
-    if u_init is not None and np.shape(u_init)[0] != n_groups:
-        u_init = None
+    u_init = _stored_modes(block)
     t0 = time.perf_counter()
     results = []
     for j, p in enumerate(params_list):
@@ -761,6 +767,8 @@ def _kernel_task(
         r = kernel(block, p, model, **kwargs)
         modes = getattr(r, "modes", None)
         if j == 0 and modes is not None and np.all(np.isfinite(modes)):
+            # the kernel's warm start (modes and their slopes) when it gives one
+            modes = getattr(r, "warm_start", None) or modes
             u_init = modes
             try:
                 setattr(block, _MODES_ATTR, modes)
@@ -771,6 +779,8 @@ def _kernel_task(
     for r in results:  # per-group modes are dropped by the sum anyway: never ship them
         if getattr(r, "modes", None) is not None:
             r.modes = None
+        if getattr(r, "warm_start", None) is not None:
+            r.warm_start = None
     timing = {"total": seconds, "max_block": seconds, "n_blocks": 1,
               "per_worker": {_worker_address(): seconds}}  # fmt: skip
     return results, timing
@@ -794,9 +804,7 @@ def _random_effects_task(
     from dglmm.api import random_effects_frame
 
     block = entry[0]
-    u_init = getattr(block, _MODES_ATTR, None)
-    if u_init is not None and np.shape(u_init)[0] != len(block.group_ptr) - 1:
-        u_init = None
+    u_init = _stored_modes(block)
     return random_effects_frame(block, params, model, spec.random_columns, spec.group,
                                 u_init=u_init)  # fmt: skip
 

@@ -107,6 +107,8 @@ class BlockResult:
     modes : ndarray, shape (G, q) or None
         Conditional modes ``u_hat`` of the block's groups (standardised scale); dropped
         when results are added.
+    warm_start : WarmStart or None
+        Modes and their derivatives, to start the next evaluation; dropped when added.
     """
 
     loglik: float
@@ -115,6 +117,7 @@ class BlockResult:
     n_obs: int
     n_groups: int
     modes: np.ndarray | None = field(default=None, repr=False)
+    warm_start: WarmStart | None = field(default=None, repr=False)
 
     def __add__(self, other: BlockResult) -> BlockResult:
         hess = None
@@ -150,6 +153,50 @@ def block_constant(block, family_code: int) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Conditional modes of a block at ``params`` and their derivatives there.
+
+    ``modes`` (G, q) and ``slopes`` (G, q, P) = d u_hat / d params (the implicit
+    derivative the gradient needs anyway) give the first-order prediction
+    ``modes + slopes (params_new - params)`` of the modes at new parameters, which
+    saves Newton passes of the mode iteration.
+    """
+
+    params: np.ndarray
+    modes: np.ndarray
+    slopes: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.params.nbytes + self.modes.nbytes + self.slopes.nbytes
+
+
+_MAX_PREDICTED_SHIFT = 1.0  # cap (sd units of u) of the first-order prediction of a mode
+
+
+def initial_modes(u_init, params: np.ndarray, n_groups: int, q: int) -> np.ndarray:
+    """Starting values of the conditional modes, shape (n_groups, q).
+
+    ``u_init`` is None (zeros), an array of modes, or a :class:`WarmStart`
+    (extrapolated to ``params``, each group's shift capped at 1 sd of u).
+    """
+    if u_init is None:
+        return np.zeros((n_groups, q))
+    if isinstance(u_init, WarmStart):
+        if u_init.modes.shape != (n_groups, q) or u_init.params.shape != params.shape:
+            return np.zeros((n_groups, q))
+        shift = u_init.slopes @ (params - u_init.params)
+        size = np.max(np.abs(shift), axis=1, keepdims=True)
+        shift *= np.minimum(1.0, _MAX_PREDICTED_SHIFT / np.maximum(size, 1e-300))
+        out = u_init.modes + shift
+        return np.where(np.isfinite(out), out, 0.0)
+    u_init = np.asarray(u_init, dtype=np.float64)
+    if u_init.shape != (n_groups, q):
+        return np.zeros((n_groups, q))
+    return u_init
+
+
 def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u_init=None):
     """Log-likelihood, gradient and (optionally) Newton Hessian summed over a block.
 
@@ -163,28 +210,34 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     model : KernelModel
     hessian : bool
         Also return the Newton Hessian.
-    u_init : ndarray, shape (G, q), optional
-        Starting values of the conditional modes (warm start); zeros by default.
+    u_init : ndarray (G, q) or WarmStart, optional
+        Starting values of the conditional modes (warm start); zeros by default.  A
+        :class:`WarmStart` from an earlier call is extrapolated to ``params``.
 
     Returns
     -------
     BlockResult
+        With ``modes`` and ``warm_start`` (for the next call) of this block.
     """
+    params = np.asarray(params, dtype=np.float64)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
     X = np.ascontiguousarray(block.X, dtype=np.float64)
     Z = np.ascontiguousarray(block.Z, dtype=np.float64)
-    eta0 = X @ beta + block.offset
-    V = np.ascontiguousarray(Z @ L)
+    n_rows = X.shape[0]
     n_groups = len(block.group_ptr) - 1
-    if u_init is None:
-        u_init = np.zeros((n_groups, model.q))
-    pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
     P = model.n_params
+    scratch = _scratch(block, n_rows, model.q)
+    eta0 = np.matmul(X, beta, out=scratch["eta0"])
+    eta0 += block.offset
+    V = np.matmul(Z, L, out=scratch["V"])
+    wrow = scratch["wrow"]
+    u0 = initial_modes(u_init, params, n_groups, model.q)
+    pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
     grad = np.zeros(P)
     hess = np.zeros((P, P))
     modes = np.empty((n_groups, model.q))
-    wrow = np.empty(X.shape[0])
+    slopes = np.empty((n_groups, model.q, P))
     sizes = np.diff(np.asarray(block.group_ptr))
     max_rows = int(sizes.max()) if (sizes.size and rule.nodes.shape[0] > 1) else 0
     d1s = np.empty((max_rows, rule.nodes.shape[0]))  # AGQ scratch: d1 per row and node
@@ -194,13 +247,13 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         eta0, V, L, tau, model.family_code, model.link_code,
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
         rule.nodes, rule.log_weights, hessian,
-        np.ascontiguousarray(u_init, dtype=np.float64), modes, grad, hess, wrow, d1s,
+        np.ascontiguousarray(u0), modes, grad, hess, wrow, d1s, slopes,
     )  # fmt: skip
     if hessian:
         # beta-beta block of -sum_g T Sw T' is -X' diag(w) X over the whole block
         p = model.p
         with np.errstate(all="ignore"):  # a wild trial step may overflow: loglik shows it
-            for start in range(0, X.shape[0], _CHUNK_ROWS):
+            for start in range(0, n_rows, _CHUNK_ROWS):
                 Xc = X[start : start + _CHUNK_ROWS]
                 hess[:p, :p] -= Xc.T @ (Xc * wrow[start : start + _CHUNK_ROWS, None])
     loglik += block_constant(block, model.family_code)
@@ -208,10 +261,24 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         loglik=float(loglik),
         gradient=grad,
         hessian=hess if hessian else None,
-        n_obs=int(X.shape[0]),
+        n_obs=int(n_rows),
         n_groups=n_groups,
         modes=modes,
+        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes),
     )
+
+
+def _scratch(block, n_rows: int, q: int) -> dict:
+    """Row-length work arrays, kept on the block between calls (no re-allocation)."""
+    cached = getattr(block, "_dglmm_scratch", None)
+    if cached is not None and cached["eta0"].shape[0] == n_rows and cached["V"].shape[1] == q:
+        return cached
+    cached = {"eta0": np.empty(n_rows), "V": np.empty((n_rows, q)), "wrow": np.empty(n_rows)}
+    try:
+        object.__setattr__(block, "_dglmm_scratch", cached)
+    except AttributeError:  # pragma: no cover - objects without a __dict__
+        pass
+    return cached
 
 
 # ----------------------------------------------------------------------------- compiled core
@@ -353,7 +420,7 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
 @numba.njit(cache=True)
 def _block_kernel(
     X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
-    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s,
+    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s, slopes,
 ):  # fmt: skip
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
@@ -517,6 +584,7 @@ def _block_kernel(
                 for d in range(q):
                     acc += Hi[c, d] * guPsi[d, k]
                 du[c, k] = acc
+                slopes[g, c, k] = acc
 
         # ---- fixed-weight part dHw of dH/dpsi (W held fixed)
         for a in range(q):
@@ -767,8 +835,7 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     V = np.ascontiguousarray(np.asarray(block.Z, dtype=np.float64) @ L)
     G = len(block.group_ptr) - 1
     q = model.q
-    if u_init is None:
-        u_init = np.zeros((G, q))
+    u_init = initial_modes(u_init, np.asarray(params, dtype=np.float64), G, q)
     modes = np.empty((G, q))
     mode_cov = np.empty((G, q, q))
     post_mean = np.empty((G, q))
