@@ -248,6 +248,7 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
         rule.nodes, rule.log_weights, hessian,
         np.ascontiguousarray(u0), modes, grad, hess, wrow, d1s, slopes,
+        _centre_node(rule.nodes),
     )  # fmt: skip
     if hessian:
         # beta-beta block of -sum_g T Sw T' is -X' diag(w) X over the whole block
@@ -266,6 +267,14 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         modes=modes,
         warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes),
     )
+
+
+def _centre_node(nodes: np.ndarray) -> int:
+    """Index of the node t = 0 of a rule with more than one node (odd k), else -1."""
+    if nodes.shape[0] == 1:
+        return -1
+    hits = np.flatnonzero(np.all(nodes == 0.0, axis=1))
+    return int(hits[0]) if hits.size else -1
 
 
 def _scratch(block, n_rows: int, q: int) -> dict:
@@ -420,7 +429,7 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
 @numba.njit(cache=True)
 def _block_kernel(
     X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
-    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s, slopes,
+    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s, slopes, k_centre,
 ):  # fmt: skip
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
@@ -512,6 +521,8 @@ def _block_kernel(
             l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
             wi = -d2
             wrow[i] = wi
+            if k_centre >= 0:
+                d1s[i - i0, k_centre] = d1
             hsum += l
             lts += lt
             ltts += ltt
@@ -675,21 +686,31 @@ def _block_kernel(
                         acc += sqrt2 * LHi[d, c] * nodes[kk, d]
                     uk[kk, c] = acc
                     norm2 += nodes[kk, c] * nodes[kk, c]
-                # node pass: log-density and d1 per row; only q-vectors are summed
+                # node pass: log-density and d1 per row; only q-vectors are summed.
+                # The centre node (t = 0, odd k) is the mode: its sums are known.
                 Gk = 0.0
                 lt_node = 0.0
                 for c in range(q):
                     svk[kk, c] = 0.0
-                for i in range(i0, i1):
-                    eta = eta0[i]
+                if kk == k_centre:
+                    Gk = hsum
+                    lt_node = lts
                     for c in range(q):
-                        eta += V[i, c] * uk[kk, c]
-                    l, d1, lt = row_l_d1(fam, link, y[i], ntr[i], w[i], eta, tau)
-                    Gk += l
-                    lt_node += lt
-                    d1s[i - i0, kk] = d1
-                    for c in range(q):
-                        svk[kk, c] += d1 * V[i, c]
+                        acc = 0.0
+                        for a in range(q):
+                            acc += L[a, c] * s1[p + a]
+                        svk[kk, c] = acc
+                else:
+                    for i in range(i0, i1):
+                        eta = eta0[i]
+                        for c in range(q):
+                            eta += V[i, c] * uk[kk, c]
+                        l, d1, lt = row_l_d1(fam, link, y[i], ntr[i], w[i], eta, tau)
+                        Gk += l
+                        lt_node += lt
+                        d1s[i - i0, kk] = d1
+                        for c in range(q):
+                            svk[kk, c] += d1 * V[i, c]
                 ltk[kk] = lt_node
                 f = logw[kk] + Gk + norm2
                 for c in range(q):
