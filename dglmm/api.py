@@ -38,7 +38,7 @@ from .optimizer import (
 )
 from .progress import Progress, _in_notebook, _isatty
 from .results import FitResult, wald_table
-from .sources import clear_parts, input_fingerprint
+from .sources import clear_parts, input_fingerprint, read_frame
 
 IN_PROCESS = "in-process"
 SINGULAR_TOL = 1e-4
@@ -203,7 +203,7 @@ def fit(
         progress = _isatty(sys.stderr) or _in_notebook()
     if client == IN_PROCESS or client is False:
         sources = input_fingerprint(data, storage_options)  # before reading: what is read
-        df = _read_pandas(data, storage_options)
+        df = read_frame(data, storage_options)
         spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
         evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq), spec, sources)
@@ -252,34 +252,6 @@ def _kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
         n_agq=k,
         has_dispersion=fam.has_dispersion,
     )
-
-
-def _read_pandas(data, storage_options=None) -> pd.DataFrame:
-    """A pandas frame from a DataFrame or a CSV/Parquet path (in-process fits)."""
-    if isinstance(data, pd.DataFrame):
-        return data
-    if hasattr(data, "compute") and hasattr(data, "npartitions"):
-        return data.compute()
-    if not isinstance(data, (str, os.PathLike)):
-        raise DataError(f"data must be a DataFrame or a path, not {type(data).__name__}")
-    path = os.fspath(data)
-    if "://" not in path and not os.path.exists(path):
-        raise DataError(f"data path {path!r} does not exist")
-    try:
-        if path.endswith((".csv", ".csv.gz", ".txt")):
-            return pd.read_csv(path, storage_options=storage_options)
-        if os.path.isdir(path):
-            import glob
-
-            files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-            if not files:
-                raise DataError(f"directory {path!r} holds no .parquet files")
-            return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        return pd.read_parquet(path, storage_options=storage_options)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
-        raise DataError(f"cannot read {path!r} as CSV or Parquet: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- the fit

@@ -326,6 +326,21 @@ def _chol_solve_small(H, rhs, Lc):
 
 
 @numba.njit(cache=True)
+def _invert_lower(Lc, out):
+    """Inverse of the lower-triangular ``Lc`` into ``out`` (forward substitution)."""
+    q = Lc.shape[0]
+    for c in range(q):
+        for d in range(q):
+            out[c, d] = 0.0
+        out[c, c] = 1.0 / Lc[c, c]
+        for d in range(c):
+            acc = 0.0
+            for e in range(d, c):
+                acc += Lc[c, e] * out[e, d]
+            out[c, d] = -acc / Lc[c, c]
+
+
+@numba.njit(cache=True)
 def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_out):
     """For one group at ``u``: the u-gradient and negative u-Hessian of
     ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
@@ -715,15 +730,7 @@ def _block_kernel(
                 grad[itau] += lts
         else:
             # A = sqrt(2) LH^-T (upper triangular); LHi = LH^-1
-            for c in range(q):
-                for d in range(q):
-                    LHi[c, d] = 0.0
-                LHi[c, c] = 1.0 / LH[c, c]
-                for d in range(c):
-                    acc = 0.0
-                    for e in range(d, c):
-                        acc += LH[c, e] * LHi[e, d]
-                    LHi[c, d] = -acc / LH[c, c]
+            _invert_lower(LH, LHi)
             log_det_A = 0.5 * q * math.log(2.0) - 0.5 * logdetH
             fmax = -np.inf
             for kk in range(K):
@@ -967,15 +974,7 @@ def _posterior_kernel(
                 for d in range(q):
                     post_cov[grp, c, d] = Hi[c, d]
             continue
-        for c in range(q):
-            for d in range(q):
-                LHi[c, d] = 0.0
-            LHi[c, c] = 1.0 / LH[c, c]
-            for d in range(c):
-                acc = 0.0
-                for e in range(d, c):
-                    acc += LH[c, e] * LHi[e, d]
-                LHi[c, d] = -acc / LH[c, c]
+        _invert_lower(LH, LHi)
         fmax = -np.inf
         for kk in range(K):
             f = logw[kk]

@@ -39,6 +39,7 @@ from .design import ModelSpec, build_design
 from .errors import DataError, SpecificationError
 from .families import get_link
 from .results import FitResult
+from .sources import read_frame
 
 __all__ = ["GH_NODES", "load_random_effects", "marginal_mean", "predict", "predict_to_parquet"]
 
@@ -78,23 +79,6 @@ def _is_partitioned_path(data: Any) -> bool:
         return False
     path = os.fspath(data)
     return _glob.has_magic(path) or os.path.isdir(path)
-
-
-def _read_frame(data: Any) -> pd.DataFrame:
-    """A pandas frame from a DataFrame or one CSV/Parquet file."""
-    if isinstance(data, pd.DataFrame):
-        return data
-    if not isinstance(data, (str, os.PathLike)):
-        raise DataError(f"data must be a DataFrame or a path, not {type(data).__name__}")
-    path = os.fspath(data)
-    if "://" not in path and not os.path.exists(path):
-        raise DataError(f"data path {path!r} does not exist")
-    try:
-        if path.endswith((".csv", ".csv.gz", ".txt", ".tsv")):
-            return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
-        return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
-        raise DataError(f"cannot read {path!r} as CSV or Parquet: {exc}") from exc
 
 
 def load_random_effects(table: pd.DataFrame | str | os.PathLike, spec: ModelSpec):
@@ -314,7 +298,7 @@ def predict(
     predictor = _Predictor(res, random_effects, type, re_form, new_groups, keep, missing)
     if _is_dask(data) or _is_partitioned_path(data):
         return _predict_dask(predictor, data)
-    return predictor(_read_frame(data))
+    return predictor(read_frame(data))
 
 
 def _predict_dask(predictor: _Predictor, data: Any):

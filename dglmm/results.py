@@ -294,10 +294,11 @@ class FitResult:
         ``missing``, ``storage_options``, ``scheduler``, ``scheduler_file``,
         ``n_workers`` and ``npartitions``.  Written as Parquet to ``output`` when given.
         """
-        from .api import IN_PROCESS, InProcessEvaluator, _kernel_model, _read_pandas
+        from .api import IN_PROCESS, InProcessEvaluator, _kernel_model
         from .design import ModelSpec, build_block
         from .errors import SpecificationError
         from .families import get_family
+        from .sources import read_frame
 
         known = {"missing", "storage_options", "scheduler", "scheduler_file", "n_workers",
                  "npartitions"}  # fmt: skip
@@ -313,7 +314,7 @@ class FitResult:
         missing = fit_kwargs.get("missing", "error")
         storage_options = fit_kwargs.get("storage_options")
         if client == IN_PROCESS or client is False:
-            df = _read_pandas(data, storage_options)
+            df = read_frame(data, storage_options)
             block = build_block(spec, df, missing=missing, check_response=fam.check_response)
             return InProcessEvaluator([block], model, spec).random_effects(params, output)
         from . import dask_driver

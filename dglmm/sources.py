@@ -38,6 +38,52 @@ def _is_data_file(path: str) -> bool:
     return p.endswith(_DATA_SUFFIXES)
 
 
+def read_frame(data: Any, storage_options: dict | None = None) -> pd.DataFrame:
+    """A pandas frame from a pandas or dask DataFrame, or a CSV/TSV/Parquet path.
+
+    A directory is read as all the Parquet files below it (names starting with
+    ``_`` or ``.`` are skipped, as Dask and pyarrow do).  Used where the data are
+    held in one process (in-process fits, predictions of one file).
+
+    Raises
+    ------
+    DataError
+        The path does not exist, holds no data, or cannot be read.
+    """
+    from .errors import DataError
+
+    if isinstance(data, pd.DataFrame):
+        return data
+    if hasattr(data, "compute") and hasattr(data, "npartitions"):
+        return data.compute()
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"data must be a DataFrame or a path, not {type(data).__name__}")
+    path = os.fspath(data)
+    if not _is_url(path) and not os.path.exists(path.removeprefix("file://")):
+        raise DataError(f"data path {path!r} does not exist")
+    try:
+        kind = path.lower()
+        for suffix in _COMPRESSION_SUFFIXES:
+            kind = kind.removesuffix(suffix)
+        if kind.endswith((".csv", ".txt", ".tsv")):
+            sep = "\t" if kind.endswith(".tsv") else ","
+            return pd.read_csv(path, sep=sep, storage_options=storage_options)
+        if os.path.isdir(path):
+            files = sorted(
+                f
+                for f in glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
+                if not os.path.basename(f).startswith(("_", "."))
+            )
+            if not files:
+                raise DataError(f"directory {path!r} holds no .parquet files")
+            return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        return pd.read_parquet(path, storage_options=storage_options)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
+        raise DataError(f"cannot read {path!r} as CSV or Parquet: {exc}") from exc
+
+
 def _prepared_files(path: str) -> list[str] | None:
     """Metadata file and data files of a prepared directory, or None if not prepared."""
     meta = os.path.join(path, PREPARED_METADATA)
