@@ -254,6 +254,18 @@ def _log1pexp(x):
     return math.log1p(math.exp(x))
 
 
+@numba.njit(cache=True, inline="always")
+def _logit_parts(eta):
+    """``(mu, log mu, log(1 - mu))`` of the logistic link, without overflow."""
+    if eta >= 0.0:
+        e = math.exp(-eta)
+        la = -math.log1p(e)
+        return 1.0 / (1.0 + e), la, la - eta
+    e = math.exp(eta)
+    lc = -math.log1p(e)
+    return e / (1.0 + e), lc + eta, lc
+
+
 @numba.njit(cache=True)
 def _log_ndtr(x):
     """log Phi(x), accurate in both tails."""
@@ -285,16 +297,7 @@ def row_derivatives(family, link, y, n, w, eta, tau):
     """
     if family == FAMILY_BINOMIAL:
         if link == LINK_LOGIT:
-            if eta >= 0.0:
-                e = math.exp(-eta)
-                mu = 1.0 / (1.0 + e)
-                la = -math.log1p(e)
-                lc = la - eta
-            else:
-                e = math.exp(eta)
-                mu = e / (1.0 + e)
-                lc = -math.log1p(e)
-                la = lc + eta
+            mu, la, lc = _logit_parts(eta)
             v = mu * (1.0 - mu)
             l = y * la + (n - y) * lc
             return w * l, w * (y - n * mu), -w * n * v, -w * n * v * (1.0 - 2.0 * mu), 0.0, 0.0
@@ -368,16 +371,7 @@ def row_l_d1(family, link, y, n, w, eta, tau):
     The cheap version of :func:`row_derivatives` used at the quadrature nodes.
     """
     if family == FAMILY_BINOMIAL and link == LINK_LOGIT:
-        if eta >= 0.0:
-            e = math.exp(-eta)
-            mu = 1.0 / (1.0 + e)
-            la = -math.log1p(e)
-            lc = la - eta
-        else:
-            e = math.exp(eta)
-            mu = e / (1.0 + e)
-            lc = -math.log1p(e)
-            la = lc + eta
+        mu, la, lc = _logit_parts(eta)
         return w * (y * la + (n - y) * lc), w * (y - n * mu), 0.0
     if family == FAMILY_POISSON:
         mu = math.exp(min(eta, _ETA_MAX))
