@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -654,5 +654,3 @@ def evaluator_for(blocks: Sequence[Block], spec: ModelSpec, fam: Family, n_agq: 
     """In-process evaluator for prebuilt blocks (a step of :func:`fit` users can call)."""
     return InProcessEvaluator(blocks, _kernel_model(spec, fam, n_agq), spec)
 
-
-Callback = Callable[[NewtonState], None]

@@ -1,0 +1,83 @@
+"""Everything dglmm does with Dask: the only package of dglmm that imports dask/distributed.
+
+Modules: :mod:`.cluster` (connect), :mod:`.data` (read, partition by group, prepare, learn
+the spec), :mod:`.evaluator` (persisted blocks, evaluation, random effects).
+
+The driver turns a data source into persisted :class:`~dglmm.design.Block` objects that live on
+the workers, one per partition, each holding *whole* groups, and evaluates the per-block kernel
+for several parameter vectors in one round trip::
+
+    with connect(scheduler="tcp://127.0.0.1:8786") as handle:
+        ddf = load_data("calls/*.parquet")
+        learned = spec_from_dask(ddf, parsed, group="subscriber")
+        with DaskEvaluator(handle, ddf, learned.spec, model, group="subscriber") as ev:
+            [res] = ev.evaluate([params], hessian=True)
+
+Partitioning by group
+---------------------
+A group's rows must all be in one block (its random effect is integrated over its rows).  Rows
+are sent to partition ``hash(group key) % npartitions`` (:func:`partition_by_group`), or, in
+:func:`prepare`, to the partition chosen by a greedy largest-group-first packing of the group
+sizes so that files hold about the same number of rows.  A group is never split: one very large
+group lands whole in one partition, so the largest partition (and the worker memory it needs,
+roughly ``rows * (p + q + 6) * 8`` bytes for the block plus the raw frame while it is built)
+is bounded below by the largest group.  Use more partitions to spread the other groups away
+from it, or workers with more memory.
+
+Fault tolerance
+---------------
+Blocks are persisted from a graph that reads the source (files, or the pandas frame embedded in
+the graph), so Dask rebuilds a block lost with its worker.  Evaluation tasks carry ``retries``;
+a ``KilledWorker`` or lost future triggers one rebuild and resubmission, and a second failure
+is a :class:`~dglmm.errors.ClusterError`.
+
+Warm starts and timing
+----------------------
+Each kernel task keeps the conditional modes of its block at the first parameter vector of the
+call on the block object itself (attribute ``_dglmm_modes``, in worker memory) and passes them
+as ``u_init`` next time; a rebuilt block has none and starts from zeros.  Each kernel task also
+times its kernel calls; the sums travel with the results, so
+:attr:`DaskEvaluator.last_kernel_seconds` (and the cumulative ``kernel_seconds``) separate the
+kernel's time from the Dask overhead of an evaluation (``last_wall_seconds`` minus it).
+
+Input fingerprint
+-----------------
+:func:`input_fingerprint` records what a checkpoint must find unchanged on resume: for files
+their absolute path, size, modification time and a hash of their last 64 KiB (the Parquet
+footer), for a pandas frame a hash of its rows.
+"""
+
+
+from dglmm.dask_driver.cluster import ClusterHandle, connect
+from dglmm.dask_driver.data import (
+    PREPARED_FORMAT_VERSION,
+    LearnedSpec,
+    PreparedData,
+    is_prepared,
+    load_data,
+    partition_by_group,
+    prepare,
+    read_prepared,
+    spec_from_dask,
+)
+from dglmm.dask_driver.evaluator import DaskEvaluator, _as_prepared, make_evaluator
+from dglmm.sources import PREPARED_METADATA, input_fingerprint
+
+__all__ = [
+    "PREPARED_FORMAT_VERSION",
+    "PREPARED_METADATA",
+    "ClusterHandle",
+    "DaskEvaluator",
+    "LearnedSpec",
+    "PreparedData",
+    "_as_prepared",
+    "connect",
+    "input_fingerprint",
+    "is_prepared",
+    "load_data",
+    "make_evaluator",
+    "partition_by_group",
+    "prepare",
+    "read_prepared",
+    "spec_from_dask",
+]

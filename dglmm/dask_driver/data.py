@@ -1,0 +1,488 @@
+"""Reading the data, partitioning it by group, prepared data, learning the model spec."""
+
+from __future__ import annotations
+
+import glob
+import heapq
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from dglmm.dask_driver.cluster import ClusterHandle
+from dglmm.errors import DataError, suggest
+from dglmm.sources import (
+    _COMPRESSION_SUFFIXES,
+    PREPARED_METADATA,
+    _is_data_file,
+    _is_url,
+)
+
+PREPARED_FORMAT_VERSION = 1
+_PART_COLUMN = "_dglmm_part"
+_ROWS_PER_PANDAS_PARTITION = 1_000_000
+
+# --------------------------------------------------------------------------------------------
+# data sources
+
+
+def load_data(
+    data: Any,
+    columns: Sequence[str] | None = None,
+    *,
+    storage_options: dict | None = None,
+    npartitions: int | None = None,
+) -> dd.DataFrame:
+    """Return ``data`` as a Dask DataFrame, reading nothing but metadata and a sample.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame, dask.dataframe.DataFrame, path, glob, URL, or a list of them
+        Parquet files or directories (``.parquet``/``.pq`` or a directory), CSV files
+        (``.csv``, ``.tsv``, optionally compressed), globs of those, fsspec URLs
+        (``s3://...``, read with ``storage_options``), or a directory written by
+        :func:`prepare` (read one file per partition).
+    columns : sequence of str, optional
+        Keep only these columns.
+    npartitions : int, optional
+        For a pandas frame: number of partitions (default: one per million rows).
+
+    Raises
+    ------
+    DataError
+        The path does not exist, matches no file, cannot be read, has no rows, or lacks one
+        of ``columns``.
+    """
+    columns = list(columns) if columns is not None else None
+    if isinstance(data, PreparedData):
+        ddf = data.to_dask(columns)
+    elif isinstance(data, pd.DataFrame):
+        if len(data) == 0:
+            raise DataError("the data frame has no rows")
+        _check_columns(columns, data.columns)
+        n = npartitions or max(1, -(-len(data) // _ROWS_PER_PANDAS_PARTITION))
+        ddf = dd.from_pandas(data if columns is None else data[columns], npartitions=n)
+    elif isinstance(data, dd.DataFrame):
+        _check_columns(columns, data.columns)
+        ddf = data if columns is None else data[columns]
+    elif isinstance(data, (str, os.PathLike, list, tuple)):
+        ddf = _read_paths(data, columns, storage_options)
+    else:
+        raise DataError(
+            f"cannot read data of type {type(data).__name__}: give a pandas or Dask "
+            "DataFrame, or a path, glob or URL of Parquet or CSV files"
+        )
+    if ddf.npartitions == 0 or (
+        len(ddf.head(1, npartitions=1)) == 0 and len(ddf.head(1, npartitions=-1)) == 0
+    ):
+        raise DataError(f"the data {_describe(data)} have no rows")
+    return ddf
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        return repr(os.fspath(data))
+    if isinstance(data, (list, tuple)):
+        return f"({len(data)} paths)"
+    return f"({type(data).__name__})"
+
+
+def _check_columns(columns: Sequence[str] | None, available: Sequence[str]) -> None:
+    names = [str(a) for a in available]
+    for c in columns or ():
+        if c not in available:
+            same_but_case = [a for a in names if a.lower() == str(c).lower()]
+            hint = f" (did you mean {same_but_case[0]!r}?)" if same_but_case else suggest(c, names)
+            raise DataError(f"column {c!r} is not in the data{hint}")
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith(_COMPRESSION_SUFFIXES)
+
+
+def _kind(path: str) -> str:
+    p = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if p.endswith(suffix):
+            p = p[: -len(suffix)]
+    if p.endswith((".csv", ".tsv", ".txt")):
+        return "csv"
+    return "parquet"
+
+
+def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | None) -> dd.DataFrame:
+    paths = [os.fspath(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
+    if not paths:
+        raise DataError("no data paths given")
+    if len(paths) == 1 and not _is_url(paths[0]) and is_prepared(paths[0]):
+        return read_prepared(paths[0]).to_dask(columns)
+    local = [p for p in paths if not _is_url(p)]
+    files: list[str] = [p for p in paths if _is_url(p)]
+    for p in local:
+        p = p.removeprefix("file://")
+        if glob.has_magic(p):
+            matched = sorted(glob.glob(p))
+            if not matched:
+                raise DataError(f"no file matches {p!r}")
+            files.extend(matched)
+        elif os.path.isdir(p):
+            inside = sorted(
+                os.path.join(p, f)
+                for f in os.listdir(p)
+                if not f.startswith(("_", ".")) and os.path.isfile(os.path.join(p, f))
+            )
+            # side files (a JSON of metadata, a README, ...) next to the data are ignored
+            data_files = [f for f in inside if _is_data_file(f)]
+            inside = data_files or inside
+            if not inside:
+                raise DataError(f"the directory {p!r} holds no data files")
+            files.extend(inside)
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise DataError(f"the data path {p!r} does not exist")
+    kinds = {_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"the data {_describe(data)} mix CSV and Parquet files")
+    kind = kinds.pop()
+    try:
+        if kind == "csv":
+            sep = "\t" if all(".tsv" in f.lower() for f in files) else ","
+            ddf = dd.read_csv(
+                files,
+                usecols=columns,
+                sep=sep,
+                storage_options=storage_options,
+                blocksize=None if any(_is_compressed(f) for f in files) else "64MB",
+            )
+        else:
+            ddf = dd.read_parquet(files, columns=columns, storage_options=storage_options)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"the data {_describe(data)} are empty") from None
+    except ValueError as exc:
+        if columns and "usecols" in str(exc).lower():
+            raise DataError(f"cannot read {_describe(data)}: {exc}") from None
+        raise DataError(f"cannot read {_describe(data)} as {kind}: {exc}") from None
+    except Exception as exc:
+        raise DataError(f"cannot read {_describe(data)} as {kind}: {exc}") from None
+    _check_columns(columns, ddf.columns)
+    if len(ddf.columns) == 0:
+        raise DataError(f"the data {_describe(data)} have no columns")
+    return ddf
+
+
+# --------------------------------------------------------------------------------------------
+# partitioning by group
+
+
+def _hash_part(keys: pd.Series, npartitions: int) -> np.ndarray:
+    h = pd.util.hash_pandas_object(keys, index=False).to_numpy()
+    return (h % np.uint64(npartitions)).astype(np.int64)
+
+
+def _assign_part(
+    pdf: pd.DataFrame, group: str, npartitions: int, mapping: pd.Series | None
+) -> pd.DataFrame:
+    if mapping is None:
+        part = _hash_part(pdf[group], npartitions)
+    else:
+        part = pdf[group].map(mapping)
+        missing = part.isna().to_numpy()
+        part = part.to_numpy(dtype=np.float64, na_value=np.nan)
+        if missing.any():  # keys unseen by the packing (e.g. NaN keys): hash them
+            part[missing] = _hash_part(pdf[group][missing], npartitions)
+        part = part.astype(np.int64)
+    return pdf.assign(**{_PART_COLUMN: part})
+
+
+def _balanced_mapping(ddf: dd.DataFrame, group: str, npartitions: int) -> pd.Series:
+    """Group key -> partition by greedy largest-first packing of group sizes (one pass)."""
+    sizes = ddf[group].value_counts(dropna=True).compute().sort_values(ascending=False)
+    heap = [(0, i) for i in range(npartitions)]
+    parts = np.empty(len(sizes), dtype=np.int64)
+    for j, n in enumerate(sizes.to_numpy()):
+        load, i = heapq.heappop(heap)
+        parts[j] = i
+        heapq.heappush(heap, (load + int(n), i))
+    return pd.Series(parts, index=sizes.index)
+
+
+def partition_by_group(
+    ddf: dd.DataFrame, group: str, npartitions: int | None = None, *, balance: str = "hash"
+) -> dd.DataFrame:
+    """Shuffle ``ddf`` so that every group's rows are in exactly one partition.
+
+    Partition ``i`` holds the groups whose key hashes to ``i`` modulo ``npartitions``
+    (``balance="hash"``, no extra pass), or, with ``balance="rows"``, the groups a greedy
+    largest-group-first packing of the group sizes assigns to it (one extra pass, and the
+    key -> partition table of size n_groups travels in the graph).  Rows are not sorted
+    within a partition; the block builder sorts by group.  A group is never split, so the
+    largest partition holds at least the largest group.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+    group : str
+        The grouping column.
+    npartitions : int, optional
+        Number of output partitions (default: ``ddf.npartitions``).
+
+    Raises
+    ------
+    DataError
+        ``group`` is not a column.
+    """
+    _check_columns([group], ddf.columns)
+    n = int(npartitions or ddf.npartitions)
+    if n < 1:
+        raise ValueError(f"npartitions must be >= 1, got {n}")
+    if balance not in ("hash", "rows"):
+        raise ValueError(f"balance must be 'hash' or 'rows', got {balance!r}")
+    mapping = _balanced_mapping(ddf, group, n) if balance == "rows" else None
+    meta = _assign_part(ddf._meta, group, n, None)
+    tagged = ddf.map_partitions(_assign_part, group, n, mapping, meta=meta)
+    shuffled = tagged.set_index(_PART_COLUMN, divisions=list(range(n + 1)))
+    return shuffled.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# prepared data
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A directory written by :func:`prepare`: ``files[i]`` is partition ``i``."""
+
+    path: str
+    metadata: dict
+
+    def __getitem__(self, key: str) -> Any:
+        """``prepared["n_rows"]`` etc.: the entries of the metadata file."""
+        return self.metadata[key]
+
+    @property
+    def files(self) -> list[str]:
+        return [os.path.join(self.path, f) for f in self.metadata["files"]]
+
+    @property
+    def group(self) -> str:
+        return self.metadata["group"]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.metadata["n_rows"])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.metadata["n_groups"])
+
+    def to_dask(self, columns: Sequence[str] | None = None) -> dd.DataFrame:
+        """One partition per file, no shuffle (a lost block is rebuilt from one file)."""
+        _check_columns(columns, self.metadata["columns"])
+        cols = list(columns) if columns is not None else None
+        meta = _read_one(self.files[0], cols).head(0)
+        return dd.from_map(_read_one, self.files, columns=cols, meta=meta, enforce_metadata=False)
+
+
+def _read_one(path: str, columns: list[str] | None = None) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise DataError(f"the prepared file {path!r} is missing") from None
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by :func:`prepare` (of a known version)."""
+    meta = os.path.join(os.fspath(path), PREPARED_METADATA)
+    try:
+        with open(meta) as f:
+            return json.load(f).get("format_version") == PREPARED_FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def read_prepared(path: str | os.PathLike) -> PreparedData:
+    """Read the metadata of a directory written by :func:`prepare`.
+
+    Raises
+    ------
+    DataError
+        ``path`` is not prepared data or was written by another format version.
+    """
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, PREPARED_METADATA)) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path!r} is not data written by dglmm prepare: {exc}") from None
+    if metadata.get("format_version") != PREPARED_FORMAT_VERSION:
+        raise DataError(
+            f"{path!r} was prepared with format version {metadata.get('format_version')}, "
+            f"this dglmm reads version {PREPARED_FORMAT_VERSION}: prepare the data again"
+        )
+    return PreparedData(path=path, metadata=metadata)
+
+
+def _write_part(pdf: pd.DataFrame, path: str, group: str) -> tuple[int, int]:
+    pdf = pdf.sort_values(group, kind="stable").reset_index(drop=True)
+    pdf.to_parquet(path, index=False)
+    return len(pdf), int(pdf[group].nunique(dropna=False))
+
+
+def prepare(
+    data: Any,
+    out: str | os.PathLike,
+    group: str,
+    npartitions: int | None = None,
+    storage_options: dict | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    balance: str = "rows",
+    overwrite: bool = False,
+    handle: ClusterHandle | None = None,
+) -> PreparedData:
+    """Write ``data`` once as Parquet files each holding whole groups, sorted by group.
+
+    ``out`` receives ``part-00000.parquet`` ... (one file = one partition when read back) and
+    ``_dglmm_prepared.json`` with the group column, ``n_rows``, ``n_groups``, ``n_files``,
+    per-file row and group counts, the columns and the format version.  Groups are packed into
+    files largest first so the files hold about the same number of rows (``balance="rows"``)
+    or hashed (``balance="hash"``, one pass fewer).  Runs on ``handle``'s cluster, else on the
+    current Dask scheduler.  The result also reads like the metadata: ``prepared["n_rows"]``.
+
+    Raises
+    ------
+    DataError
+        The data cannot be read, or ``group`` is not a column, or ``out`` is not empty.
+    """
+    out = os.fspath(out)
+    ddf = load_data(data, columns, storage_options=storage_options)
+    _check_columns([group], ddf.columns)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise DataError(f"the output directory {out!r} is not empty (pass overwrite=True)")
+    os.makedirs(out, exist_ok=True)
+    for old in glob.glob(os.path.join(out, "part-*.parquet")):
+        os.remove(old)
+    n = int(npartitions or ddf.npartitions)
+    parts = partition_by_group(ddf, group, n, balance=balance).to_delayed()
+    names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    writes = [
+        dask.delayed(_write_part)(part, os.path.join(out, name), group)
+        for part, name in zip(parts, names, strict=True)
+    ]
+    if handle is not None:
+        counts = handle.client.gather(handle.client.compute(writes))
+    else:
+        counts = dask.compute(*writes)
+    rows = [int(r) for r, _ in counts]
+    metadata = {
+        "format_version": PREPARED_FORMAT_VERSION,
+        "group": group,
+        "n_rows": sum(rows),
+        "n_groups": sum(int(g) for _, g in counts),
+        "n_files": len(names),
+        "files": names,
+        "rows_per_file": rows,
+        "groups_per_file": [int(g) for _, g in counts],
+        "columns": [str(c) for c in ddf.columns],
+    }
+    if metadata["n_rows"] == 0:
+        raise DataError(f"the data {_describe(data)} have no rows")
+    tmp = os.path.join(out, PREPARED_METADATA + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(metadata, f, indent=2)
+    os.replace(tmp, os.path.join(out, PREPARED_METADATA))
+    return PreparedData(path=out, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# learning the spec
+
+
+class LearnedSpec(NamedTuple):
+    """What :func:`spec_from_dask` learns in its one pass over the data."""
+
+    spec: Any
+    n_rows: int
+    n_groups: int
+
+
+def _default_design(name: str) -> Callable:
+    from dglmm import design
+
+    return getattr(design, name)
+
+
+def _summarise_partition(
+    pdf: pd.DataFrame, parsed: Any, group: str, collect_levels: Callable, n_head: int
+) -> tuple[Any, int, np.ndarray, pd.DataFrame]:
+    keys = pd.unique(pdf[group].dropna().to_numpy())
+    return collect_levels(parsed, pdf), len(pdf), keys, pdf.head(n_head)
+
+
+def _merge_summaries(
+    a: tuple, b: tuple, merge_levels: Callable, n_head: int
+) -> tuple[Any, int, np.ndarray, pd.DataFrame]:
+    keys = pd.unique(np.concatenate([a[2], b[2]]))
+    head = a[3] if len(a[3]) >= n_head or len(b[3]) == 0 else pd.concat([a[3], b[3]])
+    return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head)
+
+
+def _finish_summary(s: tuple, merge_levels: Callable) -> tuple[Any, int, int, pd.DataFrame]:
+    # merging the root alone normalises it (sorted levels) even when there is one partition
+    return merge_levels(s[0]), s[1], len(s[2]), s[3]
+
+
+def spec_from_dask(
+    ddf: dd.DataFrame,
+    parsed: Any,
+    *,
+    group: str,
+    collect_levels: Callable | None = None,
+    merge_levels: Callable | None = None,
+    make_spec: Callable | None = None,
+    n_head: int = 1000,
+    **spec_options: Any,
+) -> LearnedSpec:
+    """Learn the ModelSpec from all partitions in one pass, and count rows and groups.
+
+    Maps ``collect_levels(parsed, df)`` over the partitions and reduces the results with
+    ``merge_levels(a, b)`` in a binary tree on the workers (then ``merge_levels(root)``),
+    together with the row count, the distinct non-missing keys of ``group`` (only their
+    number comes back) and the first ``n_head`` rows; then calls
+    ``make_spec(parsed, levels, head, **spec_options)`` here.
+    The three functions default to those of :mod:`dglmm.design`.
+
+    Raises
+    ------
+    DataError
+        ``group`` is not a column, or the data have no rows.
+    """
+    collect_levels = collect_levels or _default_design("collect_levels")
+    merge_levels = merge_levels or _default_design("merge_levels")
+    make_spec = make_spec or _default_design("make_spec")
+    _check_columns([group], ddf.columns)
+    level = [
+        dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head)
+        for part in ddf.to_delayed()
+    ]
+    while len(level) > 1:
+        level = [
+            dask.delayed(_merge_summaries)(level[i], level[i + 1], merge_levels, n_head)
+            if i + 1 < len(level)
+            else level[i]
+            for i in range(0, len(level), 2)
+        ]
+    levels, n_rows, n_groups, head = dask.delayed(_finish_summary)(level[0], merge_levels).compute()
+    if n_rows == 0:
+        raise DataError("the data have no rows")
+    spec = make_spec(parsed, levels, head, **spec_options)
+    return LearnedSpec(spec=spec, n_rows=int(n_rows), n_groups=int(n_groups))

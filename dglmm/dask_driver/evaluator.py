@@ -1,0 +1,595 @@
+"""Blocks persisted on the workers and evaluated with one round trip per call."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import distributed
+import numpy as np
+import pandas as pd
+from distributed import Client, KilledWorker
+
+from dglmm.dask_driver.cluster import ClusterHandle
+from dglmm.dask_driver.data import (
+    PreparedData,
+    is_prepared,
+    load_data,
+    partition_by_group,
+    read_prepared,
+    spec_from_dask,
+)
+from dglmm.errors import ClusterError, DataError, missing_values_error
+from dglmm.sources import (
+    _is_url,
+    clear_parts,
+    input_fingerprint,
+)
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _default_kernel() -> Callable:
+    from dglmm.kernels import evaluate_block
+
+    return evaluate_block
+
+
+def _default_builder() -> Callable:
+    from dglmm.design import build_block
+
+    return build_block
+
+
+def _nbytes(block: Any) -> int:
+    n = getattr(block, "nbytes", None)
+    if isinstance(n, (int, np.integer)):
+        return int(n)
+    return sum(int(v.nbytes) for v in vars(block).values() if hasattr(v, "nbytes"))
+
+
+@dataclass(frozen=True)
+class _BlockStats:
+    n_rows_in: int
+    n_obs: int
+    n_groups: int
+    nbytes: int
+
+
+def _build_task(
+    pdf: pd.DataFrame, spec: Any, builder: Callable, missing: str, check_response: Any
+) -> tuple[Any, int]:
+    kwargs: dict[str, Any] = {"missing": missing}
+    if check_response is not None:
+        kwargs["check_response"] = check_response
+    return builder(spec, pdf, **kwargs), len(pdf)
+
+
+def _stats_task(entry: tuple[Any, int]) -> _BlockStats:
+    block, n_rows_in = entry
+    return _BlockStats(
+        n_rows_in=n_rows_in,
+        n_obs=len(block.y),
+        n_groups=len(block.group_ptr) - 1,
+        nbytes=_nbytes(block),
+    )
+
+
+_MODES_ATTR = "_dglmm_modes"
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):  # pragma: no cover - outside a worker
+        return "local"
+
+
+def _stored_modes(block: Any) -> Any:
+    """The warm start kept on ``block`` (modes array or the kernel's WarmStart), if usable."""
+    u_init = getattr(block, _MODES_ATTR, None)
+    modes = getattr(u_init, "modes", u_init)
+    if u_init is not None and np.shape(modes)[0] != len(block.group_ptr) - 1:
+        return None
+    return u_init
+
+
+def _kernel_task(
+    entry: tuple[Any, int],
+    params_list: list[np.ndarray],
+    model: Any,
+    hessian: bool,
+    kernel: Callable,
+) -> tuple[list[Any], dict]:
+    """The kernel of one block for each parameter vector, and the seconds it took.
+
+    Warm start: the block's conditional modes at the first parameter vector of the previous
+    call (kept on the block object in worker memory) are the starting values; the first
+    vector's modes of this call are kept for the others and for next time.  A block without
+    them (new, or rebuilt after a worker was lost) starts from zeros.
+    """
+    block = entry[0]
+    u_init = _stored_modes(block)
+    t0 = time.perf_counter()
+    results = []
+    for j, p in enumerate(params_list):
+        kwargs = {"hessian": hessian} if u_init is None else {"hessian": hessian, "u_init": u_init}
+        r = kernel(block, p, model, **kwargs)
+        modes = getattr(r, "modes", None)
+        if j == 0 and modes is not None and np.all(np.isfinite(modes)):
+            # the kernel's warm start (modes and their slopes) when it gives one
+            modes = getattr(r, "warm_start", None) or modes
+            u_init = modes
+            try:
+                setattr(block, _MODES_ATTR, modes)
+            except AttributeError:  # pragma: no cover - a block type without a __dict__
+                pass
+        results.append(r)
+    seconds = time.perf_counter() - t0
+    for r in results:  # per-group modes are dropped by the sum anyway: never ship them
+        if getattr(r, "modes", None) is not None:
+            r.modes = None
+        if getattr(r, "warm_start", None) is not None:
+            r.warm_start = None
+    timing = {"total": seconds, "max_block": seconds, "n_blocks": 1,
+              "per_worker": {_worker_address(): seconds}}  # fmt: skip
+    return results, timing
+
+
+def _merge_timing(a: dict, b: dict) -> dict:
+    per_worker = dict(a["per_worker"])
+    for w, sec in b["per_worker"].items():
+        per_worker[w] = per_worker.get(w, 0.0) + sec
+    return {
+        "total": a["total"] + b["total"],
+        "max_block": max(a["max_block"], b["max_block"]),
+        "n_blocks": a["n_blocks"] + b["n_blocks"],
+        "per_worker": per_worker,
+    }
+
+
+def _random_effects_task(
+    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any
+) -> pd.DataFrame:
+    from dglmm.api import random_effects_frame
+
+    block = entry[0]
+    u_init = _stored_modes(block)
+    return random_effects_frame(block, params, model, spec.random_columns, spec.group,
+                                u_init=u_init)  # fmt: skip
+
+
+def _random_effects_write_task(
+    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any, path: str,
+    storage_options: dict | None,
+) -> int:  # fmt: skip
+    """Write one block's random-effects rows as one Parquet file; return the row count."""
+    table = _random_effects_task(entry, params, model, spec)
+    if not _is_url(path):
+        os.makedirs(os.path.dirname(path.removeprefix("file://")) or ".", exist_ok=True)
+    table.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
+    return len(table)
+
+
+def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
+    total, timing = list(parts[0][0]), parts[0][1]
+    for other, other_timing in parts[1:]:
+        total = [a + b for a, b in zip(total, other, strict=True)]
+        timing = _merge_timing(timing, other_timing)
+    return total, timing
+
+
+class DaskEvaluator:
+    """Blocks persisted on the workers, evaluated with one round trip per call.
+
+    Builds one Block per partition on the workers (``block_builder(spec, df, missing=,
+    check_response=)``), keeps them in worker memory, and for each call to :meth:`evaluate`
+    submits one kernel task per block followed by a binary tree of sum tasks; only the root
+    (one summed result per parameter vector) comes back.
+
+    Parameters
+    ----------
+    handle : ClusterHandle
+    data : dask DataFrame, PreparedData, or anything :func:`load_data` reads
+        With ``group`` given, the rows are first shuffled by :func:`partition_by_group`
+        into ``npartitions`` partitions (default: at least one per worker).  Without ``group``
+        the partitions must already hold whole groups (as the output of
+        :func:`partition_by_group` and :func:`read_prepared` do); pass ``n_groups`` (from
+        :func:`spec_from_dask`) to have a group split across partitions detected (the
+        blocks then hold more groups than the data).
+    spec : ModelSpec
+    model : KernelModel
+    check_response, missing :
+        Passed to the block builder.
+    kernel, block_builder : callable, optional
+        Default to :func:`dglmm.kernels.evaluate_block` and :func:`dglmm.design.build_block`.
+    columns : sequence of str, optional
+        Read only these columns.
+    retries : int
+        Retries of each evaluation task after an exception (lost workers are handled by
+        the scheduler, then by one rebuild).
+
+    Raises
+    ------
+    DataError, SpecificationError
+        Raised on a worker while building a block: re-raised here with the same type and
+        message.
+    ClusterError
+        Workers died repeatedly (e.g. out of memory) while building or evaluating.
+    """
+
+    def __init__(
+        self,
+        handle: ClusterHandle,
+        data: Any,
+        spec: Any,
+        model: Any,
+        *,
+        check_response: Any = None,
+        missing: str = "error",
+        kernel: Callable | None = None,
+        block_builder: Callable | None = None,
+        group: str | None = None,
+        npartitions: int | None = None,
+        n_groups: int | None = None,
+        columns: Sequence[str] | None = None,
+        retries: int = 2,
+        sources: list[dict] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.spec = spec
+        self.model = model
+        self.check_response = check_response
+        self.missing = missing
+        self.kernel = kernel or _default_kernel()
+        self.block_builder = block_builder or _default_builder()
+        self.retries = retries
+        self._blocks: list = []
+        self._stats: list[_BlockStats] = []
+        self._prepared_rows: list[int] | None = None
+        self._sources: list[dict] = list(sources) if sources is not None else []
+        self.kernel_seconds = 0.0
+        self.wall_seconds = 0.0
+        self.n_evaluations = 0
+        self.last_kernel_seconds = 0.0
+        self.last_wall_seconds = 0.0
+        self.last_timing: dict = {}
+        if sources is None and not isinstance(data, dd.DataFrame):
+            self._sources = input_fingerprint(data)
+        if isinstance(data, PreparedData):
+            self._prepared_rows = list(data.metadata["rows_per_file"])
+            ddf = data.to_dask(columns)
+        else:
+            ddf = load_data(data, columns)
+            if group is not None:
+                n = npartitions or max(ddf.npartitions, handle.n_workers)
+                ddf = partition_by_group(ddf, group, n)
+        self._ddf = ddf
+        self._build()
+        if n_groups is not None and self.n_groups > n_groups:  # fewer: groups all dropped
+            raise DataError(
+                f"the blocks hold {self.n_groups} groups but the data have {n_groups}: "
+                "some groups are split across partitions (partition the data with "
+                "partition_by_group or prepare)"
+            )
+
+    @property
+    def client(self) -> Client:
+        return self.handle.client
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        builds = [
+            dask.delayed(_build_task, pure=False)(
+                part, self.spec, self.block_builder, self.missing, self.check_response
+            )
+            for part in self._ddf.to_delayed()
+        ]
+        self._blocks = self.client.compute(builds)
+        stats = [self.client.submit(_stats_task, b, pure=False) for b in self._blocks]
+        try:
+            self._stats = self.client.gather(stats)  # re-raises a builder's exception as is
+        except DataError as exc:
+            self._release_after(stats)
+            raise self._whole_data_error(exc, stats) from None
+        except (KilledWorker, MemoryError) as exc:
+            self._release()
+            raise ClusterError(self._failure_message("building the blocks", exc)) from None
+        except CancelledError as exc:
+            self._release()
+            raise ClusterError(
+                f"the Dask cluster could not build the blocks ({exc}); the scheduler's log "
+                "says why (often: workers and client have different environments)"
+            ) from None
+        except BaseException:
+            self._release()
+            raise
+
+    def _release_after(self, futures) -> None:
+        distributed.wait(futures)
+        self._release()
+
+    @staticmethod
+    def _whole_data_error(first: DataError, stats) -> DataError:
+        """One error for the whole data: missing-value counts added over partitions."""
+        if first.missing_counts is None:
+            return first
+        counts: dict[str, int] = {}
+        n_rows = 0
+        for f in stats:
+            if f.status == "error":
+                exc = f.exception()
+                if not isinstance(exc, DataError) or exc.missing_counts is None:
+                    return first
+                for name, n in exc.missing_counts.items():
+                    counts[name] = counts.get(name, 0) + n
+                n_rows += exc.n_rows or 0
+            elif f.status == "finished":
+                n_rows += f.result().n_rows_in
+            else:
+                return first
+        return missing_values_error(counts, n_rows)
+
+    def _failure_message(self, what: str, exc: BaseException) -> str:
+        rows = self._largest_partition_rows()
+        size = f"{rows} rows" if rows is not None else "an unknown number of rows"
+        return (
+            f"Dask workers failed repeatedly while {what} ({type(exc).__name__}: {exc}); "
+            f"they may have run out of memory: the largest partition has {size}. Use more "
+            "partitions (npartitions=) or more workers, or workers with more memory"
+        )
+
+    def _largest_partition_rows(self) -> int | None:
+        if self._stats:
+            return max(s.n_rows_in for s in self._stats)
+        if self._prepared_rows:
+            return max(self._prepared_rows)
+        return None
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def n_obs(self) -> int:
+        """Rows used by the blocks (after dropping missing values)."""
+        return sum(s.n_obs for s in self._stats)
+
+    @property
+    def n_groups(self) -> int:
+        return sum(s.n_groups for s in self._stats)
+
+    @property
+    def n_dropped(self) -> int:
+        """Rows the block builder dropped (missing values with ``missing="drop"``)."""
+        return sum(s.n_rows_in - s.n_obs for s in self._stats)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Total size of the blocks in bytes, measured on the workers."""
+        return sum(s.nbytes for s in self._stats)
+
+    @property
+    def partition_rows(self) -> list[int]:
+        """Rows of each partition before the builder dropped any."""
+        return [s.n_rows_in for s in self._stats]
+
+    @property
+    def n_workers(self) -> int:
+        return self.handle.n_workers
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records about the input: counts and :func:`input_fingerprint`."""
+        return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self._sources}
+
+    def random_effects(
+        self, params: np.ndarray, output: str | None = None, storage_options: dict | None = None
+    ) -> pd.DataFrame | dd.DataFrame:
+        """Per-group random-effect predictions (``dglmm.api.random_effects_frame``).
+
+        With ``output`` (a directory path or URL the workers can write to) each worker
+        writes its blocks' rows as ``output/part-NNNNN.parquet``, nothing is collected
+        here, and a lazy dask DataFrame over the written files is returned.  Without
+        ``output`` the table (one row per group) is gathered and returned as pandas.
+        """
+        params = np.array(params, dtype=np.float64, copy=True)
+        if output is not None:
+            out = output.rstrip("/")
+            clear_parts(out, storage_options)
+            writes = [
+                self.client.submit(
+                    _random_effects_write_task, entry, params, self.model, self.spec,
+                    f"{out}/part-{i:05d}.parquet", storage_options, pure=False,
+                    retries=self.retries,
+                )
+                for i, entry in enumerate(self._blocks)
+            ]  # fmt: skip
+            self.client.gather(writes)
+            return dd.read_parquet(out, storage_options=storage_options)
+        tasks = [
+            self.client.submit(_random_effects_task, entry, params, self.model, self.spec,
+                               pure=False, retries=self.retries)
+            for entry in self._blocks
+        ]  # fmt: skip
+        return pd.concat(self.client.gather(tasks), ignore_index=True)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, params_list: Sequence[np.ndarray], hessian: bool = True) -> list[Any]:
+        """Sum of the kernel over all blocks for each parameter vector, in one round trip.
+
+        Parameters
+        ----------
+        params_list : sequence of ndarray, each shape (P,)
+        hessian : bool
+            Passed to the kernel.
+
+        Returns
+        -------
+        list of BlockResult
+            ``out[k]`` is the sum over blocks of ``kernel(block, params_list[k], model)``.
+
+        Raises
+        ------
+        ClusterError
+            Workers kept dying (e.g. out of memory) even after the blocks were rebuilt once.
+        """
+        params = [np.array(p, dtype=np.float64, copy=True) for p in params_list]
+        if not params:
+            return []
+        try:
+            return self._evaluate_timed(params, hessian)
+        except (KilledWorker, CancelledError):
+            pass  # blocks lost for good or a task killed its workers: rebuild once
+        except MemoryError as exc:
+            raise ClusterError(self._failure_message("evaluating", exc)) from None
+        self._release()
+        self._build()
+        try:
+            return self._evaluate_timed(params, hessian)
+        except (KilledWorker, CancelledError, MemoryError) as exc:
+            raise ClusterError(self._failure_message("evaluating", exc)) from None
+
+    def _evaluate_timed(self, params: list[np.ndarray], hessian: bool) -> list[Any]:
+        t0 = time.perf_counter()
+        results, timing = self._evaluate_once(params, hessian)
+        wall = time.perf_counter() - t0
+        # the kernel's share of the wall time: the busiest worker's kernel seconds
+        critical = max(timing["per_worker"].values(), default=0.0)
+        self.last_timing = {**timing, "wall": wall, "critical_path": critical}
+        self.last_kernel_seconds = critical
+        self.last_wall_seconds = wall
+        self.kernel_seconds += timing["total"]
+        self.wall_seconds += wall
+        self.n_evaluations += 1
+        return results
+
+    def _evaluate_once(self, params: list[np.ndarray], hessian: bool) -> tuple[list[Any], dict]:
+        submit = self.client.submit
+        tag = uuid.uuid4().hex[:12]
+        level = [
+            submit(
+                _kernel_task, entry, params, self.model, hessian, self.kernel,
+                key=f"dglmm-kernel-{tag}-{i}", retries=self.retries,
+            )
+            for i, entry in enumerate(self._blocks)
+        ]  # fmt: skip
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            level = [
+                submit(
+                    _sum_task, *level[i : i + 2],
+                    key=f"dglmm-sum-{tag}-{depth}-{i}", retries=self.retries,
+                )
+                if i + 1 < len(level)
+                else level[i]
+                for i in range(0, len(level), 2)
+            ]  # fmt: skip
+        return level[0].result()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        for f in self._blocks:
+            f.release()
+        self._blocks = []
+        self._stats = []
+
+    def close(self) -> None:
+        """Drop the persisted blocks from the workers."""
+        self._release()
+
+    def __enter__(self) -> DaskEvaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_evaluator(
+    handle: ClusterHandle,
+    data: Any,
+    formula: Any,
+    family: Any,
+    n_agq: int,
+    *,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+    missing: str = "error",
+    npartitions: int | None = None,
+    storage_options: dict | None = None,
+    kernel_model: Callable[[Any, Any, int], Any],
+    kernel: Callable | None = None,
+) -> tuple[DaskEvaluator, Any]:
+    """Formula and data -> (DaskEvaluator, ModelSpec): the Dask path of ``dglmm.fit``.
+
+    Reads only the columns the model needs, learns the spec in one pass
+    (:func:`spec_from_dask`), then persists one block per partition: the files of prepared
+    data as they are, any other data shuffled by :func:`partition_by_group`.
+
+    Parameters
+    ----------
+    formula : str or ParsedFormula
+    family : Family
+        Its ``check_response`` is passed to the block builder.
+    kernel_model : callable
+        ``(spec, family, n_agq) -> KernelModel``.
+
+    Raises
+    ------
+    DataError, SpecificationError, ClusterError
+    """
+    from dglmm.design import needed_columns
+    from dglmm.formula import ParsedFormula, parse_formula
+
+    parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    columns = needed_columns(parsed, trials, offset, weights)
+    prepared = _as_prepared(data)
+    # before anything is read: a checkpoint compares it on resume
+    sources = input_fingerprint(prepared if prepared is not None else data, storage_options)
+    if prepared is not None and prepared.group == parsed.group:
+        source: Any = prepared  # already whole groups, one file per partition
+        ddf, group = prepared.to_dask(columns), None
+    else:
+        ddf = load_data(data, columns, storage_options=storage_options)
+        source, group = ddf, parsed.group
+    learned = spec_from_dask(
+        ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights
+    )
+    evaluator = DaskEvaluator(
+        handle,
+        source,
+        learned.spec,
+        kernel_model(learned.spec, family, n_agq),
+        check_response=getattr(family, "check_response", None),
+        missing=missing,
+        kernel=kernel,
+        group=group,
+        npartitions=npartitions,
+        n_groups=learned.n_groups,
+        columns=columns,
+        sources=sources,
+    )
+    return evaluator, learned.spec
+
+
+def _as_prepared(data: Any) -> PreparedData | None:
+    if isinstance(data, PreparedData):
+        return data
+    if isinstance(data, (str, os.PathLike)) and not _is_url(os.fspath(data)):
+        if is_prepared(data):
+            return read_prepared(data)
+    return None
