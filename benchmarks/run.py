@@ -8,6 +8,15 @@ For each configuration (Laplace with ``(1 + duration | subscriber)``, 7-node AGQ
 
 * kernel in-process: ``evaluate_block`` on one Block of all rows with the Hessian, cold
   (``u_init=None``) and warm (``u_init`` = modes of the previous call); median of repeats;
+* the realistic figure: an in-process fit (``dglmm.fit(..., client="in-process")``, one BLAS
+  thread) on the same block: median over Newton iterations of seconds per evaluation
+  (``timings["iterations"]``: seconds / n_evaluations; parameters change between calls, so the
+  warm start is extrapolated, not exact) and the mean ``evaluation_s / n_evaluations`` (which
+  also counts the cheaper gradient-only finite-difference evaluations); the ratio of the median
+  to the one-thread GLM pass is ``ratio_fit_eval_vs_glm_1thread`` (the warm figure's is
+  ``ratio_eval_vs_glm_1thread``);
+* optionally (``--agq-sweep 1,3,7,15``) the warm kernel of the ``(1 | subscriber)`` model for
+  several numbers of nodes (the per-node cost);
 * a plain NumPy GLM pass over the same rows and fixed-effect columns (eta = X beta, mu,
   X'WX, X'(y - mu)), with one BLAS thread and with the default threads;
 * Dask with persisted blocks: ``make_evaluator`` on a local cluster of ``--workers``
@@ -60,6 +69,9 @@ COLUMNS = [
     "ratio_eval_vs_glm_default", "dask_overhead_ms", "ns_per_row_eval_warm",
     "ns_per_row_eval_cold", "kernel_warm_cpu_s_median", "ns_per_row_eval_warm_cpu",
     "load_average_1min",
+    "fit_s_per_evaluation_median", "inprocess_fit_s_per_eval_median",
+    "inprocess_fit_s_per_eval_mean", "inprocess_fit_evaluations",
+    "ratio_fit_eval_vs_glm_1thread", "ns_per_row_eval_fit",
 ]  # fmt: skip
 R_COLUMNS = [
     "config", "rows", "groups", "n_agq", "dglmm_inprocess_s", "glmer_s", "glmmTMB_s",
@@ -228,6 +240,7 @@ def time_glm(X, y, beta, repeats: int) -> tuple[float, float]:
     from threadpoolctl import threadpool_limits
 
     glm_pass(X, y, beta)
+    repeats = max(repeats, 15)  # the denominator of every ratio: ~0.05 s per 1M rows, cheap
     default = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -235,6 +248,7 @@ def time_glm(X, y, beta, repeats: int) -> tuple[float, float]:
         default.append(time.perf_counter() - t0)
     one = []
     with threadpool_limits(limits=1):
+        glm_pass(X, y, beta)
         for _ in range(repeats):
             t0 = time.perf_counter()
             glm_pass(X, y, beta)
@@ -282,7 +296,8 @@ def time_kernel(block, params, model, repeats: int) -> dict:
             cold_cpu.append(time.thread_time() - c0)
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.thread_time()
-            r = evaluate_block(block, params, model, u_init=r.modes)
+            r = evaluate_block(block, params, model,
+                               u_init=getattr(r, "warm_start", None) or r.modes)
             warm.append(time.perf_counter() - t0)
             warm_cpu.append(time.thread_time() - c0)
     # thread CPU time: what the single-threaded kernel itself used, robust to other load
@@ -371,10 +386,69 @@ def dask_fit(data_dir: Path, cfg: dict, workers: int, client=None) -> dict:
         "evaluation_s": tm.get("evaluation_s"),
         "n_evaluations": tm.get("n_evaluations"),
         "n_iterations": len(tm.get("iterations", [])),
+        "s_per_eval_median": per_eval_from_timings(tm)["median"] if tm else None,
         "loglik": res.loglik,
         "fixed_effects": dict(zip(res.fixed_effects.index, res.fixed_effects["estimate"])),
         "peak_worker_rss_mb": poll.peak_worker_mb,
     }
+
+
+def per_eval_from_timings(tm: dict) -> dict:
+    """Seconds per evaluation during a fit from ``FitResult.timings``.
+
+    ``median``: over the Newton iterations (each iteration's seconds / its evaluations, all
+    with the Hessian); ``mean``: all evaluation time / all evaluations (finite-difference
+    gradient-only evaluations included).
+    """
+    its = [it for it in tm.get("iterations", []) if it.get("n_evaluations")]
+    per = [it["seconds"] / it["n_evaluations"] for it in its]
+    n = tm.get("n_evaluations") or 0
+    return {"median": median(per), "mean": tm["evaluation_s"] / n if n else float("nan"),
+            "per_iteration": per, "stages": [it.get("stage") for it in its],
+            "n_evaluations": n}  # fmt: skip
+
+
+def inprocess_fit(df: pd.DataFrame, cfg: dict) -> dict:
+    """``dglmm.fit(..., client="in-process")`` with one BLAS thread (as a Dask worker)."""
+    from threadpoolctl import threadpool_limits
+
+    import dglmm
+
+    with threadpool_limits(limits=1):
+        t0 = time.perf_counter()
+        res = dglmm.fit(cfg["formula"], df, family="binomial", n_agq=cfg["n_agq"],
+                        client="in-process", progress=False)  # fmt: skip
+        wall = time.perf_counter() - t0
+    tm = res.timings
+    pe = per_eval_from_timings(tm)
+    return {"wall_s": wall, "total_s": tm.get("total_s"), "evaluation_s": tm.get("evaluation_s"),
+            "n_evaluations": pe["n_evaluations"], "s_per_eval_median": pe["median"],
+            "s_per_eval_mean": pe["mean"], "s_per_eval_per_iteration": pe["per_iteration"],
+            "stages": pe["stages"],
+            "loglik": res.loglik}  # fmt: skip
+
+
+def agq_sweep(df: pd.DataFrame, truth: dict, nodes: list[int], repeats: int) -> list[dict]:
+    """Warm kernel (wall and thread CPU) of ``(1 | subscriber)`` for each number of nodes."""
+    from dglmm.api import _kernel_model
+    from dglmm.design import build_block, learn_spec
+    from dglmm.families import get_family
+
+    fam = get_family("binomial")
+    cfg = [c for c in configs(truth) if c["config"] == "agq7_intercept"][0]
+    spec = learn_spec(cfg["formula"], df)
+    block = build_block(spec, df, check_response=fam.check_response)
+    params = true_params(spec, truth, cfg["theta"])
+    out = []
+    for k in nodes:
+        kt = time_kernel(block, params, _kernel_model(spec, fam, k), repeats)
+        out.append({"n_agq": k, "warm_s": kt["warm_s"], "warm_cpu_s": kt["warm_cpu_s"],
+                    "cold_s": kt["cold_s"], "ns_per_row_warm": 1e9 * kt["warm_s"] / block.n_obs,
+                    "ns_per_row_warm_cpu": 1e9 * kt["warm_cpu_s"] / block.n_obs,
+                    "load_average_1min": os.getloadavg()[0]})  # fmt: skip
+        print(f"  AGQ sweep n_agq={k}: warm {kt['warm_s']:.3f}s (CPU {kt['warm_cpu_s']:.3f}s)",
+              flush=True)  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- R comparison
@@ -419,6 +493,8 @@ def run_r(csv_path: Path, formula: str, n_agq: int, which: str, timeout: float) 
 
 def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int],
                  stem: Path | None = None) -> list[dict]:  # fmt: skip
+    from threadpoolctl import threadpool_limits
+
     import dglmm
 
     rows_out = []
@@ -427,10 +503,11 @@ def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int],
             sub = sample_subscribers(df, size)
             csv_path = tmp / f"r_{cfg['config']}_{size}.csv"
             sub.to_csv(csv_path, index=False)
-            t0 = time.perf_counter()
-            res = dglmm.fit(cfg["formula"], sub, family="binomial", n_agq=cfg["n_agq"],
-                            client="in-process", progress=False)  # fmt: skip
-            d_s = time.perf_counter() - t0
+            with threadpool_limits(limits=1):  # one core, like the R fits
+                t0 = time.perf_counter()
+                res = dglmm.fit(cfg["formula"], sub, family="binomial", n_agq=cfg["n_agq"],
+                                client="in-process", progress=False)  # fmt: skip
+                d_s = time.perf_counter() - t0
             d_beta = dict(zip(res.fixed_effects.index, res.fixed_effects["estimate"]))
             row = {"config": cfg["config"], "rows": len(sub),
                    "groups": int(sub["subscriber"].nunique()), "n_agq": cfg["n_agq"],
@@ -536,6 +613,10 @@ def main(argv=None) -> int:
     ap.add_argument("--r-timeout", type=float, default=1800.0)
     ap.add_argument("--configs", default="laplace_slope,agq7_intercept")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--no-inprocess-fit", action="store_true",
+                    help="skip the in-process fit (seconds per evaluation during a fit)")
+    ap.add_argument("--agq-sweep", default="",
+                    help="numbers of AGQ nodes for the per-node kernel cost, e.g. 1,3,7,15")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = min(args.repeats, 2)
@@ -624,6 +705,19 @@ def main(argv=None) -> int:
             row["block_vs_raw"] = row["block_bytes_per_row"] / raw_per_row
         row["ratio_eval_vs_glm_1thread"] = kt["warm_s"] / g1
         row["ratio_eval_vs_glm_default"] = kt["warm_s"] / gd
+        if not args.no_inprocess_fit:
+            fi = inprocess_fit(df, cfg)
+            print(f"  in-process fit: {fi['total_s']:.2f}s, {fi['n_evaluations']} evaluations, "
+                  f"s/evaluation median {fi['s_per_eval_median']:.3f} (warm "
+                  f"{kt['warm_s']:.3f}), mean {fi['s_per_eval_mean']:.3f}", flush=True)
+            detail["inprocess_fit"] = fi
+            row.update({
+                "inprocess_fit_s_per_eval_median": fi["s_per_eval_median"],
+                "inprocess_fit_s_per_eval_mean": fi["s_per_eval_mean"],
+                "inprocess_fit_evaluations": fi["n_evaluations"],
+                "ratio_fit_eval_vs_glm_1thread": fi["s_per_eval_median"] / g1,
+                "ns_per_row_eval_fit": 1e9 * fi["s_per_eval_median"] / n,
+            })  # fmt: skip
         if not args.no_fit and not args.no_dask:
             fr = dask_fit(data_dir, cfg, args.workers, client=shared.client if shared else None)
             print(f"  fit: total {fr['total_s']:.2f}s (load {fr['load_s']:.2f}s), "
@@ -635,6 +729,7 @@ def main(argv=None) -> int:
                 "fit_total_s": fr["total_s"],
                 "fit_s_per_evaluation": (fr["evaluation_s"] / fr["n_evaluations"])
                 if fr["n_evaluations"] else None,
+                "fit_s_per_evaluation_median": fr["s_per_eval_median"],
                 "peak_worker_rss_mb": max(fr["peak_worker_rss_mb"],
                                           row.get("peak_worker_rss_mb") or 0),
             })  # fmt: skip
@@ -647,6 +742,11 @@ def main(argv=None) -> int:
     stem = out / f"{'rcmp' if args.r_only else 'bench'}-{args.rows}{args.tag}"
     if not args.r_only:
         print(write_table(rows, COLUMNS, stem))
+    if args.agq_sweep and not args.r_only:
+        sweep = agq_sweep(df, truth, [int(k) for k in args.agq_sweep.split(",") if k],
+                          args.repeats)  # fmt: skip
+        info["agq_sweep"] = sweep
+        print(write_table(sweep, list(sweep[0]), out / f"agq-{args.rows}{args.tag}"))
 
     r_rows = []
     if not args.no_r:

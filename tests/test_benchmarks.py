@@ -39,7 +39,9 @@ def test_quick_benchmark_writes_tables(tmp_path):
     columns = _columns()
     for name in ("config", "rows", "n_agq", "load_s", "eval_s_median", "evaluations",
                  "fit_total_s", "peak_worker_rss_mb", "block_vs_raw", "dask_overhead_ms",
-                 "ratio_eval_vs_glm_1thread", "ratio_eval_vs_glm_default"):  # fmt: skip
+                 "ratio_eval_vs_glm_1thread", "ratio_eval_vs_glm_default",
+                 "inprocess_fit_s_per_eval_median", "ratio_fit_eval_vs_glm_1thread",
+                 "fit_s_per_evaluation_median"):  # fmt: skip
         assert name in columns
 
     with open(out / "bench-20000.csv", newline="") as fh:
@@ -52,6 +54,12 @@ def test_quick_benchmark_writes_tables(tmp_path):
         assert 19000 < int(r["rows"]) < 21000
         assert float(r["block_vs_raw"]) <= 1.5
         assert int(r["evaluations"]) > 0
+        # seconds per evaluation during an in-process fit: positive, and its ratio to the
+        # one-thread GLM pass is the same quotient as the warm figure's
+        fit_eval = float(r["inprocess_fit_s_per_eval_median"])
+        assert fit_eval > 0 and int(r["inprocess_fit_evaluations"]) > 0
+        ratio = float(r["ratio_fit_eval_vs_glm_1thread"])
+        assert ratio == pytest.approx(fit_eval / float(r["glm_pass_1thread_s"]), rel=1e-6)
 
     md = (out / "bench-20000.md").read_text().splitlines()
     assert md[0].startswith("| config |") and all(c in md[0] for c in columns)
