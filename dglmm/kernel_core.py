@@ -218,7 +218,7 @@ def _logit_node_pass(eta0, V, y, ntr, w, i0, i1, u, d1_out, sv_out):
 @numba.njit(cache=True)
 def _block_kernel(
     X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
-    nodes, logw, want_hess, u_init, modes, grad, hess, wrow, d1s, slopes, k_centre,
+    nodes, logw, want_hess, u_init, modes, grad, hess, d1s, slopes, k_centre,
 ):  # fmt: skip
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
@@ -239,6 +239,7 @@ def _block_kernel(
     Sw = np.empty((m, m))
     Q3 = np.empty((q, q, m))
     cs = np.empty(m)
+    XWX = np.zeros((p, p))
     svk = np.empty((K, q))
     sx = np.empty(p)
     szb = np.empty((q, q))
@@ -295,7 +296,7 @@ def _block_kernel(
 
         # ---- sums at the mode.  Sw holds only the rows/columns of z: the x-x block
         # of sum_i w_i r_i r_i' is needed only summed over the block (the beta-beta
-        # Hessian), which the caller adds with one matrix product over wrow.
+        # Hessian), accumulated in XWX.
         hsum = 0.0
         lts = 0.0
         ltts = 0.0
@@ -310,7 +311,11 @@ def _block_kernel(
                 eta += V[i, c] * u[c]
             l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
             wi = -d2
-            wrow[i] = wi
+            if want_hess:
+                for a in range(p):
+                    wxa = wi * X[i, a]
+                    for b in range(a + 1):
+                        XWX[a, b] += wxa * X[i, b]
             if k_centre >= 0:
                 d1s[i - i0, k_centre] = d1
             hsum += l
@@ -617,6 +622,10 @@ def _block_kernel(
                             for d in range(q):
                                 d2 += Hi[c, d] * (-2.0) * dHw[kt, d, c]
                     hess[k, k2] += val - 0.5 * d2
+    if want_hess:
+        for a in range(p):
+            for b in range(a + 1):
+                hess[a, b] -= XWX[a, b]
     for k in range(P):
         for k2 in range(k):
             hess[k2, k] = hess[k, k2]

@@ -35,7 +35,6 @@ import numpy as np
 from .kernel_core import _block_kernel, _posterior_kernel
 from .quadrature import gauss_hermite_rule
 
-_CHUNK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,6 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     eta0 = np.matmul(X, beta, out=scratch["eta0"])
     eta0 += block.offset
     V = np.matmul(Z, L, out=scratch["V"])
-    wrow = scratch["wrow"]
     u0 = initial_modes(u_init, params, n_groups, model.q)
     pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
     grad = np.zeros(P)
@@ -241,16 +239,9 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         eta0, V, L, tau, model.family_code, model.link_code,
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
         rule.nodes, rule.log_weights, hessian,
-        np.ascontiguousarray(u0), modes, grad, hess, wrow, d1s, slopes,
+        np.ascontiguousarray(u0), modes, grad, hess, d1s, slopes,
         _centre_node(rule.nodes),
     )  # fmt: skip
-    if hessian:
-        # beta-beta block of -sum_g T Sw T' is -X' diag(w) X over the whole block
-        p = model.p
-        with np.errstate(all="ignore"):  # a wild trial step may overflow: loglik shows it
-            for start in range(0, n_rows, _CHUNK_ROWS):
-                Xc = X[start : start + _CHUNK_ROWS]
-                hess[:p, :p] -= Xc.T @ (Xc * wrow[start : start + _CHUNK_ROWS, None])
     loglik += block_constant(block, model.family_code)
     return BlockResult(
         loglik=float(loglik),
@@ -276,7 +267,7 @@ def _scratch(block, n_rows: int, q: int) -> dict:
     cached = getattr(block, "_dglmm_scratch", None)
     if cached is not None and cached["eta0"].shape[0] == n_rows and cached["V"].shape[1] == q:
         return cached
-    cached = {"eta0": np.empty(n_rows), "V": np.empty((n_rows, q)), "wrow": np.empty(n_rows)}
+    cached = {"eta0": np.empty(n_rows), "V": np.empty((n_rows, q))}
     try:
         object.__setattr__(block, "_dglmm_scratch", cached)
     except AttributeError:  # pragma: no cover - objects without a __dict__
