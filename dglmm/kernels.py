@@ -36,7 +36,6 @@ from .kernel_core import _block_kernel, _posterior_kernel
 from .quadrature import gauss_hermite_rule
 
 
-
 @dataclass(frozen=True)
 class KernelModel:
     """What the kernel needs to know about the model (small, picklable).
