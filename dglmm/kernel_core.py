@@ -217,7 +217,7 @@ def _logit_node_pass(eta0, V, y, ntr, w, i0, i1, u, d1_out, sv_out):
 
 @numba.njit(cache=True)
 def _block_kernel(
-    X, Z, y, ntr, w, gptr, eta0, V, L, tau, fam, link, pat_r, pat_c, has_disp,
+    X, Z, y, ntr, w, off, gptr, beta, L, tau, fam, link, pat_r, pat_c, has_disp,
     nodes, logw, want_hess, u_init, modes, grad, hess, d1s, slopes, k_centre,
 ):  # fmt: skip
     n_groups = gptr.shape[0] - 1
@@ -262,6 +262,11 @@ def _block_kernel(
     tmp = np.empty((q, q))
     dHw = np.empty((P, q, q))
     work = _mode_work(q)
+    max_rows = 0
+    for g in range(n_groups):
+        max_rows = max(max_rows, gptr[g + 1] - gptr[g])
+    geta = np.empty(max_rows)
+    gV = np.empty((max_rows, q))
     loglik = 0.0
 
     for c in range(q):
@@ -280,9 +285,21 @@ def _block_kernel(
     for g in range(n_groups):
         i0 = gptr[g]
         i1 = gptr[g + 1]
+        n_g = i1 - i0
+        # the group's linear predictor at u = 0 and v_i = L' z_i, in cache for all passes
+        for i in range(i0, i1):
+            acc = off[i]
+            for a in range(p):
+                acc += X[i, a] * beta[a]
+            geta[i - i0] = acc
+            for c in range(q):
+                acc = 0.0
+                for a in range(c, q):
+                    acc += Z[i, a] * L[a, c]
+                gV[i - i0, c] = acc
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, Hm, work)
+        _find_mode(geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, n_g, u, fam, link, tau, Hm, work)
         for c in range(q):
             modes[g, c] = u[c]
         # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
@@ -306,9 +323,9 @@ def _block_kernel(
         if not laplace:
             Q3[:, :, :] = 0.0
         for i in range(i0, i1):
-            eta = eta0[i]
+            eta = geta[i - i0]
             for c in range(q):
-                eta += V[i, c] * u[c]
+                eta += gV[i - i0, c] * u[c]
             l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
             wi = -d2
             if want_hess:
@@ -338,8 +355,8 @@ def _block_kernel(
                     for c in range(q):
                         acc = 0.0
                         for d in range(q):
-                            acc += Hi[c, d] * V[i, d]
-                        mi += V[i, c] * acc
+                            acc += Hi[c, d] * gV[i - i0, d]
+                        mi += gV[i - i0, c] * acc
                     cm = d3 * mi
                     for a in range(p):
                         cs[a] += cm * X[i, a]
@@ -352,7 +369,7 @@ def _block_kernel(
                         r[p + a] = Z[i, a]
                     for c in range(q):
                         for d in range(c + 1):
-                            coef = d3 * V[i, c] * V[i, d]
+                            coef = d3 * gV[i - i0, c] * gV[i - i0, d]
                             for a in range(m):
                                 Q3[c, d, a] += coef * r[a]
         for a in range(q):
@@ -488,18 +505,21 @@ def _block_kernel(
                             acc += L[a, c] * s1[p + a]
                         svk[kk, c] = acc
                 elif logit:
-                    Gk = _logit_node_pass(eta0, V, y, ntr, w, i0, i1, uk[kk], d1s[:, kk], svk[kk])
+                    Gk = _logit_node_pass(
+                        geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, n_g, uk[kk], d1s[:, kk],
+                        svk[kk],
+                    )
                 else:
                     for i in range(i0, i1):
-                        eta = eta0[i]
+                        eta = geta[i - i0]
                         for c in range(q):
-                            eta += V[i, c] * uk[kk, c]
+                            eta += gV[i - i0, c] * uk[kk, c]
                         l, d1, lt = row_l_d1(fam, link, y[i], ntr[i], w[i], eta, tau)
                         Gk += l
                         lt_node += lt
                         d1s[i - i0, kk] = d1
                         for c in range(q):
-                            svk[kk, c] += d1 * V[i, c]
+                            svk[kk, c] += d1 * gV[i - i0, c]
                 ltk[kk] = lt_node
                 f = logw[kk] + Gk + norm2
                 for c in range(q):

@@ -219,10 +219,6 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     n_rows = X.shape[0]
     n_groups = len(block.group_ptr) - 1
     P = model.n_params
-    scratch = _scratch(block, n_rows, model.q)
-    eta0 = np.matmul(X, beta, out=scratch["eta0"])
-    eta0 += block.offset
-    V = np.matmul(Z, L, out=scratch["V"])
     u0 = initial_modes(u_init, params, n_groups, model.q)
     pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
     grad = np.zeros(P)
@@ -234,8 +230,9 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     d1s = np.empty((max_rows, rule.nodes.shape[0]))  # AGQ scratch: d1 per row and node
     loglik = _block_kernel(
         X, Z, np.asarray(block.y, dtype=np.float64), np.asarray(block.trials, dtype=np.float64),
-        np.asarray(block.weights, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
-        eta0, V, L, tau, model.family_code, model.link_code,
+        np.asarray(block.weights, dtype=np.float64),
+        np.asarray(block.offset, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
+        beta, L, tau, model.family_code, model.link_code,
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
         rule.nodes, rule.log_weights, hessian,
         np.ascontiguousarray(u0), modes, grad, hess, d1s, slopes,
@@ -259,19 +256,6 @@ def _centre_node(nodes: np.ndarray) -> int:
         return -1
     hits = np.flatnonzero(np.all(nodes == 0.0, axis=1))
     return int(hits[0]) if hits.size else -1
-
-
-def _scratch(block, n_rows: int, q: int) -> dict:
-    """Row-length work arrays, kept on the block between calls (no re-allocation)."""
-    cached = getattr(block, "_dglmm_scratch", None)
-    if cached is not None and cached["eta0"].shape[0] == n_rows and cached["V"].shape[1] == q:
-        return cached
-    cached = {"eta0": np.empty(n_rows), "V": np.empty((n_rows, q))}
-    try:
-        object.__setattr__(block, "_dglmm_scratch", cached)
-    except AttributeError:  # pragma: no cover - objects without a __dict__
-        pass
-    return cached
 
 
 # ----------------------------------------------------------------------------- predictions
