@@ -475,3 +475,37 @@ def test_random_effects_written_by_the_workers(small, small_reference, cluster, 
     dglmm.fit(FORMULA, str(small), client=IN_PROCESS, random_effects=str(ref_path))
     ref = pd.read_parquet(ref_path).sort_values("subscriber").reset_index(drop=True)
     pd.testing.assert_frame_equal(table, ref, rtol=1e-6, check_dtype=False)
+
+
+def test_object_storage_urls_end_to_end(small_reference):
+    """prepare, fit, checkpoint, random effects and result on fsspec URLs (the Kubernetes
+    job's path); the in-memory filesystem stands in for s3:// and is shared by a threaded
+    cluster in this process."""
+    import fsspec
+    from distributed import Client
+
+    fs = fsspec.filesystem("memory")
+    df, _ = simulate_calls(600, seed=0)
+    with fs.open("memory://dglmm-test/raw/calls.parquet", "wb") as f:
+        df.to_parquet(f)
+    try:
+        with Client(processes=False, n_workers=1, threads_per_worker=2,
+                    dashboard_address=None) as client:  # fmt: skip
+            with drv.connect(client=client) as handle:
+                prepared = drv.prepare("memory://dglmm-test/raw/calls.parquet",
+                                       "memory://dglmm-test/prep", "subscriber", npartitions=3,
+                                       handle=handle)  # fmt: skip
+            assert prepared["n_files"] == 3 and drv.is_prepared("memory://dglmm-test/prep")
+            result = dglmm.fit(FORMULA, "memory://dglmm-test/prep", client=client,
+                               checkpoint="memory://dglmm-test/ckpt.json",
+                               random_effects="memory://dglmm-test/re")  # fmt: skip
+            result.to_json("memory://dglmm-test/result.json")
+        reference = dglmm.fit(FORMULA, df, client=IN_PROCESS)
+        assert result.n_partitions == 3
+        assert_same_fit(result, reference)
+        assert fs.exists("/dglmm-test/ckpt.json")
+        assert len(fs.glob("/dglmm-test/re/part-*.parquet")) == 3
+        back = dglmm.FitResult.from_json("memory://dglmm-test/result.json")
+        assert back.loglik == pytest.approx(result.loglik, rel=1e-12)
+    finally:
+        fs.rm("/dglmm-test", recursive=True)

@@ -22,6 +22,7 @@ from dglmm.sources import (
     PREPARED_METADATA,
     _is_data_file,
     _is_url,
+    clear_parts,
 )
 
 PREPARED_FORMAT_VERSION = 1
@@ -120,8 +121,8 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
     paths = [os.fspath(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
     if not paths:
         raise DataError("no data paths given")
-    if len(paths) == 1 and not _is_url(paths[0]) and is_prepared(paths[0]):
-        return read_prepared(paths[0]).to_dask(columns)
+    if len(paths) == 1 and is_prepared(paths[0], storage_options):
+        return read_prepared(paths[0], storage_options).to_dask(columns)
     local = [p for p in paths if not _is_url(p)]
     files: list[str] = [p for p in paths if _is_url(p)]
     for p in local:
@@ -263,6 +264,7 @@ class PreparedData:
 
     path: str
     metadata: dict
+    storage_options: dict | None = None
 
     def __getitem__(self, key: str) -> Any:
         """``prepared["n_rows"]`` etc.: the entries of the metadata file."""
@@ -270,7 +272,7 @@ class PreparedData:
 
     @property
     def files(self) -> list[str]:
-        return [os.path.join(self.path, f) for f in self.metadata["files"]]
+        return [_join(self.path, f) for f in self.metadata["files"]]
 
     @property
     def group(self) -> str:
@@ -288,28 +290,50 @@ class PreparedData:
         """One partition per file, no shuffle (a lost block is rebuilt from one file)."""
         _check_columns(columns, self.metadata["columns"])
         cols = list(columns) if columns is not None else None
-        meta = _read_one(self.files[0], cols).head(0)
-        return dd.from_map(_read_one, self.files, columns=cols, meta=meta, enforce_metadata=False)
+        so = self.storage_options
+        meta = _read_one(self.files[0], cols, so).head(0)
+        return dd.from_map(
+            _read_one, self.files, columns=cols, storage_options=so, meta=meta,
+            enforce_metadata=False,
+        )  # fmt: skip
 
 
-def _read_one(path: str, columns: list[str] | None = None) -> pd.DataFrame:
+def _join(base: str, name: str) -> str:
+    """``base/name`` for local paths and URLs (``s3://bucket/prefix``) alike."""
+    return f"{base.rstrip('/')}/{name}" if _is_url(base) else os.path.join(base, name)
+
+
+def _read_one(path: str, columns: list[str] | None = None,
+              storage_options: dict | None = None) -> pd.DataFrame:  # fmt: skip
     try:
-        return pd.read_parquet(path, columns=columns)
+        so = storage_options if _is_url(path) else None
+        return pd.read_parquet(path, columns=columns, storage_options=so)
     except FileNotFoundError:
         raise DataError(f"the prepared file {path!r} is missing") from None
 
 
-def is_prepared(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory written by :func:`prepare` (of a known version)."""
-    meta = os.path.join(os.fspath(path), PREPARED_METADATA)
+def _read_text(path: str, storage_options: dict | None = None) -> str:
+    """Whole text of a local file or a URL (fsspec)."""
+    if _is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "r", **(storage_options or {})) as f:
+            return f.read()
+    with open(path) as f:
+        return f.read()
+
+
+def is_prepared(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True when ``path`` (a directory or URL prefix) was written by :func:`prepare`."""
+    meta = _join(os.fspath(path), PREPARED_METADATA)
     try:
-        with open(meta) as f:
-            return json.load(f).get("format_version") == PREPARED_FORMAT_VERSION
+        return json.loads(_read_text(meta, storage_options)).get(
+            "format_version") == PREPARED_FORMAT_VERSION  # fmt: skip
     except (OSError, ValueError):
         return False
 
 
-def read_prepared(path: str | os.PathLike) -> PreparedData:
+def read_prepared(path: str | os.PathLike, storage_options: dict | None = None) -> PreparedData:
     """Read the metadata of a directory written by :func:`prepare`.
 
     Raises
@@ -319,8 +343,7 @@ def read_prepared(path: str | os.PathLike) -> PreparedData:
     """
     path = os.fspath(path)
     try:
-        with open(os.path.join(path, PREPARED_METADATA)) as f:
-            metadata = json.load(f)
+        metadata = json.loads(_read_text(_join(path, PREPARED_METADATA), storage_options))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path!r} is not data written by dglmm prepare: {exc}") from None
     if metadata.get("format_version") != PREPARED_FORMAT_VERSION:
@@ -328,12 +351,13 @@ def read_prepared(path: str | os.PathLike) -> PreparedData:
             f"{path!r} was prepared with format version {metadata.get('format_version')}, "
             f"this dglmm reads version {PREPARED_FORMAT_VERSION}: prepare the data again"
         )
-    return PreparedData(path=path, metadata=metadata)
+    return PreparedData(path=path, metadata=metadata, storage_options=storage_options)
 
 
-def _write_part(pdf: pd.DataFrame, path: str, group: str) -> tuple[int, int]:
+def _write_part(pdf: pd.DataFrame, path: str, group: str,
+                storage_options: dict | None = None) -> tuple[int, int]:  # fmt: skip
     pdf = pdf.sort_values(group, kind="stable").reset_index(drop=True)
-    pdf.to_parquet(path, index=False)
+    pdf.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
     return len(pdf), int(pdf[group].nunique(dropna=False))
 
 
@@ -366,16 +390,25 @@ def prepare(
     out = os.fspath(out)
     ddf = load_data(data, columns, storage_options=storage_options)
     _check_columns([group], ddf.columns)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise DataError(f"the output directory {out!r} is not empty (pass overwrite=True)")
-    os.makedirs(out, exist_ok=True)
-    for old in glob.glob(os.path.join(out, "part-*.parquet")):
-        os.remove(old)
+    if _is_url(out):
+        import fsspec
+
+        fs, _, (root,) = fsspec.get_fs_token_paths(out, storage_options=storage_options)
+        existing = fs.ls(root) if fs.exists(root) else []
+        if existing and not overwrite:
+            raise DataError(f"the output location {out!r} is not empty (pass overwrite=True)")
+        fs.makedirs(root, exist_ok=True)
+        clear_parts(out, storage_options)
+    else:
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise DataError(f"the output directory {out!r} is not empty (pass overwrite=True)")
+        os.makedirs(out, exist_ok=True)
+        clear_parts(out)
     n = int(npartitions or ddf.npartitions)
     parts = partition_by_group(ddf, group, n, balance=balance).to_delayed()
     names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
     writes = [
-        dask.delayed(_write_part)(part, os.path.join(out, name), group)
+        dask.delayed(_write_part)(part, _join(out, name), group, storage_options)
         for part, name in zip(parts, names, strict=True)
     ]
     if handle is not None:
@@ -396,11 +429,15 @@ def prepare(
     }
     if metadata["n_rows"] == 0:
         raise DataError(f"the data {_describe(data)} have no rows")
-    tmp = os.path.join(out, PREPARED_METADATA + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(metadata, f, indent=2)
-    os.replace(tmp, os.path.join(out, PREPARED_METADATA))
-    return PreparedData(path=out, metadata=metadata)
+    if _is_url(out):  # one PUT of the whole document: readers see all of it or nothing
+        with fsspec.open(_join(out, PREPARED_METADATA), "w", **(storage_options or {})) as f:
+            json.dump(metadata, f, indent=2)
+    else:
+        tmp = os.path.join(out, PREPARED_METADATA + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(metadata, f, indent=2)
+        os.replace(tmp, os.path.join(out, PREPARED_METADATA))
+    return PreparedData(path=out, metadata=metadata, storage_options=storage_options)
 
 
 # --------------------------------------------------------------------------------------------

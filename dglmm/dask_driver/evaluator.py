@@ -557,7 +557,7 @@ def make_evaluator(
 
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     columns = needed_columns(parsed, trials, offset, weights)
-    prepared = _as_prepared(data)
+    prepared = _as_prepared(data, storage_options)
     # before anything is read: a checkpoint compares it on resume
     sources = input_fingerprint(prepared if prepared is not None else data, storage_options)
     if prepared is not None and prepared.group == parsed.group:
@@ -586,10 +586,9 @@ def make_evaluator(
     return evaluator, learned.spec
 
 
-def _as_prepared(data: Any) -> PreparedData | None:
+def _as_prepared(data: Any, storage_options: dict | None = None) -> PreparedData | None:
     if isinstance(data, PreparedData):
         return data
-    if isinstance(data, (str, os.PathLike)) and not _is_url(os.fspath(data)):
-        if is_prepared(data):
-            return read_prepared(data)
+    if isinstance(data, (str, os.PathLike)) and is_prepared(data, storage_options):
+        return read_prepared(data, storage_options)
     return None
