@@ -363,7 +363,8 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
             "eval_kernel_all": kernels,
             "eval_s_median": median(walls),
             "worker_kernel_s_median": median(kernels),
-            "overhead_ms_median": 1e3 * median([w - k for w, k in zip(walls, kernels)]),
+            "overhead_ms_median": 1e3
+            * median([w - k for w, k in zip(walls, kernels, strict=True)]),
         }
         ev.close()
     out["peak_worker_rss_mb"] = poll.peak_worker_mb
@@ -388,7 +389,9 @@ def dask_fit(data_dir: Path, cfg: dict, workers: int, client=None) -> dict:
         "n_iterations": len(tm.get("iterations", [])),
         "s_per_eval_median": per_eval_from_timings(tm)["median"] if tm else None,
         "loglik": res.loglik,
-        "fixed_effects": dict(zip(res.fixed_effects.index, res.fixed_effects["estimate"])),
+        "fixed_effects": dict(
+            zip(res.fixed_effects.index, res.fixed_effects["estimate"], strict=True)
+        ),
         "peak_worker_rss_mb": poll.peak_worker_mb,
     }
 
@@ -508,7 +511,7 @@ def r_comparison(df, cfgs, sizes, timeout, tmp: Path, tmb_extra: list[int],
                 res = dglmm.fit(cfg["formula"], sub, family="binomial", n_agq=cfg["n_agq"],
                                 client="in-process", progress=False)  # fmt: skip
                 d_s = time.perf_counter() - t0
-            d_beta = dict(zip(res.fixed_effects.index, res.fixed_effects["estimate"]))
+            d_beta = dict(zip(res.fixed_effects.index, res.fixed_effects["estimate"], strict=True))
             row = {"config": cfg["config"], "rows": len(sub),
                    "groups": int(sub["subscriber"].nunique()), "n_agq": cfg["n_agq"],
                    "dglmm_inprocess_s": d_s, "dglmm_loglik": res.loglik}  # fmt: skip

@@ -216,6 +216,22 @@ def _logit_node_pass(eta0, V, y, ntr, w, i0, i1, u, d1_out, sv_out):
 
 
 @numba.njit(cache=True)
+def _exp_normalise(f):
+    """Replace log-weights ``f`` by the normalised weights ``exp(f) / sum exp(f)``
+    and return ``log sum exp(f)`` (computed without overflow)."""
+    fmax = -np.inf
+    for k in range(f.shape[0]):
+        fmax = max(fmax, f[k])
+    total = 0.0
+    for k in range(f.shape[0]):
+        f[k] = math.exp(f[k] - fmax)
+        total += f[k]
+    for k in range(f.shape[0]):
+        f[k] /= total
+    return fmax + math.log(total)
+
+
+@numba.njit(cache=True)
 def _block_kernel(
     X, Z, y, ntr, w, off, gptr, beta, L, tau, fam, link, pat_r, pat_c, has_disp,
     nodes, logw, want_hess, u_init, modes, grad, hess, d1s, slopes, k_centre,
@@ -481,7 +497,6 @@ def _block_kernel(
             # A = sqrt(2) LH^-T (upper triangular); LHi = LH^-1
             _invert_lower(LH, LHi)
             log_det_A = 0.5 * q * math.log(2.0) - 0.5 * logdetH
-            fmax = -np.inf
             for kk in range(K):
                 norm2 = 0.0
                 for c in range(q):
@@ -525,13 +540,8 @@ def _block_kernel(
                 for c in range(q):
                     f -= 0.5 * uk[kk, c] * uk[kk, c]
                 fk[kk] = f
-                if f > fmax:
-                    fmax = f
-            ssum = 0.0
-            for kk in range(K):
-                fk[kk] = math.exp(fk[kk] - fmax)
-                ssum += fk[kk]
-            loglik += log_det_A + fmax + math.log(ssum) - half_q_log_2pi
+            log_sum = _exp_normalise(fk)
+            loglik += log_det_A + log_sum - half_q_log_2pi
             # dA/dpsi_k = -sqrt2 LH^-T (dLH_k)' LH^-T,  dLH = LH Phi(LH^-1 dH LH^-T)
             for k in range(P):
                 # tmp = LH^-1 dH_k LH^-T
@@ -555,9 +565,7 @@ def _block_kernel(
                         for e in range(q):
                             acc += LHi[e, c] * tmp[d, e]
                         dA[k, c, d] = -sqrt2 * acc
-            # posterior weights of the nodes
-            for kk in range(K):
-                fk[kk] = fk[kk] / ssum
+            # fk now holds the posterior weights of the nodes
             # sum_k pi_k T(u_k) s_k from one pass: x-part sum_i x_i sum_k pi_k d1_ik,
             # theta (a, b) part sum_i z_ia sum_k pi_k u_kb d1_ik
             sx[:] = 0.0
@@ -692,7 +700,6 @@ def _posterior_kernel(
                     post_cov[grp, c, d] = Hi[c, d]
             continue
         _invert_lower(LH, LHi)
-        fmax = -np.inf
         for kk in range(K):
             f = logw[kk]
             for c in range(q):
@@ -707,21 +714,16 @@ def _posterior_kernel(
                     eta += V[i, c] * uk[kk, c]
                 f += row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)[0]
             fk[kk] = f
-            if f > fmax:
-                fmax = f
-        ssum = 0.0
-        for kk in range(K):
-            fk[kk] = math.exp(fk[kk] - fmax)
-            ssum += fk[kk]
+        _exp_normalise(fk)
         for c in range(q):
             acc = 0.0
             for kk in range(K):
                 acc += fk[kk] * uk[kk, c]
-            post_mean[grp, c] = acc / ssum
+            post_mean[grp, c] = acc
         for c in range(q):
             for d in range(q):
                 acc = 0.0
                 for kk in range(K):
                     dc = uk[kk, c] - post_mean[grp, c]
                     acc += fk[kk] * dc * (uk[kk, d] - post_mean[grp, d])
-                post_cov[grp, c, d] = acc / ssum
+                post_cov[grp, c, d] = acc
