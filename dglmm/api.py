@@ -575,6 +575,40 @@ def _invert_information(info: np.ndarray) -> tuple[np.ndarray, bool]:
         return np.linalg.pinv(info), False
 
 
+def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout):
+    """Delta-method standard errors of the random-effect sds and covariance entries.
+
+    The Jacobian of ``(sd, Sigma)`` with respect to the free entries of ``L`` is taken by
+    central differences (no data needed); ``vcov`` restricted to those entries is the
+    inverse observed information.  At a boundary (an sd of 0) the sd's error is not
+    defined and is reported as NaN (null in JSON).
+    """
+    th = layout.theta
+    theta = params[th]
+    v = vcov[th, th]
+
+    def derived(t):
+        x = params.copy()
+        x[th] = t
+        L = _cholesky_factor(x, spec, layout)
+        cov = L @ L.T
+        return np.concatenate([np.sqrt(np.diag(cov)), cov.ravel()])
+
+    base = derived(theta)
+    jac = np.empty((base.size, theta.size))
+    for j in range(theta.size):
+        h = 1e-6 * max(1.0, abs(theta[j]))
+        e = np.zeros(theta.size)
+        e[j] = h
+        jac[:, j] = (derived(theta + e) - derived(theta - e)) / (2 * h)
+    var = np.einsum("ij,jk,ik->i", jac, v, jac)
+    se = np.sqrt(np.maximum(var, 0.0))
+    q = len(spec.random_columns)
+    sd_se = se[:q]
+    sd_se = np.where(base[:q] > SINGULAR_TOL, sd_se, np.nan)
+    return sd_se, se[q:].reshape(q, q)
+
+
 def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs,
                   timings, warn_msgs, layout) -> FitResult:  # fmt: skip
     beta = params[: layout.p]
@@ -586,6 +620,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         corr = cov / np.outer(sd, sd)
     corr = np.where(np.isfinite(corr), corr, 0.0)
     np.fill_diagonal(corr, 1.0)
+    sd_se, cov_se = _variance_std_errors(params, vcov, spec, layout)
     random_effects = {
         spec.group: {
             "terms": list(spec.random_columns),
@@ -593,6 +628,8 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
             "sd": sd.tolist(),
             "corr": corr.tolist(),
             "cholesky": L.tolist(),
+            "sd_std_error": sd_se.tolist(),
+            "covariance_std_error": cov_se.tolist(),
         }
     }
     dispersion = math.exp(2 * params[-1]) if layout.has_dispersion else None

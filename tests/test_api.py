@@ -280,3 +280,19 @@ def test_json_round_trip_and_summary(tmp_path):
     for term in ["Intercept", "C(period)[T.2]", "C(period)[T.3]", "C(period)[T.4]", "herd"]:
         assert term in s
     assert len(res.fit_log) == res.n_iterations
+
+
+def test_variance_standard_errors_by_the_delta_method():
+    """One term: sd = |L|, so its standard error is exactly that of L; two terms: every
+    entry has a finite, positive error; JSON keeps them."""
+    res = _fit("incidence ~ C(period) + (1|herd)", "cbpp.csv", "binomial", trials="size")
+    re = res.random_effects["herd"]
+    assert re["sd_std_error"][0] == pytest.approx(math.sqrt(res.vcov[4, 4]), rel=1e-6)
+    assert re["covariance_std_error"][0][0] == pytest.approx(
+        2 * re["sd"][0] * re["sd_std_error"][0], rel=1e-6
+    )
+    res2 = _fit("Reaction ~ Days + (Days|Subject)", "sleepstudy.csv", "gaussian")
+    re2 = res2.random_effects["Subject"]
+    assert all(0 < se < sd for se, sd in zip(re2["sd_std_error"], re2["sd"], strict=True))
+    back = FitResult.from_json(res2.to_json())
+    assert back.random_effects["Subject"]["sd_std_error"] == pytest.approx(re2["sd_std_error"])
