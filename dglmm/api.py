@@ -91,7 +91,7 @@ class InProcessEvaluator:
             for i, block in enumerate(self.blocks):
                 res = evaluate_block(block, params, self.model, hessian=hessian,
                                      u_init=self._modes[i])  # fmt: skip
-                if j == 0:
+                if j == 0 and np.isfinite(res.loglik):  # never keep modes of a wild trial
                     self._modes[i] = res.warm_start
                 res.modes = None
                 res.warm_start = None

@@ -114,7 +114,8 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
     ``u`` and ``H`` agree exactly).  Small steps (quadratic regime of a concave
     function) are taken without evaluating the log-density; steps longer than
     ``_FREE_STEP`` are checked for ascent and halved if needed.  ``work`` holds
-    scratch arrays from :func:`_mode_work`.
+    scratch arrays from :func:`_mode_work`.  Returns the number of passes over the
+    group's rows, negative when the iteration did not converge.
     """
     q = V.shape[1]
     g, Lc, step, u_new, g_new, H_new = work
@@ -125,7 +126,8 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
         for c in range(q):
             step[c, 0] = g[c]
         if not _chol_solve_small(H, step, Lc):
-            break  # cannot happen for log-concave families: H >= I
+            # H >= I for log-concave families: only overflow (a wild start) gets here
+            return -n_pass
         size = 0.0
         umax = 0.0
         decrement = 0.0
@@ -165,7 +167,21 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
             for d in range(q):
                 H[c, d] = H_new[c, d]
         h = h_new
+    else:
+        return -n_pass  # not converged within _MODE_MAX_ITER Newton steps
     return n_pass
+
+
+@numba.njit(cache=True)
+def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
+    """:func:`_find_mode` from ``u``; if that does not converge (a warm start far from
+    the mode, e.g. after a wild trial step), again from ``u = 0``."""
+    n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+    if n < 0 or not np.all(np.isfinite(u)):
+        for c in range(u.shape[0]):
+            u[c] = 0.0
+        n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+    return n
 
 
 @numba.njit(cache=True)
@@ -315,7 +331,9 @@ def _block_kernel(
                 gV[i - i0, c] = acc
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode(geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, n_g, u, fam, link, tau, Hm, work)
+        _find_mode_robust(
+            geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, n_g, u, fam, link, tau, Hm, work
+        )
         for c in range(q):
             modes[g, c] = u[c]
         # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
@@ -684,7 +702,7 @@ def _posterior_kernel(
         i1 = gptr[grp + 1]
         for c in range(q):
             u[c] = u_init[grp, c]
-        _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+        _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
         for c in range(q):
             for d in range(q):
                 Hi[c, d] = 1.0 if c == d else 0.0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import integrate, special, stats
 
 import dglmm.kernels as kernels
 from dglmm.design import Block, build_block, learn_spec
-from dglmm.families import get_family
+from dglmm.families import FAMILY_POISSON, LINK_LOG, get_family
 from dglmm.kernels import BlockResult, KernelModel, evaluate_block
 from dglmm.quadrature import GaussHermiteRule
 
@@ -410,3 +411,20 @@ def test_wrong_parameter_length():
     block = make_block("binomial", "logit", False, False, False, 2)
     with pytest.raises(ValueError, match="expected 6 parameters"):
         evaluate_block(block, np.zeros(5), model)
+
+
+def test_a_far_warm_start_falls_back_to_a_cold_start():
+    """Modes kept from a wild trial step (here: absurd starting values) must not spoil the
+    next evaluation: the mode iteration restarts from zero when it does not converge."""
+    rng = np.random.default_rng(3)
+    n, G = 400, 20
+    df = pd.DataFrame({"y": rng.poisson(3.0, n), "x": rng.normal(size=n),
+                       "g": np.repeat(np.arange(G), n // G)})  # fmt: skip
+    spec = learn_spec("y ~ x + (1 + x | g)", df)
+    block = build_block(spec, df)
+    model = KernelModel(FAMILY_POISSON, LINK_LOG, 2, 2, ((0, 0), (1, 0), (1, 1)))
+    params = np.array([1.0, 0.1, 0.3, 0.05, 0.2])
+    cold = evaluate_block(block, params, model)
+    wild = evaluate_block(block, params, model, u_init=np.full((G, 2), 400.0))
+    assert wild.loglik == pytest.approx(cold.loglik, rel=1e-12)
+    np.testing.assert_allclose(wild.gradient, cold.gradient, rtol=1e-7, atol=1e-9)

@@ -126,7 +126,8 @@ def _kernel_task(
         kwargs = {"hessian": hessian} if u_init is None else {"hessian": hessian, "u_init": u_init}
         r = kernel(block, p, model, **kwargs)
         modes = getattr(r, "modes", None)
-        if j == 0 and modes is not None and np.all(np.isfinite(modes)):
+        finite = np.isfinite(getattr(r, "loglik", 0.0))
+        if j == 0 and finite and modes is not None and np.all(np.isfinite(modes)):
             # the kernel's warm start (modes and their slopes) when it gives one
             modes = getattr(r, "warm_start", None) or modes
             u_init = modes
