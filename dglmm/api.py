@@ -145,6 +145,9 @@ def fit(
     storage_options: dict | None = None,
     random_effects: str | None = None,
     connect_timeout: float = 10.0,
+    overwrite: bool = False,
+    allow_python_in_formulas: bool = False,
+    security=None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -187,6 +190,16 @@ def fit(
     random_effects : str, optional
         Write per-group random-effect predictions (conditional modes, posterior means
         and standard deviations) as Parquet here, computed where the data lives.
+    overwrite : bool
+        Replace existing outputs (``random_effects``, ``checkpoint``) even when they are
+        not dglmm artefacts of the same kind.  Inputs are never overwritten.
+    allow_python_in_formulas : bool
+        Let formulas call any Python code (by default only an allowlist of functions
+        and operators is accepted).  Only for formulas from trusted sources.
+    security : distributed.Security or dict, optional
+        TLS settings for a remote scheduler (a ``Security`` object, or a dict with
+        ``ca_file``, ``cert`` and ``key``); the embedded local cluster always uses
+        TLS with temporary credentials.
 
     Returns
     -------

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="resume from --checkpoint")
     f.add_argument("--max-iter", type=int, default=100, help="Newton iterations per stage")
     f.add_argument("--quiet", action="store_true", help="no progress lines")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs even if they are not dglmm outputs")
+    f.add_argument("--allow-python-formulas", action="store_true",
+                   help="let the formula call any Python code (trusted formulas only)")
+    _add_tls_arguments(f)
 
     p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits")
     p.add_argument("data")
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None)
     p.add_argument("--scheduler-file", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory")
+    _add_tls_arguments(p)
 
     s = sub.add_parser("simulate", help="simulate calls-within-subscribers data")
     s.add_argument("out", help="output directory (or a .parquet file)")
@@ -76,12 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--random-effects", default=None,
                     help="random-effects Parquet (from fit --random-effects) for conditional "
                     "predictions of known groups")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output even if it is not a dglmm output")
+    pr.add_argument("--allow-python-formulas", action="store_true",
+                    help="let the result's formula call any Python code (trusted files only)")
 
     pl = sub.add_parser("plot", help="plots of a fitted result")
     pl.add_argument("result")
     pl.add_argument("--random-effects", default=None)
     pl.add_argument("--output", required=True, help="directory for the PNG files")
+    pl.add_argument("--overwrite", action="store_true",
+                    help="replace existing plot files even if they are not dglmm plots")
     return parser
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca-file", default=None,
+                        help="CA certificate of a TLS scheduler (tls://HOST:PORT)")
+    parser.add_argument("--tls-cert", default=None, help="client certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="client private key (PEM)")
+
+
+def _security(args) -> dict | None:
+    """TLS options of the command line as the ``security=`` dict of :func:`dglmm.fit`."""
+    given = {"ca_file": args.tls_ca_file, "cert": args.tls_cert, "key": args.tls_key}
+    return given if any(given.values()) else None
 
 
 def _cmd_fit(args) -> int:
@@ -96,7 +123,8 @@ def _cmd_fit(args) -> int:
         missing=args.missing, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
         n_workers=args.workers, npartitions=args.partitions, checkpoint=args.checkpoint,
         resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
-        random_effects=args.random_effects,
+        random_effects=args.random_effects, overwrite=args.overwrite,
+        allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
     )  # fmt: skip
     summary = result.summary()
     print(summary)
@@ -114,9 +142,9 @@ def _cmd_prepare(args) -> int:
     from . import dask_driver
 
     with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                             n_workers=args.workers) as handle:  # fmt: skip
+                             n_workers=args.workers, security=_security(args)) as handle:
         info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,
-                                   handle=handle)  # fmt: skip
+                                   handle=handle, overwrite=args.overwrite)  # fmt: skip
     print(f"prepared {info['n_rows']} rows of {info['n_groups']} groups in "
           f"{info['n_files']} files under {args.out}")  # fmt: skip
     return 0
@@ -139,7 +167,8 @@ def _cmd_predict(args) -> int:
     from .predict import predict_to_parquet
 
     n = predict_to_parquet(args.result, args.data, args.output,
-                           random_effects=args.random_effects)  # fmt: skip
+                           random_effects=args.random_effects, overwrite=args.overwrite,
+                           allow_python_in_formulas=args.allow_python_formulas)  # fmt: skip
     print(f"wrote {n} predictions to {args.output}")
     return 0
 
@@ -147,7 +176,8 @@ def _cmd_predict(args) -> int:
 def _cmd_plot(args) -> int:
     from .plots import plot_result
 
-    paths = plot_result(args.result, args.output, random_effects=args.random_effects)
+    paths = plot_result(args.result, args.output, random_effects=args.random_effects,
+                        overwrite=args.overwrite)
     for p in paths:
         print(p)
     return 0

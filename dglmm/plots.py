@@ -212,6 +212,7 @@ def plot_result(
     *,
     max_groups: int = 200,
     dpi: int = 120,
+    overwrite: bool = False,
 ) -> list[str]:
     """Write ``convergence.png`` and, given the random-effects table, one
     ``caterpillar_<term>.png`` per random-effect term into ``output_dir``.

@@ -252,6 +252,7 @@ def predict(
     new_groups: str = "population",
     keep: Sequence[str] = (),
     missing: str = "error",
+    allow_python_in_formulas: bool = False,
 ):
     """Predict the linear predictor and the mean response for each row of ``data``.
 
@@ -324,6 +325,8 @@ def predict_to_parquet(
     keep: Sequence[str] = (),
     missing: str = "error",
     client: Any = "in-process",
+    overwrite: bool = False,
+    allow_python_in_formulas: bool = False,
 ) -> int:
     """Write predictions as Parquet and return the number of rows (``dglmm predict``).
 

@@ -62,6 +62,7 @@ def connect(
     scheduler_file: str | os.PathLike | None = None,
     n_workers: int | None = None,
     timeout: float = 30,
+    security=None,
 ) -> ClusterHandle:
     """Connect to a Dask cluster, or start an embedded one.
 
