@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -36,9 +35,10 @@ from .optimizer import (
     read_checkpoint,
     write_checkpoint,
 )
+from .outputs import atomic_dataset, check_fit_outputs
 from .progress import Progress, _in_notebook, _isatty
 from .results import FitResult, wald_table
-from .sources import clear_parts, input_fingerprint, read_frame
+from .sources import input_fingerprint, read_frame
 
 IN_PROCESS = "in-process"
 SINGULAR_TOL = 1e-4
@@ -112,10 +112,10 @@ class InProcessEvaluator:
         ]  # fmt: skip
         table = pd.concat(frames, ignore_index=True)
         if output is not None:  # the same layout as the Dask driver writes: a directory
-            if "://" not in output:
-                os.makedirs(output, exist_ok=True)
-            clear_parts(output)
-            table.to_parquet(f"{output.rstrip('/')}/part-00000.parquet", index=False)
+            # written into a temporary sibling directory, then swapped in (the old one
+            # stays intact if anything fails); refused if it is not ours (checked in fit)
+            with atomic_dataset(output, kind="random-effects") as tmp:
+                table.to_parquet(f"{tmp}/part-00000.parquet", index=False)
         return table
 
 
@@ -211,6 +211,9 @@ def fit(
     """
     t_start = time.perf_counter()
     fam = get_family(family, link)
+    # outputs checked before any work: not an input, not a link/device, not foreign
+    check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
+                      overwrite=overwrite, storage_options=storage_options)  # fmt: skip
     n_agq = _check_n_agq(n_agq)
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
@@ -515,14 +518,18 @@ def _separated_columns(params, vcov, hess0, spec, fam: Family, layout: _Layout) 
     beta = params[: layout.p]
     names = list(spec.fixed_columns)
     not_intercept = np.array([n != "Intercept" for n in names])
-    for flagged in (np.abs(beta) * rms > 10.0, se * rms > 50.0):
-        cols = [names[k] for k in np.flatnonzero(flagged & not_intercept)]
-        if cols:
-            return cols
-    # the intercept's size says nothing (offsets shift it); only its standard error does
+    # 1. a column whose estimate ran off (its effect on the linear predictor is huge)
+    cols = [names[k] for k in np.flatnonzero((np.abs(beta) * rms > 10.0) & not_intercept)]
+    if cols:
+        return cols
+    # 2. the intercept: its size says nothing (offsets shift it), only its standard error
+    # does.  When every response is 0 (or at the maximum) the intercept runs off alone and
+    # every standard error explodes with it, the other estimates staying put: blame the
+    # intercept, not the columns whose errors merely follow it.
     if np.any((se * rms > 50.0) & ~not_intercept):
         return ["Intercept (all responses are 0, or all are at the maximum)"]
-    return []
+    # 3. columns whose estimate is moderate but undetermined
+    return [names[k] for k in np.flatnonzero((se * rms > 50.0) & not_intercept)]
 
 
 def _check_rank(neg_xwx: np.ndarray, names: Sequence[str]) -> None:
@@ -540,22 +547,42 @@ def _check_rank(neg_xwx: np.ndarray, names: Sequence[str]) -> None:
             "remove them from the formula"
         )
     corr = m / np.outer(d, d)
-    # greedy pivoted Cholesky to find columns that are combinations of earlier ones
-    aliased = []
-    kept: list[int] = []
-    for j in range(len(names)):
-        idx = kept + [j]
-        sub = corr[np.ix_(idx, idx)]
-        if np.linalg.eigvalsh(sub).min() < 1e-10:
-            aliased.append(names[j])
-        else:
-            kept.append(j)
+    aliased_idx, kept = _aliased_columns(corr)
+    aliased = [names[j] for j in aliased_idx]
     if aliased:
         raise DataError(
             f"the fixed effects are rank deficient: {aliased} are linear combinations of "
             f"other columns ({', '.join(names[k] for k in kept[:6])}...); remove them "
             "from the formula"
         )
+
+
+RANK_TOL = 1e-10
+
+
+def _aliased_columns(corr: np.ndarray, tol: float = RANK_TOL) -> tuple[list[int], list[int]]:
+    """Columns (in order) that are linear combinations of earlier kept ones.
+
+    A Cholesky factorisation in column order that skips a column whose residual
+    variance (its Schur complement given the kept columns, relative to its unit
+    diagonal) is below ``tol``: the same greedy choice as testing each growing
+    submatrix, in O(p^3) (one rank-one update of the trailing matrix per kept column)
+    instead of an eigen-decomposition per column (O(p^4)).
+    """
+    R = np.array(corr, dtype=float, copy=True)
+    p = R.shape[0]
+    aliased: list[int] = []
+    kept: list[int] = []
+    for j in range(p):
+        piv = R[j, j]
+        if not piv > tol:
+            aliased.append(j)
+            continue
+        kept.append(j)
+        if j + 1 < p:
+            col = R[j + 1 :, j] / math.sqrt(piv)
+            R[j + 1 :, j + 1 :] -= np.outer(col, col)
+    return aliased, kept
 
 
 def _cholesky_factor(params, spec: ModelSpec, layout: _Layout) -> np.ndarray:

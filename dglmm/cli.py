@@ -113,9 +113,15 @@ def _security(args) -> dict | None:
 
 def _cmd_fit(args) -> int:
     from .api import IN_PROCESS, fit
+    from .outputs import check_fit_outputs
 
     if args.resume and not args.checkpoint:
         raise DglmmError("--resume needs --checkpoint PATH")
+    # every output checked before the fit starts (and against each other), so that a bad
+    # --output is not found only after the whole fit
+    check_fit_outputs(args.data, checkpoint=args.checkpoint, resume=args.resume,
+                      random_effects=args.random_effects, output=args.output,
+                      overwrite=args.overwrite)  # fmt: skip
     client = IN_PROCESS if args.in_process else None
     result = fit(
         args.formula, args.data, family=args.family, link=args.link, n_agq=args.n_agq,
@@ -140,7 +146,11 @@ def _cmd_fit(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from . import dask_driver
+    from .outputs import check_output_dataset
 
+    # before a cluster is started: the output directory may be (re)written
+    check_output_dataset(args.out, kind="prepared", overwrite=args.overwrite, inputs=args.data,
+                         replace_own=False)  # fmt: skip
     with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                              n_workers=args.workers, security=_security(args)) as handle:
         info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,

@@ -65,6 +65,11 @@ class CheckpointError(DglmmError, ValueError):
     """A checkpoint cannot be used to resume this fit."""
 
 
+class OutputError(DglmmError, ValueError):
+    """An output path cannot be written safely (an input, a link or device, a foreign file,
+    a missing or read-only directory), or a write failed (the old file is then unchanged)."""
+
+
 class DglmmWarning(UserWarning):
     """Warnings about a fit: boundary (singular) fits, separation, non-convergence."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,17 +219,16 @@ class FitResult:
 
     def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
         """Serialise to standard JSON text (non-finite numbers become null); also
-        write it to ``path`` when given."""
+        write it to ``path`` when given (atomically: an existing file is replaced only
+        by a complete new one).  Use :func:`dglmm.outputs.check_output_file` (kind
+        ``"result"``) first to refuse inputs and foreign files."""
         text = json.dumps(_finite(self.to_dict()), indent=indent, default=_num, allow_nan=False)
         if path is not None:
-            if "://" in path and not path.startswith("file://"):
-                import fsspec
+            # temporary file + fsync + rename: a failed write (full disk) leaves an
+            # existing file unchanged; URLs are one put
+            from .outputs import write_text_atomic
 
-                with fsspec.open(path, "w") as fh:
-                    fh.write(text)
-            else:
-                with open(path.removeprefix("file://"), "w") as fh:
-                    fh.write(text)
+            write_text_atomic(os.fspath(path), text)
         return text
 
     @classmethod
