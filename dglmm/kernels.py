@@ -99,6 +99,8 @@ class BlockResult:
     modes : ndarray, shape (G, q) or None
         Conditional modes ``u_hat`` of the block's groups (standardised scale); dropped
         when results are added.
+    weight_total : float or None
+        Sum of the prior weights of the rows (None when unknown).
     warm_start : WarmStart or None
         Modes and their derivatives, to start the next evaluation; dropped when added.
     """
@@ -110,17 +112,21 @@ class BlockResult:
     n_groups: int
     modes: np.ndarray | None = field(default=None, repr=False)
     warm_start: WarmStart | None = field(default=None, repr=False)
+    weight_total: float | None = None
 
     def __add__(self, other: BlockResult) -> BlockResult:
         hess = None
         if self.hessian is not None and other.hessian is not None:
             hess = self.hessian + other.hessian
+        w_self = getattr(self, "weight_total", None)
+        w_other = getattr(other, "weight_total", None)
         return BlockResult(
             loglik=self.loglik + other.loglik,
             gradient=self.gradient + other.gradient,
             hessian=hess,
             n_obs=self.n_obs + other.n_obs,
             n_groups=self.n_groups + other.n_groups,
+            weight_total=None if w_self is None or w_other is None else w_self + w_other,
         )
 
     def __radd__(self, other):
@@ -247,6 +253,7 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         n_groups=n_groups,
         modes=modes,
         warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes),
+        weight_total=float(np.sum(block.weights)),
     )
 
 
