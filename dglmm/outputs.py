@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 #: marker file dglmm writes into every dataset directory it creates (not prepared data)
 DATASET_MARKER = "_dglmm_dataset.json"
@@ -53,6 +53,13 @@ PARQUET_KEY = b"dglmm"
 
 FILE_KINDS = ("result", "checkpoint", "plot", "predictions")
 DATASET_KINDS = ("random-effects", "predictions", "prepared")
+
+
+
+class OutputDataError(OutputError, DataError):
+    """An :class:`OutputError` that is also a :class:`DataError`, for functions documented
+    to raise ``DataError`` about their output (``prepare``)."""
+
 
 _HINT = "choose another path or pass --overwrite (overwrite=True)"
 _MAX_RECOGNISE_BYTES = 512 * 1024 * 1024
@@ -470,6 +477,35 @@ def check_output_dataset(path: str | os.PathLike, *, kind: str, overwrite: bool 
         _check_existing_dataset(path, kind, bool(os.listdir(local)), overwrite, replace_own,
                                 None)  # fmt: skip
     return path
+
+
+def check_output_directory(path: str | os.PathLike, *, what: str = "output directory",
+                           inputs: Any = ()) -> bool:  # fmt: skip
+    """Check a local directory dglmm writes named files into (the plots directory): not a
+    link or a file, its parent exists and is writable, not an input or inside one, holding
+    no input.  Returns whether it exists.  (The files in it are checked one by one with
+    :func:`check_output_file`.)"""
+    path = os.fspath(path)
+    if _is_url(path):
+        _check_not_input(path, path, inputs, is_dir=True, storage_options=None)
+        return True
+    local = _local(path).rstrip("/") or "/"
+    try:
+        st = os.lstat(local)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        _check_parent(local)
+        raise
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise OutputError(f"{what} {path!r} is a symbolic link: dglmm does not write through "
+                          "links; give the real path or another one")  # fmt: skip
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{what} {path!r} exists and is not a directory; choose another "
+                          "path")  # fmt: skip
+    _check_parent(local)
+    _check_not_input(path, os.path.realpath(local), inputs, is_dir=True, storage_options=None)
+    return st is not None
 
 
 def _check_existing_dataset(path, kind, non_empty, overwrite, replace_own, storage_options):

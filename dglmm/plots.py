@@ -7,6 +7,7 @@ never needs a display and never changes the pyplot backend of the caller.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Any
@@ -218,21 +219,38 @@ def plot_result(
     ``caterpillar_<term>.png`` per random-effect term into ``output_dir``.
 
     Returns the paths written (``dglmm plot``).
+
+    Every PNG is written atomically and carries the text chunk ``Software: dglmm ...``; an
+    existing ``convergence.png`` / ``caterpillar_*.png`` is replaced only when dglmm wrote
+    it, otherwise (and for any other problem with ``output_dir``: a link, a file, a missing
+    parent, an input) an :class:`~dglmm.errors.OutputError` is raised before anything is
+    drawn, unless ``overwrite=True``.  Other files in ``output_dir`` are left alone.
     """
-    res = _as_result(result_path)
+    from . import __version__
+    from .outputs import check_output_directory, check_output_file, write_bytes_atomic
+
     out = os.fspath(output_dir)
-    os.makedirs(out, exist_ok=True)
-    paths = []
-    fig = convergence_plot(res)
-    path = os.path.join(out, "convergence.png")
-    fig.savefig(path, dpi=dpi)
-    paths.append(path)
-    if random_effects is not None:
-        table = _as_table(random_effects)
+    inputs = [x for x in (result_path, random_effects) if isinstance(x, (str, os.PathLike))]
+    exists = check_output_directory(out, what="plot directory", inputs=inputs)
+    res = _as_result(result_path)
+    table = _as_table(random_effects) if random_effects is not None else None
+    plots: list[tuple[str, Any]] = [("convergence.png", None)]
+    if table is not None:
         terms = res.random_effects[res.group]["terms"] if res.random_effects else []
-        for term in terms or table_terms(table):
-            ax = caterpillar_plot(table, term, max_groups=max_groups)
-            path = os.path.join(out, f"caterpillar_{_slug(term)}.png")
-            ax.figure.savefig(path, dpi=dpi)
-            paths.append(path)
+        plots += [(f"caterpillar_{_slug(term)}.png", term) for term in terms or table_terms(table)]
+    paths = [os.path.join(out, name) for name, _ in plots]
+    if exists:  # all checked before the first is written
+        for path in paths:
+            check_output_file(path, kind="plot", overwrite=overwrite, inputs=inputs)
+    else:
+        os.mkdir(out)
+    software = {"Software": f"dglmm {__version__} (matplotlib)"}
+    for path, (_name, term) in zip(paths, plots, strict=True):
+        if term is None:
+            fig = convergence_plot(res)
+        else:
+            fig = caterpillar_plot(table, term, max_groups=max_groups).figure
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata=software)
+        write_bytes_atomic(path, buf.getvalue())
     return paths

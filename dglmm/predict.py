@@ -337,25 +337,54 @@ def predict_to_parquet(
     Dask's local threads (``client="in-process"``) or on a Dask cluster
     (``client=`` a ``distributed.Client`` or a scheduler address).
     """
+    from .outputs import (
+        PARQUET_KEY,
+        atomic_dataset,
+        check_distinct,
+        check_output_dataset,
+        check_output_file,
+        write_bytes_atomic,
+    )
+
     if re_form is None:
         re_form = "population" if random_effects is None else "conditional"
     output = os.fspath(output)
-    out = predict(result, data, type=type, re_form=re_form, random_effects=random_effects,
-                  new_groups=new_groups, keep=keep, missing=missing)  # fmt: skip
-    if isinstance(out, pd.DataFrame):
-        parent = os.path.dirname(output)
-        if parent and "://" not in output:
-            os.makedirs(parent, exist_ok=True)
-        out.to_parquet(output, index=False)
-        return len(out)
-    write = out.to_parquet(output, write_index=False, compute=False)
-    if client == "in-process" or client is False:
-        write.compute()
+    # the output checked before any work: a file for a frame or one file, a dataset
+    # directory (with dglmm's marker file) for Dask frames, directories and globs
+    inputs = [x for x in (result, data, random_effects) if isinstance(x, (str, os.PathLike,
+                                                                           list, tuple))]
+    as_dataset = _is_dask(data) or _is_partitioned_path(data)
+    if as_dataset:
+        check_output_dataset(output, kind="predictions", overwrite=overwrite, inputs=inputs)
     else:
-        from .dask_driver import connect
+        check_output_file(output, kind="predictions", overwrite=overwrite, inputs=inputs)
+    check_distinct([(output, as_dataset)])
+    out = predict(result, data, type=type, re_form=re_form, random_effects=random_effects,
+                  new_groups=new_groups, keep=keep, missing=missing,
+                  allow_python_in_formulas=allow_python_in_formulas)  # fmt: skip
+    if isinstance(out, pd.DataFrame):
+        import io
+        import json
 
-        with connect(client=client) as handle:
-            handle.client.compute(write).result()
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(out, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[PARQUET_KEY] = json.dumps({"kind": "predictions"}).encode()
+        buf = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata(meta), buf)
+        write_bytes_atomic(output, buf.getvalue())  # temporary file, fsync, rename
+        return len(out)
+    with atomic_dataset(output, kind="predictions") as tmp:  # written aside, then swapped in
+        write = out.to_parquet(tmp, write_index=False, compute=False)
+        if client == "in-process" or client is False:
+            write.compute()
+        else:
+            from .dask_driver import connect
+
+            with connect(client=client) as handle:
+                handle.client.compute(write).result()
     import pyarrow.dataset as ds
 
     return int(ds.dataset(output, format="parquet").count_rows())

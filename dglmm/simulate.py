@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -456,7 +457,10 @@ def simulate_to_parquet(
     ``_truth.json``.
 
     An existing output (the single file, or ``part-*.parquet``/``_truth.json`` in the directory)
-    raises ``FileExistsError`` unless ``overwrite=True``, which first removes those files.
+    raises ``FileExistsError`` unless ``overwrite=True``.  Every file is written under a
+    temporary name and renamed into place when all are complete (earlier part files beyond the
+    new count are removed then): a failure leaves an earlier output as it was.  Links,
+    devices and FIFOs are never replaced.
 
     Returns the truth dictionary (as written to the JSON file), with the output ``files`` added.
     """
@@ -470,26 +474,37 @@ def simulate_to_parquet(
     if int(rows_per_file) < 1:
         raise SpecificationError(f"rows_per_file must be >= 1, got {rows_per_file}")
 
+    from .outputs import check_output_directory, write_text_atomic
+
     out = Path(out)
     single = out.suffix == ".parquet"
     if single:
         truth_path = out.with_name(out.name + ".truth.json")
         paths = [out]
+        for p in (out, truth_path):
+            _check_plain_target(p)
         stale = [p for p in (out, truth_path) if p.exists()]
+        if not out.parent.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
     else:
         truth_path = out / "_truth.json"
         n_files = max(1, math.ceil(n_subscribers * cfg.calls_per_subscriber / int(rows_per_file)))
         paths = [out / f"part-{i:05d}.parquet" for i in range(n_files)]
-        stale = sorted(out.glob("part-*.parquet")) + ([truth_path] if truth_path.exists() else [])
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a directory")
-    if stale:
-        if not overwrite:
-            raise FileExistsError(
-                f"{stale[0]} already exists; pass overwrite=True to replace the output"
-            )
+        if not out.parent.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+        check_output_directory(out, what="simulation output directory")
+        stale = sorted(out.glob("part-*.parquet")) + ([truth_path] if truth_path.exists() else [])
         for p in stale:
-            p.unlink()
+            _check_plain_target(p)
+    if stale and not overwrite:
+        raise FileExistsError(
+            f"{stale[0]} already exists; pass overwrite=True to replace the output"
+        )
+    if effects_path is not None:
+        Path(effects_path).parent.mkdir(parents=True, exist_ok=True)
+        _check_plain_target(Path(effects_path))
     (out.parent if single else out).mkdir(parents=True, exist_ok=True)
 
     schema = _arrow_schema()
@@ -502,11 +517,16 @@ def simulate_to_parquet(
     n_rows = 0
     writers: list[Any] = []
     eff_writer = None
+    # every file is written under a temporary name beside its target and renamed into place
+    # only when all are complete: a failure leaves an earlier output as it was
+    token = uuid.uuid4().hex[:12]
+    final = list(paths) + ([Path(effects_path)] if effects_path is not None else [])
+    temps = [p.with_name(f".{p.name}.dglmm-tmp-{token}") for p in final]
+    ok = False
     try:
-        writers = [pq.ParquetWriter(str(p), schema) for p in paths]
+        writers = [pq.ParquetWriter(str(t), schema) for t in temps[: len(paths)]]
         if effects_path is not None:
-            Path(effects_path).parent.mkdir(parents=True, exist_ok=True)
-            eff_writer = pq.ParquetWriter(str(effects_path), eff_schema)
+            eff_writer = pq.ParquetWriter(str(temps[-1]), eff_schema)
         for c, first in enumerate(range(0, n_blocks, blocks_per_chunk)):
             stop = min(first + blocks_per_chunk, n_blocks)
             cols, effects = _chunk(cfg, seed, c, first, stop, n_subscribers)
@@ -524,15 +544,44 @@ def simulate_to_parquet(
                     )
                 )
             del cols, effects
+        for w in writers:
+            w.close()
+        writers = []
+        if eff_writer is not None:
+            eff_writer.close()
+            eff_writer = None
+        for t in temps:
+            with open(t, "rb") as fh:
+                os.fsync(fh.fileno())
+        for t, p in zip(temps, final, strict=True):
+            os.replace(t, p)
+        ok = True
     finally:
         for w in writers:
             w.close()
         if eff_writer is not None:
             eff_writer.close()
+        if not ok:
+            for t in temps:
+                t.unlink(missing_ok=True)
+    for p in stale:  # part files of an earlier, larger output
+        if p not in final and p != truth_path:
+            p.unlink(missing_ok=True)
 
     truth = cfg.truth(n_subscribers, n_rows, seed)
     truth["files"] = [p.name for p in paths]
     if effects_path is not None:
         truth["effects_path"] = str(effects_path)
-    truth_path.write_text(json.dumps(truth, indent=2) + "\n")
+    write_text_atomic(str(truth_path), json.dumps(truth, indent=2) + "\n")
     return truth
+
+
+def _check_plain_target(path: Path) -> None:
+    """A simulation output file may not be a link, device, FIFO or directory."""
+    from .outputs import OutputError
+
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(
+            f"{path} is a symbolic link, directory, device or FIFO, not a regular file: "
+            "dglmm never replaces those; choose another path"
+        )

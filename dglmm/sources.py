@@ -164,16 +164,3 @@ def input_fingerprint(data: Any, storage_options: dict | None = None) -> list[di
             files.extend([p] if _is_url(p) else _expand_local(p))
         return [_file_fingerprint(f, storage_options) for f in files]
     return []
-
-
-def clear_parts(directory: str, storage_options: dict | None = None) -> None:
-    """Remove ``part-*.parquet`` files left in ``directory`` by an earlier write."""
-    if _is_url(directory):
-        import fsspec
-
-        fs, _, (root,) = fsspec.get_fs_token_paths(directory, storage_options=storage_options)
-        for f in fs.glob(root.rstrip("/") + "/part-*.parquet"):
-            fs.rm(f)
-        return
-    for f in glob.glob(os.path.join(directory.removeprefix("file://"), "part-*.parquet")):
-        os.remove(f)

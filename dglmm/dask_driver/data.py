@@ -22,7 +22,6 @@ from dglmm.sources import (
     PREPARED_METADATA,
     _is_data_file,
     _is_url,
-    clear_parts,
 )
 
 PREPARED_FORMAT_VERSION = 1
@@ -387,23 +386,29 @@ def prepare(
     DataError
         The data cannot be read, or ``group`` is not a column, or ``out`` is not empty.
     """
+    from dglmm.errors import OutputError
+    from dglmm.outputs import OutputDataError, atomic_dataset, check_output_dataset
+
     out = os.fspath(out)
+    # before any work: not an input (nor holding one), not a link or file, and a non-empty
+    # directory (even earlier prepared data) is replaced only with overwrite=True
+    try:
+        check_output_dataset(out, kind="prepared", overwrite=overwrite, inputs=data,
+                             storage_options=storage_options, replace_own=False)  # fmt: skip
+    except OutputError as exc:  # prepare is documented to raise DataError
+        raise OutputDataError(str(exc)) from None
     ddf = load_data(data, columns, storage_options=storage_options)
     _check_columns([group], ddf.columns)
-    if _is_url(out):
-        import fsspec
+    with atomic_dataset(out, kind="prepared", storage_options=storage_options,
+                        marker=False) as tmp:  # fmt: skip
+        metadata = _prepare_into(tmp, ddf, data, group, npartitions, balance, storage_options,
+                                 handle)  # fmt: skip
+    return PreparedData(path=out, metadata=metadata, storage_options=storage_options)
 
-        fs, _, (root,) = fsspec.get_fs_token_paths(out, storage_options=storage_options)
-        existing = fs.ls(root) if fs.exists(root) else []
-        if existing and not overwrite:
-            raise DataError(f"the output location {out!r} is not empty (pass overwrite=True)")
-        fs.makedirs(root, exist_ok=True)
-        clear_parts(out, storage_options)
-    else:
-        if os.path.isdir(out) and os.listdir(out) and not overwrite:
-            raise DataError(f"the output directory {out!r} is not empty (pass overwrite=True)")
-        os.makedirs(out, exist_ok=True)
-        clear_parts(out)
+
+def _prepare_into(out: str, ddf, data, group, npartitions, balance, storage_options,
+                  handle) -> dict:  # fmt: skip
+    """Write the part files and the metadata file of :func:`prepare` into ``out``."""
     n = int(npartitions or ddf.npartitions)
     parts = partition_by_group(ddf, group, n, balance=balance).to_delayed()
     names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
@@ -430,14 +435,14 @@ def prepare(
     if metadata["n_rows"] == 0:
         raise DataError(f"the data {_describe(data)} have no rows")
     if _is_url(out):  # one PUT of the whole document: readers see all of it or nothing
+        import fsspec
+
         with fsspec.open(_join(out, PREPARED_METADATA), "w", **(storage_options or {})) as f:
             json.dump(metadata, f, indent=2)
-    else:
-        tmp = os.path.join(out, PREPARED_METADATA + ".tmp")
-        with open(tmp, "w") as f:
+    else:  # inside the temporary directory that is swapped in afterwards
+        with open(os.path.join(out, PREPARED_METADATA), "w") as f:
             json.dump(metadata, f, indent=2)
-        os.replace(tmp, os.path.join(out, PREPARED_METADATA))
-    return PreparedData(path=out, metadata=metadata, storage_options=storage_options)
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from dglmm.dask_driver.data import (
 from dglmm.errors import ClusterError, DataError, missing_values_error
 from dglmm.sources import (
     _is_url,
-    clear_parts,
     input_fingerprint,
 )
 
@@ -175,10 +174,15 @@ def _random_effects_write_task(
     storage_options: dict | None,
 ) -> int:  # fmt: skip
     """Write one block's random-effects rows as one Parquet file; return the row count."""
+    from dglmm.outputs import fsync_file
+
     table = _random_effects_task(entry, params, model, spec)
     if not _is_url(path):
+        # the client made the (temporary) directory; a worker on another host with a
+        # shared filesystem may not see it yet under its own mount: make sure it exists
         os.makedirs(os.path.dirname(path.removeprefix("file://")) or ".", exist_ok=True)
     table.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
+    fsync_file(path)  # on disk before the client swaps the directory in
     return len(table)
 
 
@@ -406,17 +410,22 @@ class DaskEvaluator:
         """
         params = np.array(params, dtype=np.float64, copy=True)
         if output is not None:
+            from dglmm.outputs import atomic_dataset
+
             out = output.rstrip("/")
-            clear_parts(out, storage_options)
-            writes = [
-                self.client.submit(
-                    _random_effects_write_task, entry, params, self.model, self.spec,
-                    f"{out}/part-{i:05d}.parquet", storage_options, pure=False,
-                    retries=self.retries,
-                )
-                for i, entry in enumerate(self._blocks)
-            ]  # fmt: skip
-            self.client.gather(writes)
+            # the workers write their part files into a temporary sibling directory; the
+            # client swaps it in only when all are written (a failure keeps the old one)
+            with atomic_dataset(out, kind="random-effects",
+                                storage_options=storage_options) as tmp:  # fmt: skip
+                writes = [
+                    self.client.submit(
+                        _random_effects_write_task, entry, params, self.model, self.spec,
+                        f"{tmp}/part-{i:05d}.parquet", storage_options, pure=False,
+                        retries=self.retries,
+                    )
+                    for i, entry in enumerate(self._blocks)
+                ]  # fmt: skip
+                self.client.gather(writes)
             return dd.read_parquet(out, storage_options=storage_options)
         tasks = [
             self.client.submit(_random_effects_task, entry, params, self.model, self.spec,
