@@ -220,7 +220,8 @@ def fit(
     if client == IN_PROCESS or client is False:
         sources = input_fingerprint(data, storage_options)  # before reading: what is read
         df = read_frame(data, storage_options)
-        spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights)
+        spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights,
+                          allow_python=allow_python_in_formulas)  # fmt: skip
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
         evaluator = InProcessEvaluator([block], _kernel_model(spec, fam, n_agq), spec, sources)
         load_s = time.perf_counter() - t_start
@@ -241,7 +242,7 @@ def fit(
             handle, data, formula, fam, n_agq,
             trials=trials, offset=offset, weights=weights, missing=missing,
             npartitions=npartitions, storage_options=storage_options,
-            kernel_model=_kernel_model,
+            kernel_model=_kernel_model, allow_python_in_formulas=allow_python_in_formulas,
         )  # fmt: skip
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,

@@ -27,6 +27,7 @@ knots) is per block rather than global.  Precompute such columns instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -40,6 +41,7 @@ import pandas as pd
 
 from dglmm.errors import (
     DataError,
+    DglmmError,
     DglmmWarning,
     SpecificationError,
     missing_values_error,
@@ -49,13 +51,19 @@ from dglmm.formula import (
     ParsedFormula,
     c_wrapped_variables,
     expression_variables,
+    is_bare_name,
     parse_formula,
 )
+from dglmm.formula_safety import check_formula, formula_context
 
 __all__ = [
     "Block",
     "ModelSpec",
+    "MAX_DESIGN_BYTES",
+    "MAX_FIXED_COLUMNS",
     "build_block",
+    "check_key_types",
+    "check_unique_columns",
     "collect_levels",
     "learn_spec",
     "make_spec",
@@ -65,6 +73,12 @@ __all__ = [
 
 #: rows of the sample used by :func:`learn_spec` to find the design column names
 SAMPLE_ROWS = 1000
+
+#: most fixed-effect design columns a model may have (checked before any design is built)
+MAX_FIXED_COLUMNS = 2000
+
+#: most bytes the fixed-effects design of the whole data may take (rows x columns x 8)
+MAX_DESIGN_BYTES = 16 * 2**30
 
 
 # ---------------------------------------------------------------------------
@@ -90,6 +104,11 @@ class ModelSpec:
         offset: offset column, or None.
         weights: prior weights column, or None.
         columns: every data column the model reads.
+        allow_python: formulas may run any Python code (the explicit opt-in
+            ``allow_python_in_formulas=True``); otherwise every evaluation goes through
+            the allowlist of :mod:`dglmm.formula_safety`.  Never written by
+            :meth:`to_dict` and never set by :meth:`from_dict`: a spec read from a file
+            is always checked.
     """
 
     formula: str
@@ -103,6 +122,7 @@ class ModelSpec:
     offset: str | None = None
     weights: str | None = None
     columns: tuple[str, ...] = ()
+    allow_python: bool = False
 
     def __hash__(self) -> int:
         """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
@@ -146,28 +166,105 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`, validating every field (a spec may come from a file).
+
+        The result always has ``allow_python=False``: a formula read from a file goes
+        through the allowlist whenever it is evaluated, whatever the file says.
 
         Raises:
-            SpecificationError: a required key is missing.
+            SpecificationError: a required key is missing, or a field has the wrong type,
+                length or value; one line naming the field.
         """
+        if not isinstance(d, Mapping):
+            raise SpecificationError(f"model spec must be a JSON object, not {_kind(d)}")
         required = ("formula", "response", "group", "fixed_columns", "random_columns")
         missing = [k for k in required + ("cov_pattern",) if k not in d]
         if missing:
             raise SpecificationError(f"model spec dict lacks {', '.join(missing)}")
+        for key in ("formula", "response", "group"):
+            if not isinstance(d[key], str) or not d[key]:
+                raise SpecificationError(f"model spec field {key!r} must be a non-empty "
+                                         f"string, not {_kind(d[key])}")  # fmt: skip
+        fixed = _str_tuple(d["fixed_columns"], "fixed_columns")
+        random = _str_tuple(d["random_columns"], "random_columns")
+        columns = _str_tuple(d.get("columns", ()), "columns")
+        if not fixed and not random:
+            raise SpecificationError("model spec has no design columns")
+        q = len(random)
+        pattern = d["cov_pattern"]
+        if not isinstance(pattern, (list, tuple)):
+            raise SpecificationError(f"model spec field 'cov_pattern' must be a list, not "
+                                     f"{_kind(pattern)}")  # fmt: skip
+        cov: list[tuple[int, int]] = []
+        for entry in pattern:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                    and all(_is_int(v) for v in entry)):  # fmt: skip
+                raise SpecificationError(f"model spec field 'cov_pattern' must hold [row, col] "
+                                         f"pairs of integers, not {entry!r:.60}")  # fmt: skip
+            r, c = int(entry[0]), int(entry[1])
+            if not 0 <= c <= r < q:
+                raise SpecificationError(
+                    f"model spec field 'cov_pattern' has the entry [{r}, {c}] outside the "
+                    f"{q} x {q} lower triangle"
+                )
+            cov.append((r, c))
+        if len(set(cov)) != len(cov):
+            raise SpecificationError("model spec field 'cov_pattern' repeats an entry")
+        levels = d.get("levels", {})
+        if not isinstance(levels, Mapping):
+            raise SpecificationError(f"model spec field 'levels' must be an object, not "
+                                     f"{_kind(levels)}")  # fmt: skip
+        checked_levels: dict[str, tuple[Any, ...]] = {}
+        for name, values in levels.items():
+            if not isinstance(values, (list, tuple)) or not all(
+                v is None or isinstance(v, (str, bool, int, float)) for v in values
+            ):
+                raise SpecificationError(f"model spec levels of {name!r} must be a list of "
+                                         "strings or numbers")  # fmt: skip
+            checked_levels[str(name)] = tuple(values)
+        options = {}
+        for key in ("trials", "offset", "weights"):
+            value = d.get(key)
+            if value is not None and not isinstance(value, str):
+                raise SpecificationError(f"model spec field {key!r} must be a column name or "
+                                         f"null, not {_kind(value)}")  # fmt: skip
+            options[key] = value
+        parsed = parse_formula(d["formula"])
+        if parsed.response != d["response"] or parsed.group != d["group"]:
+            raise SpecificationError(
+                f"model spec response/group {d['response']!r}/{d['group']!r} do not match "
+                f"its formula {d['formula']!r}"
+            )
         return cls(
             formula=d["formula"],
             response=d["response"],
             group=d["group"],
-            fixed_columns=tuple(d["fixed_columns"]),
-            random_columns=tuple(d["random_columns"]),
-            cov_pattern=tuple((int(r), int(c)) for r, c in d["cov_pattern"]),
-            levels={k: tuple(v) for k, v in d.get("levels", {}).items()},
-            trials=d.get("trials"),
-            offset=d.get("offset"),
-            weights=d.get("weights"),
-            columns=tuple(d.get("columns", ())),
+            fixed_columns=fixed,
+            random_columns=random,
+            cov_pattern=tuple(cov),
+            levels=checked_levels,
+            columns=columns,
+            allow_python=False,
+            **options,
         )
+
+
+def _kind(value: Any) -> str:
+    """``'a list'``, ``'null'``, ... for messages about JSON values."""
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _str_tuple(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise SpecificationError(f"model spec field {key!r} must be a list of strings, not "
+                                 f"{_kind(value)}")  # fmt: skip
+    return tuple(value)
 
 
 def _python_scalar(value: Any) -> Any:
@@ -417,11 +514,23 @@ def _bad_mask(series: pd.Series) -> np.ndarray:
     return bad
 
 
-def _design(rhs: str, frame: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Formulaic design of ``rhs`` on ``frame``: float64 C-order (n, k) array and names."""
+def _design(
+    rhs: str, frame: pd.DataFrame, allow_python: bool = False
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Formulaic design of ``rhs`` on ``frame``: float64 C-order (n, k) array and names.
+
+    Evaluated in :func:`~dglmm.formula_safety.formula_context` (never the caller's frame):
+    without ``allow_python`` only allowlisted names, builtins blocked.  The callers check
+    the formula against the allowlist first (:func:`_check_safe`).
+    """
+    context = formula_context(allow_python)
     try:
         with np.errstate(all="ignore"):  # non-finite results are reported by the caller
-            mm = formulaic.model_matrix(rhs, frame, output="numpy", na_action="ignore")
+            mm = formulaic.model_matrix(
+                rhs, frame, context=context, output="numpy", na_action="ignore"
+            )
+    except DglmmError:
+        raise
     except Exception as exc:  # formulaic raises many exception types
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
@@ -429,7 +538,7 @@ def _design(rhs: str, frame: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]
     return array.reshape(len(frame), -1), tuple(str(c) for c in mm.model_spec.column_names)
 
 
-def _random_design(parsed: ParsedFormula, frame: pd.DataFrame):
+def _random_design(parsed: ParsedFormula, frame: pd.DataFrame, allow_python: bool = False):
     """Random-effects design: hstack of every bar term's design.
 
     Returns:
@@ -438,7 +547,7 @@ def _random_design(parsed: ParsedFormula, frame: pd.DataFrame):
     """
     parts, names, blocks = [], [], []
     for term in parsed.random_terms:
-        z, cols = _design(term.expr, frame)
+        z, cols = _design(term.expr, frame, allow_python)
         blocks.append((len(names), len(names) + len(cols), term.diagonal))
         parts.append(z)
         names.extend(cols)
@@ -459,6 +568,159 @@ def _cov_pattern(blocks: Sequence[tuple[int, int, bool]]) -> tuple[tuple[int, in
 
 
 # ---------------------------------------------------------------------------
+# checks before any design is built
+
+
+def is_column_name(name: str) -> bool:
+    """True for a name that can be a column in a formula without quotes (Unicode too)."""
+    return is_bare_name(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_safe_cached(parsed: ParsedFormula) -> None:
+    check_formula(parsed)
+
+
+def _check_safe(parsed: ParsedFormula, allow_python: bool) -> None:
+    """The formula allowlist (:mod:`dglmm.formula_safety`), unless ``allow_python``."""
+    if not allow_python:
+        _check_safe_cached(parsed)
+
+
+def check_unique_columns(columns: Iterable[Any], needed: Iterable[str] | None = None,
+                         where: str = "the data") -> None:  # fmt: skip
+    """DataError if a column name appears more than once (among ``needed``, if given).
+
+    Pandas frames may carry duplicate labels; a CSV header naming a column twice must be
+    checked by the reader (pandas renames the second ``x`` to ``x.1``).
+    """
+    labels = [str(c) for c in columns]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    wanted = None if needed is None else {str(n) for n in needed}
+    for label, count in counts.items():
+        if count > 1 and (wanted is None or label in wanted):
+            raise DataError(
+                f"column {label!r} appears {count} times in {where}; give every column a "
+                "unique name"
+            )
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+def check_key_types(series: pd.Series, name: str) -> None:
+    """DataError if an object column mixes Python types (``5`` and ``'5'``).
+
+    Such keys are different groups in pandas but the same group once Dask converts the
+    column to text, so the answer would depend on where the fit runs.  Called for the
+    grouping column in process (:func:`learn_spec`, :func:`build_block`) and on the
+    pandas input of the Dask path (``dask_driver.load_data``).
+    """
+    if not pd.api.types.is_object_dtype(series.dtype):
+        return
+    kind = pd.api.types.infer_dtype(series, skipna=True)
+    if kind not in ("mixed", "mixed-integer", "mixed-integer-float"):
+        return
+    counts: dict[str, int] = {}
+    examples: dict[str, Any] = {}
+    for value in series.dropna():
+        t = _type_name(value)
+        counts[t] = counts.get(t, 0) + 1
+        examples.setdefault(t, value)
+    if len(counts) <= 1:
+        return
+    found = ", ".join(f"{t} ({n} rows, e.g. {examples[t]!r})" for t, n in counts.items())
+    raise DataError(
+        f"column {name!r} mixes Python types: {found}; keys such as 5 and '5' would be "
+        "different groups in process but one group on Dask: convert the column to one "
+        f"type first (e.g. df[{name!r}] = df[{name!r}].astype(str))"
+    )
+
+
+def _warn_group_in_fixed_part(parsed: ParsedFormula) -> None:
+    """DglmmWarning when the grouping column is also a fixed-effects covariate."""
+    if parsed.group in expression_variables(parsed.fixed):
+        warnings.warn(
+            f"{parsed.group!r} is both a fixed covariate and the grouping factor in "
+            f"{parsed.text!r}: lme4 allows it, but it is usually a mistake (its fixed "
+            f"effects are confounded with the random effects of {parsed.group!r}); remove it "
+            "from the fixed part unless you mean it",
+            DglmmWarning,
+            stacklevel=4,
+        )
+
+
+def _term_columns(rhs: str, levels: Mapping[str, Sequence]) -> list[tuple[str, int, list]]:
+    """``(term, columns, [(column, n_levels), ...])`` per term of ``rhs`` (upper bounds:
+    every categorical factor counts all its levels, numeric factors count one)."""
+    out = []
+    try:
+        terms = list(formulaic.Formula(rhs))
+    except Exception:  # noqa: BLE001 - parse errors are reported elsewhere
+        return out
+    for term in terms:
+        size, parts = 1, []
+        for factor in term.factors:
+            if factor.eval_method.name == "LOOKUP":
+                names = [factor.expr]
+            elif factor.eval_method.name == "PYTHON":
+                names = list(expression_variables(factor.expr))
+            else:
+                names = []
+            for name in names:
+                if name in levels:
+                    size *= max(1, len(levels[name]))
+                    parts.append((name, len(levels[name])))
+        out.append((str(term), size, parts))
+    return out
+
+
+def _check_design_size(rhs: str, levels: Mapping[str, Sequence], n_rows: int | None,
+                       p: int | None = None) -> None:  # fmt: skip
+    """SpecificationError for a fixed design with more than :data:`MAX_FIXED_COLUMNS`
+    columns or :data:`MAX_DESIGN_BYTES` bytes, before it is built.
+
+    Without ``p`` the number of columns is estimated from the levels (the term adding the
+    most columns is named with its level counts); with ``p`` (the design of a small
+    sample) the exact count is checked.
+    """
+    terms = _term_columns(rhs, levels) if p is None else []
+    total = p if p is not None else sum(size for _, size, _ in terms)
+    culprit = ""
+    if terms:
+        term, size, parts = max(terms, key=lambda t: t[1])
+        if parts:
+            detail = " x ".join(f"{n} levels of {c!r}" for c, n in parts)
+            culprit = f": {term} would add {size} columns ({detail})"
+    hint = ("; fit such a factor as a random effect, merge its levels, or raise the limit "
+            "(dglmm.design.{})")  # fmt: skip
+    if total > MAX_FIXED_COLUMNS:
+        raise SpecificationError(
+            f"the fixed-effects design would have {'about ' if p is None else ''}{total} "
+            f"columns, more than the limit of {MAX_FIXED_COLUMNS}{culprit}"
+            + hint.format("MAX_FIXED_COLUMNS")
+        )
+    if n_rows is not None and n_rows * total * 8 > MAX_DESIGN_BYTES:
+        size_gb = n_rows * total * 8 / 2**30
+        raise SpecificationError(
+            f"the fixed-effects design would take {size_gb:.1f} GiB ({n_rows} rows x "
+            f"{total} columns x 8 bytes), more than the limit of "
+            f"{MAX_DESIGN_BYTES / 2**30:.1f} GiB{culprit}" + hint.format("MAX_DESIGN_BYTES")
+        )
+
+
+# ---------------------------------------------------------------------------
 # learning the spec
 
 
@@ -470,8 +732,15 @@ def make_spec(
     trials: str | None = None,
     offset: str | None = None,
     weights: str | None = None,
+    allow_python: bool = False,
+    n_rows: int | None = None,
 ) -> ModelSpec:
     """Build the :class:`ModelSpec` from merged levels and a small sample.
+
+    The formula is checked against the allowlist first (unless ``allow_python``); the
+    number of fixed-effect columns the levels imply is checked against
+    :data:`MAX_FIXED_COLUMNS` and, with ``n_rows`` (rows of the whole data), the bytes of
+    the fixed design against :data:`MAX_DESIGN_BYTES`, before any design is built.
 
     Args:
         parsed: the parsed formula.
@@ -487,10 +756,10 @@ def make_spec(
         SpecificationError: the response is an expression, or two bar terms
             produce the same random-effects column.
     """
+    _check_safe(parsed, allow_python)
+    check_unique_columns(sample_df.columns)
     formula_cols = needed_columns(parsed)
-    if parsed.response not in sample_df.columns and not re.fullmatch(
-        r"[A-Za-z_][A-Za-z0-9_.]*", parsed.response
-    ):
+    if parsed.response not in sample_df.columns and not is_column_name(parsed.response):
         raise SpecificationError(
             f"the response must be a column name, not the expression {parsed.response!r}; "
             "add the transformed response as a column"
@@ -503,9 +772,12 @@ def make_spec(
     levels = {k: tuple(v) for k, v in levels.items()}
     used = set(_formula_columns(parsed))
     numeric = [c for c in used if c not in levels]
+    _warn_group_in_fixed_part(parsed)
+    _check_design_size(parsed.fixed, {k: v for k, v in levels.items() if k in used}, n_rows)
     sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
-    _, fixed_columns = _design(parsed.fixed, sample)
-    z_sample, random_columns, blocks = _random_design(parsed, sample)
+    _, fixed_columns = _design(parsed.fixed, sample, allow_python)
+    _check_design_size(parsed.fixed, {}, n_rows, len(fixed_columns))
+    z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python)
     if parsed.group in sample_df.columns:
         _warn_constant_random_columns(z_sample, random_columns, sample_df[parsed.group], parsed)
     dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]
@@ -525,6 +797,7 @@ def make_spec(
         offset=offset,
         weights=weights,
         columns=tuple(columns),
+        allow_python=bool(allow_python),
     )
 
 
@@ -570,19 +843,26 @@ def learn_spec(
     trials: str | None = None,
     offset: str | None = None,
     weights: str | None = None,
+    allow_python: bool = False,
 ) -> ModelSpec:
     """Parse ``formula`` and learn the :class:`ModelSpec` from a pandas frame.
 
     Equivalent to ``make_spec(parse_formula(formula), merge_levels([collect_levels(...)]),
-    df.head(SAMPLE_ROWS), ...)``.
+    df.head(SAMPLE_ROWS), ..., n_rows=len(df))``, after the formula allowlist (unless
+    ``allow_python``), the duplicate-column check and the group key type check.
     """
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    _check_safe(parsed, allow_python)
     if len(df) == 0:
         raise DataError("the data have no rows")
+    check_unique_columns(df.columns, needed_columns(parsed, trials, offset, weights))
+    if parsed.group in df.columns:
+        check_key_types(df[parsed.group], parsed.group)
     levels = merge_levels([collect_levels(parsed, df)])
     return make_spec(
-        parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights
-    )
+        parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights,
+        allow_python=allow_python, n_rows=len(df),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -704,8 +984,11 @@ def build_block(
         raise SpecificationError(f'missing must be "error" or "drop", got {missing!r}')
     if len(df) == 0:
         raise DataError("no rows in the data")
-    _check_columns(df, spec.columns)
     parsed = spec.parsed
+    _check_safe(parsed, spec.allow_python)
+    check_unique_columns(df.columns, spec.columns)
+    _check_columns(df, spec.columns)
+    check_key_types(df[spec.group], spec.group)
     n_in = len(df)
     used = set(_formula_columns(parsed))
     numeric = [c for c in spec.columns if c not in spec.levels and c != spec.group]
@@ -730,8 +1013,8 @@ def build_block(
         frame = frame.loc[~bad]
     if len(frame) == 0:
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
-    X, fixed_names = _design(parsed.fixed, frame)
-    Z, random_names, _ = _random_design(parsed, frame)
+    X, fixed_names = _design(parsed.fixed, frame, spec.allow_python)
+    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python)
     if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
         raise DataError(
             f"design columns {fixed_names} / {random_names} differ from the model spec "
@@ -820,8 +1103,10 @@ def build_design(
     if missing not in ("error", "nan"):
         raise SpecificationError(f'missing must be "error" or "nan", got {missing!r}')
     parsed = spec.parsed
+    _check_safe(parsed, spec.allow_python)
     used = set(_formula_columns(parsed))
     needed = [c for c in spec.columns if (c in used or c == spec.offset) and c != spec.response]
+    check_unique_columns(df.columns, needed)
     _check_columns(df, needed)
     n = len(df)
     frame = _prepare(spec.levels, df[needed], [c for c in needed if c not in spec.levels])
@@ -839,8 +1124,8 @@ def build_design(
     good = ~bad
     if good.any():
         sub = frame.loc[good] if bad.any() else frame
-        Xg, fixed_names = _design(parsed.fixed, sub)
-        Zg, random_names, _ = _random_design(parsed, sub)
+        Xg, fixed_names = _design(parsed.fixed, sub, spec.allow_python)
+        Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python)
         if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
             raise DataError(
                 f"design columns {fixed_names} / {random_names} differ from the model spec "

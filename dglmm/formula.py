@@ -39,13 +39,13 @@ __all__ = [
     "RandomTerm",
     "c_wrapped_variables",
     "expression_variables",
+    "is_bare_name",
     "parse_formula",
 ]
 
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
 _QUOTES = ("'", '"', "`")
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,21 @@ def _unquote_name(name: str) -> str:
     return name
 
 
+def is_bare_name(name: str) -> bool:
+    """True for a name usable without quotes: a Python identifier (Unicode letters
+    included, e.g. ``gé``) that may also contain dots after its first character
+    (``subscriber.id``, ``x.1``)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name[0] != "."
+        and name.replace(".", "_").isidentifier()
+    )
+
+
 def _is_column_name(name: str) -> bool:
-    """True for a bare name (``g``, ``subscriber.id``) or a backtick-quoted name."""
-    return bool(_NAME_RE.match(name)) or (
+    """True for a bare name (``g``, ``subscriber.id``, ``gé``) or a backtick-quoted name."""
+    return is_bare_name(name) or (
         len(name) > 2 and name[0] == name[-1] == "`" and "`" not in name[1:-1]
     )
 

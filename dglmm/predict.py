@@ -26,6 +26,7 @@ never collected whole: :func:`predict` then returns a lazy Dask DataFrame and
 
 from __future__ import annotations
 
+import dataclasses
 import glob as _glob
 import math
 import os
@@ -38,6 +39,7 @@ import pandas as pd
 from .design import ModelSpec, build_design
 from .errors import DataError, SpecificationError
 from .families import get_link
+from .formula_safety import check_formula
 from .results import FitResult
 from .sources import read_frame
 
@@ -161,12 +163,41 @@ class _Predictor:
     """Everything a partition needs: spec, beta, Sigma, link and the random-effects table."""
 
     def __init__(self, result: FitResult, random_effects, type: str, re_form: str,
-                 new_groups: str, keep: Sequence[str], missing: str) -> None:  # fmt: skip
+                 new_groups: str, keep: Sequence[str], missing: str,
+                 allow_python: bool = False) -> None:  # fmt: skip
         if not result.spec:
             raise SpecificationError("the result has no model spec (written by an old dglmm)")
-        self.spec = ModelSpec.from_dict(result.spec)
-        self.beta = np.asarray(result.params, dtype=np.float64)[: self.spec.p]
-        self.sigma = np.asarray(result.random_effects[self.spec.group]["covariance"], float)
+        spec = ModelSpec.from_dict(result.spec)  # never allows Python code by itself
+        if allow_python:  # the user's explicit choice at prediction time
+            spec = dataclasses.replace(spec, allow_python=True)
+        try:
+            check_formula(spec.parsed, spec.allow_python)  # before any data is read
+        except SpecificationError as exc:
+            raise SpecificationError(f"the formula stored in the result: {exc}") from None
+        self.spec = spec
+        params = np.asarray(result.params, dtype=np.float64)
+        if params.ndim != 1 or params.size < spec.p + spec.n_theta:
+            raise DataError(
+                f"the result has {params.size} parameters but its model spec needs at least "
+                f"{spec.p + spec.n_theta}; it is not a dglmm result of this model"
+            )
+        self.beta = params[: spec.p]
+        re = result.random_effects.get(spec.group) if isinstance(result.random_effects,
+                                                                  dict) else None  # fmt: skip
+        try:
+            self.sigma = np.asarray(re["covariance"], dtype=np.float64)  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            self.sigma = np.zeros(0)
+        if self.sigma.shape != (spec.q, spec.q):
+            raise DataError(
+                f"the result's random-effects covariance of {spec.group!r} is not a "
+                f"{spec.q} x {spec.q} matrix of numbers"
+            )
+        if not (np.all(np.isfinite(self.beta)) and np.all(np.isfinite(self.sigma))):
+            raise DataError(
+                "the result has missing or non-finite fixed effects or random-effects "
+                "covariance; predictions need finite estimates"
+            )
         self.link = result.link
         self.type, self.re_form, self.new_groups = type, re_form, new_groups
         self.keep, self.missing = list(keep), missing
@@ -281,6 +312,10 @@ def predict(
         Input columns copied to the output (e.g. a call id).
     missing : {"error", "nan"}
         Rows with missing predictor values: an error, or NaN predictions.
+    allow_python_in_formulas : bool
+        The formula stored in a result always goes through the allowlist of
+        :mod:`dglmm.formula_safety` (a result file never runs code by itself); True lets
+        it call any Python code: only for results from a trusted source.
 
     Returns
     -------
@@ -296,7 +331,8 @@ def predict(
     _check_options(type, re_form, new_groups)
     del client  # computing happens where the caller computes the result
     res = _as_result(result)
-    predictor = _Predictor(res, random_effects, type, re_form, new_groups, keep, missing)
+    predictor = _Predictor(res, random_effects, type, re_form, new_groups, keep, missing,
+                           allow_python_in_formulas)  # fmt: skip
     if _is_dask(data) or _is_partitioned_path(data):
         return _predict_dask(predictor, data)
     return predictor(read_frame(data))

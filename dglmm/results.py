@@ -232,52 +232,126 @@ class FitResult:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FitResult:
-        fe = pd.DataFrame(d["fixed_effects"]).set_index("term")
-        fe = fe[["estimate", "std_error", "z_value", "p_value"]].astype(float)
+    def from_dict(cls, d: dict[str, Any], *, source: str = "the dict") -> FitResult:
+        """Inverse of :meth:`to_dict`; every field's type is checked (nothing is evaluated).
+
+        Raises:
+            DataError: ``<source> is not a dglmm result: <what is wrong>`` (one line).
+        """
+        v = _ResultValidator(source)
+        if not isinstance(d, dict):
+            v.fail(f"it holds a JSON {type(d).__name__}, not an object")
+        fmt = d.get("format", RESULT_FORMAT)
+        if fmt != RESULT_FORMAT:
+            v.fail(f"its format is {fmt!r:.60}, not {RESULT_FORMAT!r}")
+        rows = v.get(d, "fixed_effects", list)
+        terms, columns = [], {k: [] for k in ("estimate", "std_error", "z_value", "p_value")}
+        for row in rows:
+            if not isinstance(row, dict):
+                v.fail("'fixed_effects' must be a list of objects")
+            terms.append(v.get(row, "term", str, where="fixed_effects"))
+            for k, values in columns.items():
+                values.append(v.number(row.get(k), f"fixed_effects {k}"))
+        fe = pd.DataFrame(columns, index=pd.Index(terms, name="term"), dtype=float)
+        random_effects = v.get(d, "random_effects", dict)
+        if not random_effects:
+            v.fail("'random_effects' is empty")
+        for group, re_ in random_effects.items():
+            if not isinstance(re_, dict):
+                v.fail(f"'random_effects' of {group!r:.40} must be an object")
+            re_terms = v.get(re_, "terms", list, where=f"random_effects {group!r:.40}")
+            if not all(isinstance(t, str) for t in re_terms):
+                v.fail(f"'random_effects' terms of {group!r:.40} must be strings")
+            v.matrix(re_.get("covariance"), len(re_terms), f"random_effects {group!r:.40} "
+                     "covariance")  # fmt: skip
+        params = v.vector(d.get("params", []), "params")
+        vcov = d.get("vcov", [])
+        if vcov is None or (isinstance(vcov, list) and len(vcov) == 0):
+            vcov_array = np.zeros((0, 0))
+        else:
+            vcov_array = v.matrix(vcov, params.size, "vcov")
+        n_groups = v.get(d, "n_groups", dict)
+        for key, value in n_groups.items():
+            v.integer(value, f"n_groups {key!r:.40}")
+        fit_log = v.get(d, "fit_log", list, default=[])
+        if not all(isinstance(r, dict) for r in fit_log):
+            v.fail("'fit_log' must be a list of objects")
+        warnings_ = v.get(d, "warnings", list, default=[])
+        if not all(isinstance(w, str) for w in warnings_):
+            v.fail("'warnings' must be a list of strings")
+        dispersion = d.get("dispersion")
+        spec = v.get(d, "spec", dict, default={})
+        if spec:
+            from .design import ModelSpec
+            from .errors import DglmmError
+
+            try:
+                ModelSpec.from_dict(spec)  # validates only: nothing is evaluated
+            except DglmmError as exc:
+                v.fail(f"its model spec: {exc}")
         return cls(
-            formula=d["formula"],
-            family=d["family"],
-            link=d["link"],
-            n_agq=int(d["n_agq"]),
+            formula=v.get(d, "formula", str),
+            family=v.get(d, "family", str),
+            link=v.get(d, "link", str),
+            n_agq=v.integer(d.get("n_agq"), "n_agq", minimum=1),
             fixed_effects=fe,
-            random_effects=d["random_effects"],
-            dispersion=d.get("dispersion"),
-            loglik=float(d["loglik"]),
-            aic=float(d["aic"]),
-            bic=float(d["bic"]),
-            n_obs=int(d["n_obs"]),
-            n_groups={k: int(v) for k, v in d["n_groups"].items()},
-            converged=bool(d["converged"]),
-            singular=bool(d["singular"]),
-            n_iterations=int(d["n_iterations"]),
-            n_evaluations=int(d.get("n_evaluations", 0)),
-            fit_log=list(d.get("fit_log", [])),
-            params=np.asarray(d.get("params", []), dtype=float),
-            vcov=np.asarray(d.get("vcov", []), dtype=float),
-            message=d.get("message", ""),
-            spec=d.get("spec", {}),
-            n_partitions=int(d.get("n_partitions", 1)),
-            n_workers=int(d.get("n_workers", 0)),
-            n_dropped=int(d.get("n_dropped", 0)),
-            timings=d.get("timings", {}),
-            warnings=list(d.get("warnings", [])),
+            random_effects=random_effects,
+            dispersion=None if dispersion is None else v.number(dispersion, "dispersion"),
+            loglik=v.number(d.get("loglik"), "loglik"),
+            aic=v.number(d.get("aic"), "aic"),
+            bic=v.number(d.get("bic"), "bic"),
+            n_obs=v.integer(d.get("n_obs"), "n_obs"),
+            n_groups={k: int(n) for k, n in n_groups.items()},
+            converged=v.get(d, "converged", bool),
+            singular=v.get(d, "singular", bool),
+            n_iterations=v.integer(d.get("n_iterations"), "n_iterations"),
+            n_evaluations=v.integer(d.get("n_evaluations", 0), "n_evaluations"),
+            fit_log=list(fit_log),
+            params=params,
+            vcov=vcov_array,
+            message=v.get(d, "message", str, default=""),
+            spec=spec,
+            n_partitions=v.integer(d.get("n_partitions", 1), "n_partitions"),
+            n_workers=v.integer(d.get("n_workers", 0), "n_workers"),
+            n_dropped=v.integer(d.get("n_dropped", 0), "n_dropped"),
+            timings=v.get(d, "timings", dict, default={}),
+            warnings=list(warnings_),
         )
 
     @classmethod
     def from_json(cls, text_or_path: str) -> FitResult:
-        """Read a result from JSON text or from a file path / URL."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            if "://" in text_or_path and not text_or_path.startswith("file://"):
-                import fsspec
+        """Read a result from JSON text or from a file path / URL.
 
-                with fsspec.open(text_or_path, "r") as fh:
-                    text = fh.read()
-            else:
-                with open(text_or_path.removeprefix("file://")) as fh:
-                    text = fh.read()
-        return cls.from_dict(json.loads(text))
+        Nothing in the file is evaluated; a file that is not a valid result gives one
+        ``DataError`` line (``'<path>' is not a dglmm result: ...``).
+        """
+        from .errors import DataError
+
+        if not isinstance(text_or_path, str):
+            raise DataError(f"a result must be JSON text or a path, not "
+                            f"{type(text_or_path).__name__}")  # fmt: skip
+        text = text_or_path
+        source = "the JSON text"
+        if not text_or_path.lstrip().startswith("{"):
+            source = repr(text_or_path)
+            try:
+                if "://" in text_or_path and not text_or_path.startswith("file://"):
+                    import fsspec
+
+                    with fsspec.open(text_or_path, "r") as fh:
+                        text = fh.read()
+                else:
+                    with open(text_or_path.removeprefix("file://")) as fh:
+                        text = fh.read()
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise DataError(f"cannot read the result {source}: {exc}") from None
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise DataError(
+                f"{source} is not a dglmm result: it is not valid JSON ({str(exc)[:120]})"
+            ) from None
+        return cls.from_dict(d, source=source)
 
     # -------------------------------------------------------------- random effects
 
@@ -339,6 +413,71 @@ class FitResult:
                 return evaluator.random_effects(params, output)
             finally:
                 evaluator.close()
+
+
+class _ResultValidator:
+    """Type checks of a result dict; every failure is one DataError line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, what: str):
+        from .errors import DataError
+
+        raise DataError(f"{self.source} is not a dglmm result: {what}")
+
+    _MISSING = object()
+
+    def get(self, d: dict, key: str, kind: type, *, where: str = "", default: Any = _MISSING):
+        label = f"{where} {key!r}" if where else repr(key)
+        if key not in d:
+            if default is not self._MISSING:
+                return default
+            self.fail(f"the field {label} is missing")
+        value = d[key]
+        if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+            self.fail(f"the field {label} must be a {_JSON_KINDS.get(kind, kind.__name__)}, "
+                      f"not {_json_kind(value)}")  # fmt: skip
+        return value
+
+    def number(self, value: Any, label: str) -> float:
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"the field {label!r} must be a number, not {_json_kind(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            self.fail(f"the field {label!r} is too large a number")
+        return math.nan  # not reached
+
+    def integer(self, value: Any, label: str, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(f"the field {label!r} must be an integer >= {minimum}, not "
+                      f"{_json_kind(value)}")  # fmt: skip
+        return int(value)
+
+    def vector(self, value: Any, label: str) -> np.ndarray:
+        if not isinstance(value, list):
+            self.fail(f"the field {label!r} must be a list of numbers, not {_json_kind(value)}")
+        return np.array([self.number(x, label) for x in value], dtype=np.float64)
+
+    def matrix(self, value: Any, n: int, label: str) -> np.ndarray:
+        if not isinstance(value, list) or len(value) != n or not all(
+            isinstance(row, list) and len(row) == n for row in value
+        ):
+            self.fail(f"the field {label!r} must be a {n} x {n} matrix (a list of lists)")
+        return np.array([[self.number(x, label) for x in row] for row in value],
+                        dtype=np.float64).reshape(n, n)  # fmt: skip
+
+
+_JSON_KINDS = {dict: "JSON object", list: "list", str: "string", bool: "true/false"}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r:.40}"
 
 
 def _finite(obj):

@@ -38,8 +38,13 @@ def load_data(
     *,
     storage_options: dict | None = None,
     npartitions: int | None = None,
+    group: str | None = None,
 ) -> dd.DataFrame:
     """Return ``data`` as a Dask DataFrame, reading nothing but metadata and a sample.
+
+    For a pandas frame, the ``group`` column (if given) is checked for mixed Python types
+    (``5`` and ``'5'``) before Dask converts it to text, as in process
+    (:func:`dglmm.design.check_key_types`); so are duplicated column names.
 
     Parameters
     ----------
@@ -66,6 +71,9 @@ def load_data(
         if len(data) == 0:
             raise DataError("the data frame has no rows")
         _check_columns(columns, data.columns)
+        if group is not None and group in data.columns:
+            _default_design("check_unique_columns")(data.columns, columns or [group])
+            _default_design("check_key_types")(data[group], group)
         n = npartitions or max(1, -(-len(data) // _ROWS_PER_PANDAS_PARTITION))
         ddf = dd.from_pandas(data if columns is None else data[columns], npartitions=n)
     elif isinstance(data, dd.DataFrame):

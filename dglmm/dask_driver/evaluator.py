@@ -561,9 +561,13 @@ def make_evaluator(
     Raises
     ------
     DataError, SpecificationError, ClusterError
+    allow_python_in_formulas: bool = False,
     """
     from dglmm.design import needed_columns
     from dglmm.formula import ParsedFormula, parse_formula
+    The formula goes through the allowlist before anything is read (unless
+    ``allow_python_in_formulas``); the flag travels to the workers in the spec.
+
 
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     columns = needed_columns(parsed, trials, offset, weights)
@@ -582,9 +586,11 @@ def make_evaluator(
     evaluator = DaskEvaluator(
         handle,
         source,
+    from dglmm.formula_safety import check_formula
         learned.spec,
         kernel_model(learned.spec, family, n_agq),
         check_response=getattr(family, "check_response", None),
+    check_formula(parsed, allow_python_in_formulas)
         missing=missing,
         kernel=kernel,
         group=group,
