@@ -15,8 +15,8 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from dglmm.dask_driver.cluster import ClusterHandle
-from dglmm.errors import DataError, suggest
+from dglmm.dask_driver.cluster import ClusterHandle, cluster_failures
+from dglmm.errors import DataError, SpecificationError, suggest
 from dglmm.sources import (
     _COMPRESSION_SUFFIXES,
     PREPARED_METADATA,
@@ -191,6 +191,19 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
 # partitioning by group
 
 
+def check_npartitions(npartitions: Any) -> int | None:
+    """``npartitions`` if it is None or a positive integer, else a SpecificationError."""
+    if npartitions is None:
+        return None
+    ok = isinstance(npartitions, (int, np.integer)) and not isinstance(npartitions, bool)
+    if not ok or npartitions < 1:
+        raise SpecificationError(
+            "the number of partitions must be a positive whole number (npartitions=, command "
+            f"line --partitions), got {npartitions!r}"
+        )
+    return int(npartitions)
+
+
 def _hash_part(keys: pd.Series, npartitions: int) -> np.ndarray:
     h = pd.util.hash_pandas_object(keys, index=False).to_numpy()
     return (h % np.uint64(npartitions)).astype(np.int64)
@@ -249,12 +262,15 @@ def partition_by_group(
         ``group`` is not a column.
     """
     _check_columns([group], ddf.columns)
-    n = int(npartitions or ddf.npartitions)
-    if n < 1:
-        raise ValueError(f"npartitions must be >= 1, got {n}")
+    n = int(check_npartitions(npartitions) or ddf.npartitions)
     if balance not in ("hash", "rows"):
         raise ValueError(f"balance must be 'hash' or 'rows', got {balance!r}")
-    mapping = _balanced_mapping(ddf, group, n) if balance == "rows" else None
+    mapping = None
+    if balance == "rows":
+        mapping = _balanced_mapping(ddf, group, n)
+        # more partitions than groups would leave some empty: one group per partition at most
+        n = max(1, min(n, len(mapping)))
+        mapping = mapping.clip(upper=n - 1)
     meta = _assign_part(ddf._meta, group, n, None)
     tagged = ddf.map_partitions(_assign_part, group, n, mapping, meta=meta)
     shuffled = tagged.set_index(_PART_COLUMN, divisions=list(range(n + 1)))
@@ -363,6 +379,8 @@ def read_prepared(path: str | os.PathLike, storage_options: dict | None = None) 
 
 def _write_part(pdf: pd.DataFrame, path: str, group: str,
                 storage_options: dict | None = None) -> tuple[int, int]:  # fmt: skip
+    if len(pdf) == 0:  # an empty partition (hashing can leave some): no file
+        return 0, 0
     pdf = pdf.sort_values(group, kind="stable").reset_index(drop=True)
     pdf.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
     return len(pdf), int(pdf[group].nunique(dropna=False))
@@ -397,6 +415,7 @@ def prepare(
     from dglmm.errors import OutputError
     from dglmm.outputs import OutputDataError, atomic_dataset, check_output_dataset
 
+    npartitions = check_npartitions(npartitions)
     out = os.fspath(out)
     # before any work: not an input (nor holding one), not a link or file, and a non-empty
     # directory (even earlier prepared data) is replaced only with overwrite=True
@@ -425,9 +444,13 @@ def _prepare_into(out: str, ddf, data, group, npartitions, balance, storage_opti
         for part, name in zip(parts, names, strict=True)
     ]
     if handle is not None:
-        counts = handle.client.gather(handle.client.compute(writes))
+        with cluster_failures(handle, "writing the prepared data"):
+            counts = handle.wait(handle.client.compute(writes))
     else:
         counts = dask.compute(*writes)
+    # empty partitions wrote no file: list only the files written
+    names = [name for name, (r, _) in zip(names, counts, strict=True) if int(r) > 0]
+    counts = [c for c in counts if int(c[0]) > 0]
     rows = [int(r) for r, _ in counts]
     metadata = {
         "format_version": PREPARED_FORMAT_VERSION,
@@ -500,6 +523,7 @@ def spec_from_dask(
     merge_levels: Callable | None = None,
     make_spec: Callable | None = None,
     n_head: int = 1000,
+    handle: ClusterHandle | None = None,
     **spec_options: Any,
 ) -> LearnedSpec:
     """Learn the ModelSpec from all partitions in one pass, and count rows and groups.
@@ -509,7 +533,8 @@ def spec_from_dask(
     together with the row count, the distinct non-missing keys of ``group`` (only their
     number comes back) and the first ``n_head`` rows; then calls
     ``make_spec(parsed, levels, head, **spec_options)`` here.
-    The three functions default to those of :mod:`dglmm.design`.
+    The three functions default to those of :mod:`dglmm.design`.  With ``handle`` the pass
+    runs on its cluster and ends with a ClusterError when every worker is lost.
 
     Raises
     ------
@@ -531,7 +556,11 @@ def spec_from_dask(
             else level[i]
             for i in range(0, len(level), 2)
         ]
-    levels, n_rows, n_groups, head = dask.delayed(_finish_summary)(level[0], merge_levels).compute()
+    root = dask.delayed(_finish_summary)(level[0], merge_levels)
+    if handle is not None:  # bounded when every worker is lost
+        levels, n_rows, n_groups, head = handle.wait(handle.client.compute(root))
+    else:
+        levels, n_rows, n_groups, head = root.compute()
     if n_rows == 0:
         raise DataError("the data have no rows")
     spec = make_spec(parsed, levels, head, **spec_options)

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 from distributed import Client, KilledWorker
 
-from dglmm.dask_driver.cluster import ClusterHandle
+from dglmm.dask_driver.cluster import ClusterHandle, cluster_failures, failure_text
 from dglmm.dask_driver.data import (
     PreparedData,
+    check_npartitions,
     is_prepared,
     load_data,
     partition_by_group,
@@ -66,6 +67,8 @@ class _BlockStats:
 def _build_task(
     pdf: pd.DataFrame, spec: Any, builder: Callable, missing: str, check_response: Any
 ) -> tuple[Any, int]:
+    if len(pdf) == 0:  # an empty partition (more partitions than hashes hit): no block
+        return None, 0
     kwargs: dict[str, Any] = {"missing": missing}
     if check_response is not None:
         kwargs["check_response"] = check_response
@@ -74,6 +77,8 @@ def _build_task(
 
 def _stats_task(entry: tuple[Any, int]) -> _BlockStats:
     block, n_rows_in = entry
+    if block is None:
+        return _BlockStats(n_rows_in=0, n_obs=0, n_groups=0, nbytes=0)
     return _BlockStats(
         n_rows_in=n_rows_in,
         n_obs=len(block.y),
@@ -271,6 +276,7 @@ class DaskEvaluator:
         self.last_timing: dict = {}
         if sources is None and not isinstance(data, dd.DataFrame):
             self._sources = input_fingerprint(data)
+        npartitions = check_npartitions(npartitions)
         if isinstance(data, PreparedData):
             self._prepared_rows = list(data.metadata["rows_per_file"])
             ddf = data.to_dask(columns)
@@ -278,6 +284,8 @@ class DaskEvaluator:
             ddf = load_data(data, columns)
             if group is not None:
                 n = npartitions or max(ddf.npartitions, handle.n_workers)
+                if n_groups:  # more partitions than groups would only leave some empty
+                    n = max(1, min(n, int(n_groups)))
                 ddf = partition_by_group(ddf, group, n)
         self._ddf = ddf
         self._build()
@@ -304,7 +312,8 @@ class DaskEvaluator:
         self._blocks = self.client.compute(builds)
         stats = [self.client.submit(_stats_task, b, pure=False) for b in self._blocks]
         try:
-            self._stats = self.client.gather(stats)  # re-raises a builder's exception as is
+            # re-raises a builder's exception as is; bounded when every worker is gone
+            all_stats = self.handle.wait(stats)
         except DataError as exc:
             self._release_after(stats)
             raise self._whole_data_error(exc, stats) from None
@@ -313,16 +322,31 @@ class DaskEvaluator:
             raise ClusterError(self._failure_message("building the blocks", exc)) from None
         except CancelledError as exc:
             self._release()
+            if self.handle.scheduler_lost(exc):
+                raise self.handle.lost_scheduler_error() from None
             raise ClusterError(
                 f"the Dask cluster could not build the blocks ({exc}); the scheduler's log "
                 "says why (often: workers and client have different environments)"
             ) from None
         except BaseException:
             self._release()
-            raise
+            with cluster_failures(self.handle, "building the blocks"):
+                raise
+        # empty partitions (hashing can leave some) have no block: drop them
+        keep = [i for i, s in enumerate(all_stats) if s.n_rows_in > 0]
+        for i, f in enumerate(self._blocks):
+            if i not in set(keep):
+                f.release()
+        self._blocks = [self._blocks[i] for i in keep]
+        self._stats = [all_stats[i] for i in keep]
+        if not self._blocks:
+            raise DataError("the data have no rows")
 
     def _release_after(self, futures) -> None:
-        distributed.wait(futures)
+        try:  # bounded: the other partitions' counts, unless the workers are gone
+            distributed.wait(futures, timeout=self.handle.worker_timeout)
+        except TimeoutError:
+            pass
         self._release()
 
     @staticmethod
@@ -347,13 +371,7 @@ class DaskEvaluator:
         return missing_values_error(counts, n_rows)
 
     def _failure_message(self, what: str, exc: BaseException) -> str:
-        rows = self._largest_partition_rows()
-        size = f"{rows} rows" if rows is not None else "an unknown number of rows"
-        return (
-            f"Dask workers failed repeatedly while {what} ({type(exc).__name__}: {exc}); "
-            f"they may have run out of memory: the largest partition has {size}. Use more "
-            "partitions (npartitions=) or more workers, or workers with more memory"
-        )
+        return failure_text(what, exc, self._largest_partition_rows())
 
     def _largest_partition_rows(self) -> int | None:
         if self._stats:
@@ -507,7 +525,7 @@ class DaskEvaluator:
                 else level[i]
                 for i in range(0, len(level), 2)
             ]  # fmt: skip
-        return level[0].result()
+        return self.handle.wait(level[0])  # bounded when every worker is gone
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -543,8 +561,12 @@ def make_evaluator(
     storage_options: dict | None = None,
     kernel_model: Callable[[Any, Any, int], Any],
     kernel: Callable | None = None,
+    allow_python_in_formulas: bool = False,
 ) -> tuple[DaskEvaluator, Any]:
     """Formula and data -> (DaskEvaluator, ModelSpec): the Dask path of ``dglmm.fit``.
+
+    The formula goes through the allowlist before anything is read (unless
+    ``allow_python_in_formulas``); the flag travels to the workers in the spec.
 
     Reads only the columns the model needs, learns the spec in one pass
     (:func:`spec_from_dask`), then persists one block per partition: the files of prepared
@@ -561,36 +583,35 @@ def make_evaluator(
     Raises
     ------
     DataError, SpecificationError, ClusterError
-    allow_python_in_formulas: bool = False,
     """
     from dglmm.design import needed_columns
     from dglmm.formula import ParsedFormula, parse_formula
-    The formula goes through the allowlist before anything is read (unless
-    ``allow_python_in_formulas``); the flag travels to the workers in the spec.
+    from dglmm.formula_safety import check_formula
 
-
+    npartitions = check_npartitions(npartitions)
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    check_formula(parsed, allow_python_in_formulas)
     columns = needed_columns(parsed, trials, offset, weights)
     prepared = _as_prepared(data, storage_options)
     # before anything is read: a checkpoint compares it on resume
     sources = input_fingerprint(prepared if prepared is not None else data, storage_options)
-    if prepared is not None and prepared.group == parsed.group:
-        source: Any = prepared  # already whole groups, one file per partition
-        ddf, group = prepared.to_dask(columns), None
-    else:
-        ddf = load_data(data, columns, storage_options=storage_options)
-        source, group = ddf, parsed.group
-    learned = spec_from_dask(
-        ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights
-    )
+    with cluster_failures(handle, "reading the data"):
+        if prepared is not None and prepared.group == parsed.group:
+            source: Any = prepared  # already whole groups, one file per partition
+            ddf, group = prepared.to_dask(columns), None
+        else:
+            ddf = load_data(data, columns, storage_options=storage_options, group=parsed.group)
+            source, group = ddf, parsed.group
+        learned = spec_from_dask(
+            ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights,
+            handle=handle, allow_python=allow_python_in_formulas,
+        )  # fmt: skip
     evaluator = DaskEvaluator(
         handle,
         source,
-    from dglmm.formula_safety import check_formula
         learned.spec,
         kernel_model(learned.spec, family, n_agq),
         check_response=getattr(family, "check_response", None),
-    check_formula(parsed, allow_python_in_formulas)
         missing=missing,
         kernel=kernel,
         group=group,
