@@ -234,7 +234,7 @@ def fit(
     logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
     with dask_driver.connect(
         client=client, scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
-        timeout=connect_timeout,
+        timeout=connect_timeout, security=security,
     ) as handle:
         if progress and handle.dashboard_link:
             print(f"dglmm: Dask dashboard at {handle.dashboard_link}", file=sys.stderr)
