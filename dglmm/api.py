@@ -24,19 +24,24 @@ import numpy as np
 import pandas as pd
 
 from .design import Block, ModelSpec, build_block, learn_spec
-from .errors import CheckpointError, DataError, DglmmWarning, SpecificationError
+from .errors import CheckpointError, DataError, DglmmError, DglmmWarning, SpecificationError
 from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_POISSON, Family, get_family
+from .formula import parse_formula
 from .kernels import BlockResult, KernelModel, evaluate_block, random_effects_block
 from .optimizer import (
+    InvalidState,
     NewtonSettings,
     NewtonState,
     finite_difference_hessian,
     maximize,
     read_checkpoint,
+    refresh,
+    state_from_checkpoint,
     write_checkpoint,
 )
 from .outputs import atomic_dataset, check_fit_outputs
 from .progress import Progress, _in_notebook, _isatty
+from .quadrature import check_nodes
 from .results import FitResult, wald_table
 from .sources import input_fingerprint, read_frame
 
@@ -214,7 +219,7 @@ def fit(
     # outputs checked before any work: not an input, not a link/device, not foreign
     check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
                       overwrite=overwrite, storage_options=storage_options)  # fmt: skip
-    n_agq = _check_n_agq(n_agq)
+    n_agq = _check_n_agq(n_agq, formula, fam)
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
     if client == IN_PROCESS or client is False:
@@ -250,10 +255,50 @@ def fit(
                          progress=progress, random_effects=random_effects)  # fmt: skip
 
 
-def _check_n_agq(n_agq) -> int:
+def _check_n_agq(n_agq, formula=None, fam: Family | None = None) -> int:
+    """Validate ``n_agq`` before any data are read.
+
+    With the formula, the product rule's size is checked against the number of random
+    effects the formula implies at least (each term of a bar counts once, plus an
+    implied intercept; a factor may add more, checked again in :func:`fit_model`).
+    """
     if isinstance(n_agq, bool) or not isinstance(n_agq, (int, np.integer)) or n_agq < 1:
         raise SpecificationError(f"n_agq must be a positive integer (1 = Laplace), got {n_agq!r}")
-    return int(n_agq)
+    k = int(n_agq)
+    if fam is not None and fam.code == FAMILY_GAUSSIAN:
+        return k  # Laplace is exact: one node whatever n_agq says (see _kernel_model)
+    check_nodes(k, 1)  # n_agq beyond what the Gauss-Hermite rule supports
+    if isinstance(formula, str):
+        q_min = _min_random_effects(formula)
+        if q_min:
+            check_nodes(k, q_min)
+    return k
+
+
+def _min_random_effects(formula: str) -> int:
+    """A lower bound of the number of random-effect columns of ``formula`` (0 if unknown)."""
+    try:
+        parsed = parse_formula(formula)
+    except DglmmError:
+        return 0  # reported with its own message when the formula is used
+    q = 0
+    for term in parsed.random_terms:
+        parts, depth, cur = [], 0, ""
+        for ch in term.expr:
+            depth += ch in "([{"
+            depth -= ch in ")]}"
+            if ch in "+" and depth == 0:
+                parts.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        parts.append(cur.strip())
+        no_intercept = any(x in ("0", "-1") or x.startswith("-1") for x in parts) or any(
+            x.endswith("- 1") or x.endswith("-1") for x in parts
+        )
+        others = [x for x in parts if x and x not in ("0", "1", "-1")]
+        q += len(others) + (0 if no_intercept else 1)
+    return q
 
 
 def _kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
@@ -314,10 +359,15 @@ def fit_model(
     n_obs = evaluator.n_obs
     eval_times: list[dict] = []
 
+    design_scales: dict = {}  # weight total and column sums of squares, from the first result
+
     def evaluate(params_list, hessian):
         t0 = time.perf_counter()
         out = evaluator.evaluate([np.asarray(x, float) for x in params_list], hessian)
         eval_times.append({"n": len(params_list), "seconds": time.perf_counter() - t0})
+        if not design_scales and out:
+            _check_weights(out[0], spec, n_obs)
+            design_scales.update(_design_scales(out[0]))
         return out
 
     if evaluator.n_groups < 2:
@@ -332,8 +382,12 @@ def fit_model(
         "fixed_columns": list(spec.fixed_columns), "random_columns": list(spec.random_columns),
     }  # fmt: skip
     saved = read_checkpoint(checkpoint) if (checkpoint and resume) else None
+    resumed = None
     if saved is not None:
-        _check_resume(saved, model_key, fingerprint, checkpoint)
+        resumed = _check_resume(saved, model_key, fingerprint, checkpoint, n_params=P)
+    agq_warning = None if fam.code == FAMILY_GAUSSIAN else check_nodes(n_agq, model.q)
+    if agq_warning:
+        warnings.warn(agq_warning, DglmmWarning, stacklevel=2)
 
     reporter = Progress(bool(progress), tol=settings.tol)
 
@@ -347,12 +401,16 @@ def fit_model(
 
     # ---- stage 1: GLM (random effects off)
     hess0_for_scale = None
+    if resumed is not None:
+        # checked, not trusted: the objective, gradient and Hessian at the stored point
+        # are recomputed from the data (one evaluation) before the fit continues from it
+        _refresh_resumed(evaluate, resumed, checkpoint)
     if saved is not None and saved["stage"] == "full":
         glm_state = None
-        state = NewtonState.from_dict(saved["state"])
+        state = resumed
     else:
         if saved is not None:
-            glm_state = NewtonState.from_dict(saved["state"])
+            glm_state = resumed
         else:
             x0, hess0 = _glm_start(evaluate, layout, fam, P)
             hess0_for_scale = hess0
@@ -376,15 +434,20 @@ def fit_model(
     reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.cov_pattern, layout)
 
-    # ---- observed information by central differences of the exact gradient
-    hess_fd = finite_difference_hessian(evaluate, params)
-    vcov, info_ok = _invert_information(-hess_fd)
+    # ---- observed information by central differences of the exact gradient, on the
+    # scale of each parameter's design column (scale-free standard errors)
+    sigma = math.exp(params[-1]) if layout.has_dispersion else 1.0
+    rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.random_columns))
+    unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
+    hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
+    vcov, info_ok = _invert_information(-hess_fd, unit)
     total_s = time.perf_counter() - t_start
 
-    warn_msgs: list[str] = []
+    warn_msgs: list[str] = [agq_warning] if agq_warning else []
     L = _cholesky_factor(params, spec, layout)
-    sigma = math.exp(params[-1]) if layout.has_dispersion else 1.0
-    singular = bool(np.any(np.abs(np.diag(L)) < SINGULAR_TOL * sigma))
+    # a variance is at the boundary when the random effect's size on the linear predictor
+    # (its conditional sd times the root-mean-square of its Z column) is negligible
+    singular = bool(np.any(np.abs(np.diag(L)) * rms_z < SINGULAR_TOL * sigma))
     if singular:
         warn_msgs.append(
             "boundary (singular) fit: a random-effect variance is estimated as zero "
@@ -407,7 +470,8 @@ def fit_model(
         warn_msgs.append("the observed information is not positive definite; standard "
                          "errors are unreliable")  # fmt: skip
     for m in warn_msgs:
-        warnings.warn(m, DglmmWarning, stacklevel=2)
+        if m is not agq_warning:  # that one was shown before the fit
+            warnings.warn(m, DglmmWarning, stacklevel=2)
 
     iterations = [
         {"loglik": h.loglik, "max_abs_grad": h.max_abs_grad, "step": h.step, "stage": h.stage,
@@ -427,17 +491,46 @@ def fit_model(
         timings["random_effects_s"] = time.perf_counter() - t0
     return _build_result(
         spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs, timings,
-        warn_msgs, layout,
+        warn_msgs, layout, rms_z=rms_z, sigma=sigma,
     )  # fmt: skip
 
 
-def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str) -> None:
-    if saved.get("model") != model_key:
+CHECKPOINT_STAGES = ("glm", "full")
+
+
+def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
+                  n_params: int | None = None) -> NewtonState | None:  # fmt: skip
+    """Validate a checkpoint against its schema and this fit; return its optimiser state.
+
+    Every section is checked (types, the parameter count, finiteness, stage names,
+    plausible counts) and any problem is one :class:`CheckpointError` naming it, e.g.
+    ``checkpoint 'ck.json': state.params has 3 values, the model has 5 parameters``.
+    """
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {path!r}: {problem}; it was edited, truncated or written by another "
+            "version: start a new fit without --resume (or remove the checkpoint)"
+        )
+
+    if not isinstance(saved, dict):
+        raise bad("the file does not hold a JSON object")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise bad(f'the "format" marker is {saved.get("format")!r}, not {CHECKPOINT_FORMAT!r}')
+    for key, kind in (("stage", str), ("model", dict), ("input", dict), ("state", dict)):
+        if key not in saved:
+            raise bad(f"the {key!r} section is missing")
+        if not isinstance(saved[key], kind):
+            raise bad(f"the {key!r} section has the wrong type ({type(saved[key]).__name__})")
+    if saved["stage"] not in CHECKPOINT_STAGES:
+        raise bad(f"unknown stage {saved['stage']!r} (expected 'glm' or 'full')")
+    if saved["model"] != model_key:
+        formula = saved["model"].get("formula")
         raise CheckpointError(
             f"checkpoint {path!r} was written for a different model "
-            f"({saved.get('model', {}).get('formula')!r}); use another checkpoint path"
+            f"({formula!r}); use another checkpoint path"
         )
-    old = saved.get("input", {})
+    old = saved["input"]
     for key in ("n_obs", "n_groups", "sources"):
         if old.get(key) != fingerprint.get(key):
             raise CheckpointError(
@@ -445,6 +538,90 @@ def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str) ->
                 f"({key}: {old.get(key)!r} then, {fingerprint.get(key)!r} now); "
                 "refusing to mix passes over different data: start a new fit without --resume"
             )
+    if n_params is None:
+        return None
+    try:
+        return state_from_checkpoint(saved["state"], n_params, CHECKPOINT_STAGES)
+    except InvalidState as exc:
+        raise bad(str(exc)) from None
+
+
+def _refresh_resumed(evaluate, state: NewtonState, path: str) -> None:
+    """Recompute the objective, gradient and Hessian at a checkpoint's parameters.
+
+    The stored values are a record only: the fit continues from the recomputed ones
+    (so an edited estimate is optimised from, not reported).  Non-finite values at the
+    stored point refuse the resume.
+    """
+    stored = state.loglik
+    res = refresh(evaluate, state)
+    finite = (
+        math.isfinite(res.loglik) and np.all(np.isfinite(res.gradient))
+        and res.hessian is not None and np.all(np.isfinite(res.hessian))
+    )  # fmt: skip
+    if not finite:
+        raise CheckpointError(
+            f"checkpoint {path!r}: the log-likelihood or its derivatives are not finite at "
+            f"the stored parameters ({res.loglik!r}); start a new fit without --resume"
+        )
+    if not abs(stored - state.loglik) <= 1e-6 * max(1.0, abs(state.loglik)):
+        warnings.warn(
+            f"checkpoint {path!r}: the stored log-likelihood {stored:.6g} differs from the "
+            f"{state.loglik:.6g} recomputed at its parameters (the file was edited or the "
+            "data differ); continuing the fit from those parameters",
+            DglmmWarning, stacklevel=3,
+        )  # fmt: skip
+
+
+def _check_weights(res, spec: ModelSpec, n_obs: int) -> None:
+    """Refuse data whose prior weights are all zero (nothing to fit).
+
+    Rows of weight 0 are kept and counted in ``n_obs`` (as lme4 counts them); they add
+    nothing to the likelihood.
+    """
+    total = getattr(res, "weight_total", None)
+    if total is None or total > 0:
+        return
+    where = f"weights column {spec.weights!r}" if spec.weights else "the prior weights"
+    raise DataError(
+        f"all prior weights are zero ({where}, {n_obs} rows): the likelihood is empty and "
+        "there is nothing to fit; give the rows to be fitted a positive weight"
+    )
+
+
+def _design_scales(res) -> dict:
+    w = getattr(res, "weight_total", None)
+    xs, zs = getattr(res, "x_sumsq", None), getattr(res, "z_sumsq", None)
+    if w is None or xs is None or zs is None or not w > 0:
+        return {"known": False}
+    return {"known": True, "w": float(w), "x": np.asarray(xs, float), "z": np.asarray(zs, float)}
+
+
+def _column_rms(scales: dict, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted root-mean-squares of the X and Z columns (ones when unknown or zero)."""
+    if not scales.get("known") or scales["x"].shape != (p,) or scales["z"].shape != (q,):
+        return np.ones(p), np.ones(q)
+
+    def rms(v):
+        r = np.sqrt(np.maximum(v, 0.0) / scales["w"])
+        return np.where((r > 0) & np.isfinite(r), r, 1.0)
+
+    return rms(scales["x"]), rms(scales["z"])
+
+
+def _parameter_units(spec: ModelSpec, layout: _Layout, rms_x, rms_z, sigma: float) -> np.ndarray:
+    """The natural unit of each parameter: the change that moves the linear predictor by
+    about ``sigma`` (1 for families without dispersion) on a typical row.
+
+    ``beta_k``: ``sigma / rms(x_k)``; an entry ``L[a, b]``: ``sigma / rms(z_a)``;
+    ``log sigma``: 1.  Finite-difference steps and the inversion of the information
+    use these, so that rescaling a covariate rescales its standard error exactly.
+    """
+    unit = np.ones(layout.p + layout.n_theta + int(layout.has_dispersion))
+    unit[: layout.p] = sigma / rms_x
+    for j, (a, _b) in enumerate(spec.cov_pattern):
+        unit[layout.p + j] = sigma / rms_z[a]
+    return unit
 
 
 def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> tuple[np.ndarray, np.ndarray]:
@@ -606,17 +783,29 @@ def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
     return out
 
 
-def _invert_information(info: np.ndarray) -> tuple[np.ndarray, bool]:
+def _invert_information(info: np.ndarray, unit=None) -> tuple[np.ndarray, bool]:
+    """Inverse of the observed information, computed on a scaled parametrisation.
+
+    The information is scaled to a unit diagonal (``D info D`` with ``D_kk = 1 /
+    sqrt(info_kk)``; ``unit`` where a diagonal entry is not positive), inverted, and
+    scaled back: the result does not depend on the units of the covariates.
+    """
     info = 0.5 * (info + info.T)
+    diag = np.diag(info)
+    fallback = np.ones(diag.size) if unit is None else np.asarray(unit, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where((diag > 0) & np.isfinite(diag), 1.0 / np.sqrt(diag), fallback)
+    scaled = info * np.outer(d, d)
     try:
-        chol = np.linalg.cholesky(info)
+        chol = np.linalg.cholesky(scaled)
         inv = np.linalg.inv(chol)
-        return inv.T @ inv, True
+        return (inv.T @ inv) * np.outer(d, d), True
     except np.linalg.LinAlgError:
-        return np.linalg.pinv(info), False
+        return np.linalg.pinv(scaled) * np.outer(d, d), False
 
 
-def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout):
+def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout, rms_z=None,
+                         sigma: float = 1.0):  # fmt: skip
     """Delta-method standard errors of the random-effect sds and covariance entries.
 
     The Jacobian of ``(sd, Sigma)`` with respect to the free entries of ``L`` is taken by
@@ -635,23 +824,25 @@ def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout):
         cov = L @ L.T
         return np.concatenate([np.sqrt(np.diag(cov)), cov.ravel()])
 
+    q = len(spec.random_columns)
+    rms_z = np.ones(q) if rms_z is None else np.asarray(rms_z, dtype=float)
     base = derived(theta)
     jac = np.empty((base.size, theta.size))
     for j in range(theta.size):
-        h = 1e-6 * max(1.0, abs(theta[j]))
+        unit_j = sigma / rms_z[spec.cov_pattern[j][0]]  # the entry's natural unit
+        h = 1e-6 * max(unit_j, abs(theta[j]))
         e = np.zeros(theta.size)
         e[j] = h
         jac[:, j] = (derived(theta + e) - derived(theta - e)) / (2 * h)
     var = np.einsum("ij,jk,ik->i", jac, v, jac)
     se = np.sqrt(np.maximum(var, 0.0))
-    q = len(spec.random_columns)
     sd_se = se[:q]
-    sd_se = np.where(base[:q] > SINGULAR_TOL, sd_se, np.nan)
+    sd_se = np.where(base[:q] * rms_z > SINGULAR_TOL * sigma, sd_se, np.nan)
     return sd_se, se[q:].reshape(q, q)
 
 
 def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs,
-                  timings, warn_msgs, layout) -> FitResult:  # fmt: skip
+                  timings, warn_msgs, layout, rms_z=None, sigma=1.0) -> FitResult:  # fmt: skip
     beta = params[: layout.p]
     se = np.sqrt(np.maximum(np.diag(vcov)[: layout.p], 0.0))
     fixed = wald_table(spec.fixed_columns, beta, se)
@@ -661,7 +852,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         corr = cov / np.outer(sd, sd)
     corr = np.where(np.isfinite(corr), corr, 0.0)
     np.fill_diagonal(corr, 1.0)
-    sd_se, cov_se = _variance_std_errors(params, vcov, spec, layout)
+    sd_se, cov_se = _variance_std_errors(params, vcov, spec, layout, rms_z, sigma)
     random_effects = {
         spec.group: {
             "terms": list(spec.random_columns),

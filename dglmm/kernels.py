@@ -101,6 +101,10 @@ class BlockResult:
         when results are added.
     weight_total : float or None
         Sum of the prior weights of the rows (None when unknown).
+    x_sumsq, z_sumsq : ndarray (p,) and (q,), or None
+        Weighted sums of squares ``sum_i w_i x_ik^2`` and ``sum_i w_i z_ia^2`` of the
+        design columns: with ``weight_total`` their root-mean-squares, the scale of each
+        parameter (standard errors and the singular test are computed on that scale).
     warm_start : WarmStart or None
         Modes and their derivatives, to start the next evaluation; dropped when added.
     """
@@ -113,6 +117,8 @@ class BlockResult:
     modes: np.ndarray | None = field(default=None, repr=False)
     warm_start: WarmStart | None = field(default=None, repr=False)
     weight_total: float | None = None
+    x_sumsq: np.ndarray | None = field(default=None, repr=False)
+    z_sumsq: np.ndarray | None = field(default=None, repr=False)
 
     def __add__(self, other: BlockResult) -> BlockResult:
         hess = None
@@ -127,12 +133,35 @@ class BlockResult:
             n_obs=self.n_obs + other.n_obs,
             n_groups=self.n_groups + other.n_groups,
             weight_total=None if w_self is None or w_other is None else w_self + w_other,
+            x_sumsq=_add_optional(getattr(self, "x_sumsq", None), getattr(other, "x_sumsq", None)),
+            z_sumsq=_add_optional(getattr(self, "z_sumsq", None), getattr(other, "z_sumsq", None)),
         )
 
     def __radd__(self, other):
         if other == 0:
             return self
         return self.__add__(other)
+
+
+def _add_optional(a, b):
+    return None if a is None or b is None else a + b
+
+
+def block_scales(block) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(sum w, sum w x^2 per X column, sum w z^2 per Z column)``, cached on the block."""
+    cached = getattr(block, "_dglmm_scales", None)
+    if cached is not None:
+        return cached
+    w = np.asarray(block.weights, dtype=np.float64)
+    X = np.asarray(block.X, dtype=np.float64)
+    Z = np.asarray(block.Z, dtype=np.float64)
+    value = (float(w.sum()), (X * X).T @ w if X.size else np.zeros(X.shape[1]),
+             (Z * Z).T @ w if Z.size else np.zeros(Z.shape[1]))  # fmt: skip
+    try:
+        object.__setattr__(block, "_dglmm_scales", value)
+    except AttributeError:  # pragma: no cover - objects without a __dict__
+        pass
+    return value
 
 
 def block_constant(block, family_code: int) -> float:
@@ -245,6 +274,7 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         _centre_node(rule.nodes),
     )  # fmt: skip
     loglik += block_constant(block, model.family_code)
+    w_total, x_sumsq, z_sumsq = block_scales(block)
     return BlockResult(
         loglik=float(loglik),
         gradient=grad,
@@ -253,7 +283,9 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         n_groups=n_groups,
         modes=modes,
         warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes),
-        weight_total=float(np.sum(block.weights)),
+        weight_total=w_total,
+        x_sumsq=x_sumsq.copy(),
+        z_sumsq=z_sumsq.copy(),
     )
 
 

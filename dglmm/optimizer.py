@@ -122,6 +122,167 @@ class NewtonState:
         )
 
 
+# ----------------------------------------------------------------------------- checkpoint schema
+
+# every stored number must be finite and below this in size (1e308 is "finite" but no
+# estimate, gradient or Hessian entry of a real fit is anywhere near it)
+MAX_STORED = 1e150
+MAX_ITERATIONS = 1_000_000
+_HISTORY_FIELDS = {
+    "iteration": int, "loglik": float, "max_abs_grad": float, "step": float,
+    "decrement": float, "n_evaluations": int, "seconds": float, "stage": str,
+}  # fmt: skip
+
+
+class InvalidState(ValueError):
+    """A problem with a checkpoint's state section (the message says what)."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite_number(v, name: str) -> float:
+    if not _is_number(v):
+        raise InvalidState(f"{name} must be a number, not {_type_name(v)}")
+    x = float(v)
+    if not (math.isfinite(x) and abs(x) <= MAX_STORED):
+        raise InvalidState(f"{name} is {v!r} (not a finite number of plausible size)")
+    return x
+
+
+def _count(v, name: str, upper: int = MAX_ITERATIONS) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidState(f"{name} must be a whole number, not {_type_name(v)}")
+    if not 0 <= v <= upper:
+        raise InvalidState(f"{name} is {v} (expected 0 to {upper})")
+    return int(v)
+
+
+def _type_name(v) -> str:
+    if v is None:
+        return "null"
+    return {str: "text", bool: "true/false", list: "a list", dict: "an object"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _vector(v, name: str, n: int, what: str) -> np.ndarray:
+    if not isinstance(v, list):
+        raise InvalidState(f"{name} must be a list of {n} numbers, not {_type_name(v)}")
+    if len(v) != n:
+        raise InvalidState(f"{name} has {len(v)} values, the model has {n} {what}")
+    return np.array([_finite_number(x, f"{name}[{i}]") for i, x in enumerate(v)], dtype=float)
+
+
+def _matrix(v, name: str, n: int) -> np.ndarray:
+    if not isinstance(v, list):
+        raise InvalidState(f"{name} must be a {n} x {n} list of lists, not {_type_name(v)}")
+    if len(v) != n:
+        raise InvalidState(f"{name} has {len(v)} rows, the model has {n} parameters")
+    return np.array([_vector(row, f"{name}[{i}]", n, "parameters") for i, row in enumerate(v)])
+
+
+def state_from_checkpoint(d, n_params: int, stages=("glm", "full")) -> NewtonState:
+    """A :class:`NewtonState` from a checkpoint's ``state`` section, validated.
+
+    Types, lengths (against ``n_params``), finiteness and plausible sizes of every
+    field are checked; the stored log-likelihood, gradient and Hessian are read (and
+    must be valid) but are only a record: a resume recomputes them (:func:`refresh`).
+
+    Raises
+    ------
+    ValueError
+        (:class:`InvalidState`) naming the first problem, e.g. ``state.params has 3 values,
+        the model has 5 parameters``.
+    """
+    if not isinstance(d, dict):
+        raise InvalidState(f"state must be an object, not {_type_name(d)}")
+    for key in ("params", "loglik", "iteration", "n_evaluations", "converged"):
+        if key not in d:
+            raise InvalidState(f"state.{key} is missing")
+    params = _vector(d["params"], "state.params", n_params, "parameters")
+    loglik = _finite_number(d["loglik"], "state.loglik")
+    gradient = None
+    if d.get("gradient") is not None:
+        gradient = _vector(d["gradient"], "state.gradient", n_params, "parameters")
+    hessian = None
+    if d.get("hessian") is not None:
+        hessian = _matrix(d["hessian"], "state.hessian", n_params)
+    correction = None
+    if d.get("correction") is not None:
+        correction = _matrix(d["correction"], "state.correction", n_params)
+    iteration = _count(d["iteration"], "state.iteration")
+    n_evaluations = _count(d["n_evaluations"], "state.n_evaluations", 1000 * MAX_ITERATIONS)
+    if not isinstance(d["converged"], bool):
+        kind = _type_name(d["converged"])
+        raise InvalidState(f"state.converged must be true or false, not {kind}")
+    message = d.get("message", "")
+    if not isinstance(message, str):
+        raise InvalidState(f"state.message must be text, not {_type_name(message)}")
+    history = d.get("history", [])
+    if not isinstance(history, list):
+        raise InvalidState(f"state.history must be a list, not {_type_name(history)}")
+    if len(history) > iteration + 1:
+        raise InvalidState(f"state.history has {len(history)} entries for {iteration} iterations")
+    records = []
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise InvalidState(f"state.history[{i}] must be an object, not {_type_name(h)}")
+        fields = {}
+        for key, kind in _HISTORY_FIELDS.items():
+            name = f"state.history[{i}].{key}"
+            if key not in h:
+                raise InvalidState(f"{name} is missing")
+            v = h[key]
+            if kind is int:
+                fields[key] = _count(v, name, 1000 * MAX_ITERATIONS)
+            elif kind is str:
+                if v not in stages:
+                    raise InvalidState(f"{name} is {v!r} (expected one of {', '.join(stages)})")
+                fields[key] = v
+            else:  # informative only (the first decrement is NaN): any number
+                if not _is_number(v):
+                    raise InvalidState(f"{name} must be a number, not {_type_name(v)}")
+                fields[key] = float(v)
+        records.append(IterationRecord(**fields))
+    slow = _count(d.get("slow_iterations", 0), "state.slow_iterations")
+    n_corr = _count(d.get("n_corrections", 0), "state.n_corrections")
+    last = d.get("last_decrement")
+    if last is not None and not _is_number(last):
+        raise InvalidState(f"state.last_decrement must be a number, not {_type_name(last)}")
+    return NewtonState(
+        params=params, loglik=loglik, gradient=gradient, hessian=hessian,
+        iteration=iteration, n_evaluations=n_evaluations, converged=d["converged"],
+        message=message, history=records, correction=correction, slow_iterations=slow,
+        last_decrement=None if last is None else float(last), n_corrections=n_corr,
+    )  # fmt: skip
+
+
+def refresh(evaluate, state: NewtonState):
+    """Recompute log-likelihood, gradient and Hessian at ``state.params`` (one evaluation).
+
+    What a checkpoint stored is not trusted: the values come from the data, the
+    measured Hessian correction and the convergence flag are dropped.  Returns the
+    evaluation's result; ``state`` is updated only if every value is finite.
+    """
+    (res,) = evaluate([state.params], True)
+    state.n_evaluations += 1
+    ok = (
+        math.isfinite(res.loglik)
+        and np.all(np.isfinite(res.gradient))
+        and res.hessian is not None
+        and np.all(np.isfinite(res.hessian))
+    )
+    if ok:
+        _take(state, state.params, res)
+    state.correction = None
+    state.slow_iterations = 0
+    state.last_decrement = None
+    state.converged = False
+    return res
+
+
 class ScaledEigen:
     """Eigen-decomposition of ``-H`` in the diagonal scaling ``D^-1/2 (-H) D^-1/2``.
 
@@ -342,15 +503,19 @@ def _record(state, step, decrement, seconds, stage, n_eval) -> None:
 
 
 def finite_difference_hessian(
-    evaluate: Callable[[list[np.ndarray], bool], list], params: np.ndarray, rel_step: float = 1e-4
+    evaluate: Callable[[list[np.ndarray], bool], list], params: np.ndarray, rel_step: float = 1e-4,
+    unit: np.ndarray | None = None,
 ) -> np.ndarray:
     """Observed-information Hessian by central differences of the exact gradient.
 
     All ``2 P`` gradient evaluations go out in one call.  Steps are
-    ``rel_step * max(1, |x_k|)``; the result is symmetrised.
+    ``rel_step * max(unit_k, |x_k|)`` where ``unit`` is each parameter's natural unit
+    (e.g. ``1 / rms`` of its design column, so that a covariate on a 1e8 scale gets a
+    step 1e8 times smaller); ``unit`` defaults to ones.  The result is symmetrised.
     """
     P = params.size
-    steps = rel_step * np.maximum(1.0, np.abs(params))
+    base = np.ones(P) if unit is None else np.asarray(unit, dtype=float)
+    steps = rel_step * np.maximum(base, np.abs(params))
     trials = []
     for k in range(P):
         e = np.zeros(P)
@@ -419,8 +584,11 @@ def read_checkpoint(path: str) -> dict | None:
             with open(path) as fh:
                 text = fh.read()
         payload = json.loads(text)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != "dglmm-checkpoint":
-        raise CheckpointError(f"{path!r} is not a dglmm checkpoint")
+        raise CheckpointError(
+            f"{path!r} is not a dglmm checkpoint (no \"format\": \"dglmm-checkpoint\" marker); "
+            "give the path of a checkpoint dglmm wrote, or start a new fit without --resume"
+        )
     return payload
