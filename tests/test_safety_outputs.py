@@ -483,3 +483,39 @@ def test_out_dask_random_effects_write_is_atomic(tmp_path, process_cluster):
                                           "part-00001.parquet"]  # fmt: skip
     assert len(pd.read_parquet(re_dir)) == 30
     assert sorted(os.listdir(tmp_path)) == ["data", "re"]
+
+
+def test_out_url_outputs_get_the_possible_checks(tmp_path):
+    """fsspec URLs (memory:// for s3://): inputs, foreign objects and kinds are checked; each
+    file is one put."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"memory://dglmm-out-{os.getpid()}"
+    try:
+        with fs.open(f"{base}/calls.parquet", "wb") as f:
+            out_make_data().to_parquet(f, index=False)
+        with fs.open(f"{base}/notes.json", "w") as f:
+            f.write('{"mine": 1}')
+        with pytest.raises(OutputError, match="input"):
+            check_output_file(f"{base}/calls.parquet", kind="checkpoint", overwrite=True,
+                              inputs=f"{base}/calls.parquet")  # fmt: skip
+        with pytest.raises(OutputError, match="not a dglmm result"):
+            check_output_file(f"{base}/notes.json", kind="result")
+        check_output_file(f"{base}/notes.json", kind="result", overwrite=True)
+        res = out_fit(out_make_data())
+        res.to_json(f"{base}/r.json")
+        check_output_file(f"{base}/r.json", kind="result")  # ours
+        with fs.open(f"{base}/r.json") as f:
+            assert json.load(f)["format"].startswith("dglmm-result")
+        with pytest.raises(OutputError, match="input"):
+            check_output_dataset(base, kind="random-effects", overwrite=True,
+                                 inputs=f"{base}/calls.parquet")  # fmt: skip
+        with atomic_dataset(f"{base}/re", kind="random-effects") as tmp:
+            with fs.open(f"{tmp}/part-00000.parquet", "wb") as f:
+                out_make_data().to_parquet(f, index=False)
+        check_output_dataset(f"{base}/re", kind="random-effects")  # ours now
+        with pytest.raises(OutputError, match="random-effects data written by dglmm"):
+            check_output_dataset(f"{base}/re", kind="predictions")
+    finally:
+        fs.rm(base.removeprefix("memory://"), recursive=True)
