@@ -757,7 +757,7 @@ def make_spec(
             produce the same random-effects column.
     """
     _check_safe(parsed, allow_python)
-    check_unique_columns(sample_df.columns)
+    check_unique_columns(sample_df.columns, needed_columns(parsed, trials, offset, weights))
     formula_cols = needed_columns(parsed)
     if parsed.response not in sample_df.columns and not is_column_name(parsed.response):
         raise SpecificationError(
