@@ -39,7 +39,7 @@ from .optimizer import (
     state_from_checkpoint,
     write_checkpoint,
 )
-from .outputs import atomic_dataset, check_fit_outputs
+from .outputs import atomic_dataset, check_fit_outputs, check_output_dataset
 from .progress import Progress, _in_notebook, _isatty
 from .quadrature import check_nodes
 from .results import FitResult, wald_table
@@ -117,6 +117,9 @@ class InProcessEvaluator:
         ]  # fmt: skip
         table = pd.concat(frames, ignore_index=True)
         if output is not None:  # the same layout as the Dask driver writes: a directory
+            # the kind of directory (not a link or file, parent present) is checked here;
+            # inputs and foreign contents by the caller (fit, random_effects_table)
+            check_output_dataset(output, kind="random-effects", overwrite=True)
             # written into a temporary sibling directory, then swapped in (the old one
             # stays intact if anything fails); refused if it is not ours (checked in fit)
             with atomic_dataset(output, kind="random-effects") as tmp:
@@ -541,17 +544,22 @@ def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
     if n_params is None:
         return None
     try:
-        return state_from_checkpoint(saved["state"], n_params, CHECKPOINT_STAGES)
+        state = state_from_checkpoint(saved["state"], n_params, CHECKPOINT_STAGES)
     except InvalidState as exc:
         raise bad(str(exc)) from None
+    # a checkpoint is written after an iteration of its stage: the last record says which
+    if not state.history or state.history[-1].stage != saved["stage"]:
+        last = state.history[-1].stage if state.history else None
+        raise bad(f"the stage is {saved['stage']!r} but the last iteration recorded is {last!r}")
+    return state
 
 
 def _refresh_resumed(evaluate, state: NewtonState, path: str) -> None:
     """Recompute the objective, gradient and Hessian at a checkpoint's parameters.
 
-    The stored values are a record only: the fit continues from the recomputed ones
-    (so an edited estimate is optimised from, not reported).  Non-finite values at the
-    stored point refuse the resume.
+    The stored values are a record only: the fit continues from the recomputed ones.
+    Non-finite values at the stored point, or a stored log-likelihood that is not the
+    one recomputed there (an edited estimate, or different data), refuse the resume.
     """
     stored = state.loglik
     res = refresh(evaluate, state)
@@ -565,12 +573,11 @@ def _refresh_resumed(evaluate, state: NewtonState, path: str) -> None:
             f"the stored parameters ({res.loglik!r}); start a new fit without --resume"
         )
     if not abs(stored - state.loglik) <= 1e-6 * max(1.0, abs(state.loglik)):
-        warnings.warn(
-            f"checkpoint {path!r}: the stored log-likelihood {stored:.6g} differs from the "
-            f"{state.loglik:.6g} recomputed at its parameters (the file was edited or the "
-            "data differ); continuing the fit from those parameters",
-            DglmmWarning, stacklevel=3,
-        )  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path!r}: the stored log-likelihood {stored:.10g} is not the "
+            f"{state.loglik:.10g} recomputed at its parameters: the file was edited or the "
+            "data differ; refusing to resume from it: start a new fit without --resume"
+        )
 
 
 def _check_weights(res, spec: ModelSpec, n_obs: int) -> None:

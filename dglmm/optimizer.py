@@ -145,7 +145,10 @@ def _is_number(v) -> bool:
 def _finite_number(v, name: str) -> float:
     if not _is_number(v):
         raise InvalidState(f"{name} must be a number, not {_type_name(v)}")
-    x = float(v)
+    try:
+        x = float(v)
+    except OverflowError:  # a JSON integer too large for a float
+        x = math.inf
     if not (math.isfinite(x) and abs(x) <= MAX_STORED):
         raise InvalidState(f"{name} is {v!r} (not a finite number of plausible size)")
     return x
@@ -223,8 +226,11 @@ def state_from_checkpoint(d, n_params: int, stages=("glm", "full")) -> NewtonSta
     history = d.get("history", [])
     if not isinstance(history, list):
         raise InvalidState(f"state.history must be a list, not {_type_name(history)}")
-    if len(history) > iteration + 1:
-        raise InvalidState(f"state.history has {len(history)} entries for {iteration} iterations")
+    if len(history) != iteration:
+        raise InvalidState(
+            f"state.history has {len(history)} entries but state.iteration is {iteration} "
+            "(one entry per iteration)"
+        )
     records = []
     for i, h in enumerate(history):
         if not isinstance(h, dict):
@@ -244,13 +250,21 @@ def state_from_checkpoint(d, n_params: int, stages=("glm", "full")) -> NewtonSta
             else:  # informative only (the first decrement is NaN): any number
                 if not _is_number(v):
                     raise InvalidState(f"{name} must be a number, not {_type_name(v)}")
-                fields[key] = float(v)
+                try:
+                    fields[key] = float(v)
+                except OverflowError:
+                    fields[key] = math.inf
         records.append(IterationRecord(**fields))
     slow = _count(d.get("slow_iterations", 0), "state.slow_iterations")
     n_corr = _count(d.get("n_corrections", 0), "state.n_corrections")
     last = d.get("last_decrement")
     if last is not None and not _is_number(last):
         raise InvalidState(f"state.last_decrement must be a number, not {_type_name(last)}")
+    if last is not None:
+        try:
+            last = float(last)
+        except OverflowError:
+            last = None
     return NewtonState(
         params=params, loglik=loglik, gradient=gradient, hessian=hessian,
         iteration=iteration, n_evaluations=n_evaluations, converged=d["converged"],
