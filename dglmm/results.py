@@ -385,6 +385,11 @@ class FitResult:
         fam = get_family(self.family, self.link)
         model = _kernel_model(spec, fam, self.n_agq)
         params = np.asarray(self.params, dtype=np.float64)
+        if output is not None:  # before any work: not the data, not a foreign directory
+            from .outputs import check_output_dataset
+
+            check_output_dataset(output, kind="random-effects", inputs=data,
+                                 storage_options=fit_kwargs.get("storage_options"))  # fmt: skip
         missing = fit_kwargs.get("missing", "error")
         storage_options = fit_kwargs.get("storage_options")
         if client == IN_PROCESS or client is False:

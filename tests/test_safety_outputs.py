@@ -519,3 +519,19 @@ def test_out_url_outputs_get_the_possible_checks(tmp_path):
             check_output_dataset(f"{base}/re", kind="predictions")
     finally:
         fs.rm(base.removeprefix("memory://"), recursive=True)
+
+
+def test_out_random_effects_table_output_is_checked(tmp_path):
+    d = out_data_dir(tmp_path)
+    before = out_digest(d)
+    res = out_fit(str(d))
+    with pytest.raises(OutputError, match="input"):
+        res.random_effects_table(str(d), output=str(d))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(OutputError, match="files dglmm did not write"):
+        res.random_effects_table(str(d), output=str(foreign))
+    assert out_digest(d) == before and (foreign / "keep.txt").read_text() == "x"
+    table = res.random_effects_table(str(d), output=str(tmp_path / "re"))
+    assert len(table) == 30 and (tmp_path / "re" / DATASET_MARKER).exists()

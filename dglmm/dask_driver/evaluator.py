@@ -428,9 +428,13 @@ class DaskEvaluator:
         """
         params = np.array(params, dtype=np.float64, copy=True)
         if output is not None:
-            from dglmm.outputs import atomic_dataset
+            from dglmm.outputs import atomic_dataset, check_output_dataset
 
-            out = output.rstrip("/")
+            out = os.fspath(output).rstrip("/")
+            # the kind of directory (not a link or file, parent present) is checked here;
+            # inputs and foreign contents by the caller (fit, random_effects_table)
+            check_output_dataset(out, kind="random-effects", overwrite=True,
+                                 storage_options=storage_options)  # fmt: skip
             # the workers write their part files into a temporary sibling directory; the
             # client swaps it in only when all are written (a failure keeps the old one)
             with atomic_dataset(out, kind="random-effects",
