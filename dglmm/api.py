@@ -120,9 +120,6 @@ class InProcessEvaluator:
             # the kind of directory (not a link or file, parent present) is checked here;
             # inputs and foreign contents by the caller (fit, random_effects_table)
             check_output_dataset(output, kind="random-effects", overwrite=True)
-            # the kind of directory (not a link or file, parent present) is checked here;
-            # inputs and foreign contents by the caller (fit, random_effects_table)
-            check_output_dataset(output, kind="random-effects", overwrite=True)
             # written into a temporary sibling directory, then swapped in (the old one
             # stays intact if anything fails); refused if it is not ours (checked in fit)
             with atomic_dataset(output, kind="random-effects") as tmp:
