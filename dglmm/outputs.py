@@ -554,12 +554,15 @@ def check_fit_outputs(data: Any, *, checkpoint: str | None = None, resume: bool 
                       overwrite: bool = False,
                       storage_options: dict | None = None) -> None:  # fmt: skip
     """The checks of a fit's outputs, before any work: the checkpoint (a file; with
-    ``resume`` an existing one is read, not replaced blindly), the random-effects dataset and
+    ``resume`` an existing regular file is left to the checkpoint reader, which refuses
+    anything that is not a valid checkpoint before a write), the random-effects dataset and
     the result JSON (``output``, the command line's ``--output``), against the input
     ``data`` and against each other."""
     if checkpoint is not None:
+        # with resume an existing regular file is read (and validated) by the checkpoint
+        # reader before anything is written: its errors name what is wrong with it
         check_output_file(checkpoint, kind="checkpoint", overwrite=overwrite, inputs=data,
-                          storage_options=storage_options)  # fmt: skip
+                          storage_options=storage_options, exists_ok=resume)  # fmt: skip
     if random_effects is not None:
         check_output_dataset(random_effects, kind="random-effects", overwrite=overwrite,
                              inputs=data, storage_options=storage_options)  # fmt: skip

@@ -165,6 +165,13 @@ def test_out_checkpoint_is_an_existing_data_file(tmp_path, capsys):
                       "--checkpoint", str(other))  # fmt: skip
     out_assert_one_error(rc, err, str(other), "is not a dglmm checkpoint", "--overwrite")
     assert out_digest(other) == before
+    # with --resume it is read first: refused by the checkpoint reader, never written
+    with pytest.raises(dglmm.DglmmError):
+        out_fit(str(data), checkpoint=str(other), resume=True)
+    rc, err = out_cli(capsys, "fit", str(data), "--formula", OUT_F, "--in-process",
+                      "--checkpoint", str(other), "--resume")  # fmt: skip
+    out_assert_one_error(rc, err, str(other))
+    assert out_digest(other) == before
     # with --overwrite a foreign file that is not an input may be replaced
     out_fit(str(data), checkpoint=str(other), overwrite=True)
     assert json.loads(other.read_text())["format"] == "dglmm-checkpoint"
