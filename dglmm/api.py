@@ -394,6 +394,10 @@ def fit_model(
 
     reporter = Progress(bool(progress), tol=settings.tol)
 
+    def _start_units() -> np.ndarray:  # parameter units once the first result is in
+        rx, rz = _column_rms(design_scales, layout.p, len(spec.random_columns))
+        return _parameter_units(spec, layout, rx, rz, 1.0)
+
     def save(stage: str, state: NewtonState) -> None:
         reporter.iteration(stage, state.history[-1])
         if checkpoint:
@@ -424,7 +428,7 @@ def fit_model(
         # the GLM stage only provides starting values: a loose tolerance is enough
         glm_settings = NewtonSettings(max_iter=max_iter, tol=1e-3, gtol=1e-3)
         glm_state = maximize(evaluate, glm_state, glm_settings, active=active, stage="glm",
-                             callback=lambda s: save("glm", s))  # fmt: skip
+                             callback=lambda s: save("glm", s), unit=_start_units())  # fmt: skip
         # ---- stage 2: all parameters
         x1 = glm_state.params.copy()
         x1[layout.theta] = _theta_start(glm_state, spec, layout, fam)
@@ -433,7 +437,7 @@ def fit_model(
             history=list(glm_state.history),
         )  # fmt: skip
     state = maximize(evaluate, state, settings, stage="full",
-                     callback=lambda s: save("full", s))  # fmt: skip
+                     callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
     reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.cov_pattern, layout)
 

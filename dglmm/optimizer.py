@@ -276,9 +276,12 @@ def state_from_checkpoint(d, n_params: int, stages=("glm", "full")) -> NewtonSta
 def refresh(evaluate, state: NewtonState):
     """Recompute log-likelihood, gradient and Hessian at ``state.params`` (one evaluation).
 
-    What a checkpoint stored is not trusted: the values come from the data, the
-    measured Hessian correction and the convergence flag are dropped.  Returns the
-    evaluation's result; ``state`` is updated only if every value is finite.
+    What a checkpoint stored is not trusted: the values come from the data and the
+    convergence flag is re-judged.  The measured Hessian correction (a difference of
+    finite-difference and kernel Hessians, costly to measure again) is kept only if it
+    is plausible next to the recomputed Hessian (each entry within 10 times the scale
+    ``sqrt(|H_ii H_jj|)``); otherwise it is dropped (and measured again if needed).
+    Returns the evaluation's result; ``state`` is updated only if every value is finite.
     """
     (res,) = evaluate([state.params], True)
     state.n_evaluations += 1
@@ -290,9 +293,11 @@ def refresh(evaluate, state: NewtonState):
     )
     if ok:
         _take(state, state.params, res)
-    state.correction = None
-    state.slow_iterations = 0
-    state.last_decrement = None
+        c = state.correction
+        if c is not None:
+            d = np.sqrt(np.abs(np.diag(state.hessian)))
+            if c.shape != state.hessian.shape or np.any(np.abs(c) > 10.0 * np.outer(d, d)):
+                state.correction = None
     state.converged = False
     return res
 
@@ -353,6 +358,7 @@ def maximize(
     active: np.ndarray | None = None,
     stage: str = "full",
     callback: Callable[[NewtonState], None] | None = None,
+    unit: np.ndarray | None = None,
 ) -> NewtonState:
     """Maximise the log-likelihood by Newton's method with line search.
 
@@ -369,6 +375,9 @@ def maximize(
         Label written to the fit log.
     callback : callable, optional
         Called with the state after every iteration (checkpointing, progress).
+    unit : ndarray, shape (P,), optional
+        Natural unit of each parameter, for the finite-difference steps of the
+        measured Hessian correction (see :func:`finite_difference_hessian`).
 
     Returns
     -------
@@ -396,7 +405,7 @@ def maximize(
             # leaves out third-derivative terms).  Measure the true one once by
             # differences of the exact gradient (one round trip) and keep the
             # difference as a correction for the following iterations.
-            hess_fd = finite_difference_hessian(evaluate, state.params)
+            hess_fd = finite_difference_hessian(evaluate, state.params, unit=unit)
             state.n_evaluations += 2 * P
             state.correction = hess_fd - state.hessian
             state.n_corrections += 1
