@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +22,6 @@ from pathlib import Path
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import HOST, ProcessCluster, _kill_group, free_port
 
@@ -414,3 +413,149 @@ def test_clu_worker_killed_while_loading_is_a_cluster_error(tmp_path, capsys):
         assert time.monotonic() - t0 < 120
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------------------------------------
+# partitions: never empty
+
+
+@pytest.fixture
+def clu_handle_address(process_cluster):
+    process_cluster.ensure_workers()
+    return process_cluster.address
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("npartitions", [200, 20])  # above the 40 groups, above a fifth
+def test_clu_more_partitions_than_groups_fits(clu_handle_address, tmp_path, npartitions):
+    df = clu_data(n_groups=40)
+    path = tmp_path / "d.parquet"
+    df.to_parquet(path)
+    want = dglmm.fit(CLU_FORMULA, df, client="in-process", progress=False)
+    t0 = time.monotonic()
+    got = dglmm.fit(CLU_FORMULA, str(path), scheduler=clu_handle_address,
+                    npartitions=npartitions, progress=False)  # fmt: skip
+    assert time.monotonic() - t0 < 120
+    assert got.converged and got.n_obs == len(df)
+    assert 1 <= got.n_partitions <= 40
+    np.testing.assert_allclose(got.params, want.params, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.cluster
+def test_clu_prepare_more_partitions_than_groups(clu_handle_address, tmp_path, capsys):
+    df = clu_data(n_groups=40)
+    path = tmp_path / "d.parquet"
+    df.to_parquet(path)
+    want = dglmm.fit(CLU_FORMULA, df, client="in-process", progress=False)
+    out = tmp_path / "prep"
+    code = main(["prepare", str(path), str(out), "--group", "g", "--partitions", "100",
+                 "--scheduler", clu_handle_address])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    prepared = drv.read_prepared(out)
+    assert prepared["n_files"] == 40 and min(prepared["rows_per_file"]) > 0
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(prepared["files"])
+    got = dglmm.fit(CLU_FORMULA, str(out), scheduler=clu_handle_address, progress=False)
+    np.testing.assert_allclose(got.params, want.params, rtol=1e-6, atol=1e-8)
+    # hashing leaves some of 30 partitions of 40 groups empty: no empty files are written
+    with drv.connect(scheduler=clu_handle_address) as handle:
+        hashed = drv.prepare(str(path), str(tmp_path / "hashed"), "g", npartitions=30,
+                             balance="hash", handle=handle)  # fmt: skip
+    assert min(hashed["rows_per_file"]) > 0 and hashed["n_rows"] == len(df)
+    assert len(list((tmp_path / "hashed").glob("part-*.parquet"))) == hashed["n_files"]
+    got = dglmm.fit(CLU_FORMULA, str(tmp_path / "hashed"), scheduler=clu_handle_address,
+                    progress=False)  # fmt: skip
+    np.testing.assert_allclose(got.params, want.params, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# reading: files that disagree, nested and duplicated columns
+
+
+def clu_case_files(tmp_path: Path, case: str) -> tuple[str, str, str]:
+    """Write the data of one reading case; return (path, formula, expected message regex)."""
+    a, b = clu_data(n_groups=20, seed=1), clu_data(n_groups=20, seed=2)
+    b["g"] += 100
+    d = tmp_path / case
+    d.mkdir()
+    if case == "parquet-types":
+        b["x"] = b["x"].map(lambda v: f"{v:.3f}")  # text in the second file
+        a.to_parquet(d / "a.parquet")
+        b.to_parquet(d / "b.parquet")
+        return (str(d), CLU_FORMULA, r"column 'x' has different types in the data files: "
+                r"numbers \(double\) in '.*a\.parquet'; text \(\w+\) in '.*b\.parquet'")
+    if case in ("csv-columns-dir", "csv-columns-glob"):
+        a.to_csv(d / "a.csv", index=False)
+        b.rename(columns={"x": "x2"}).to_csv(d / "b.csv", index=False)
+        path = str(d) if case == "csv-columns-dir" else str(d / "*.csv")
+        return (path, CLU_FORMULA, r"the data files have different columns: '.*a\.csv' has "
+                r"'g', 'x', 'y', '.*b\.csv' has 'g', 'x2', 'y' \('.*b\.csv' lacks 'x'")
+    if case == "csv-duplicate":
+        text = a.to_csv(index=False).splitlines()
+        rows = [f"{line},{i}" for i, line in enumerate(text[1:])]
+        (d / "dup.csv").write_text("\n".join([text[0] + ",x", *rows]) + "\n")
+        return (str(d / "dup.csv"), CLU_FORMULA,
+                r"column 'x' appears 2 times in the header of '.*dup\.csv'; give every column "
+                r"a unique name \(a CSV reader would silently rename the second one to 'x\.1'\)")
+    raise AssertionError(case)
+
+
+CLU_READ_CASES = ["parquet-types", "csv-columns-dir", "csv-columns-glob", "csv-duplicate"]
+
+
+@pytest.mark.parametrize("case", CLU_READ_CASES)
+def test_clu_reading_problems_in_process(tmp_path, capsys, case):
+    path, formula, pattern = clu_case_files(tmp_path, case)
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=pattern):
+        dglmm.fit(formula, path, client="in-process", progress=False)
+    with pytest.raises(DataError, match=pattern):
+        read_frame(path)
+    line = clu_cli_error(capsys, ["fit", path, "--formula", formula, "--in-process", "--quiet"])
+    assert re.search(pattern, line), line
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("case", CLU_READ_CASES)
+def test_clu_reading_problems_on_dask(clu_handle_address, tmp_path, capsys, case):
+    path, formula, pattern = clu_case_files(tmp_path, case)
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=pattern):
+        dglmm.fit(formula, path, scheduler=clu_handle_address, progress=False)
+    line = clu_cli_error(capsys, ["fit", path, "--formula", formula, "--scheduler",
+                                  clu_handle_address, "--quiet"])  # fmt: skip
+    assert re.search(pattern, line), line
+    if case == "parquet-types":  # the same check when the files are prepared
+        with pytest.raises(DataError, match=pattern):
+            drv.prepare(path, str(tmp_path / "prep"), "g")
+    assert time.monotonic() - t0 < 120
+
+
+def clu_nested_frame() -> pd.DataFrame:
+    df = clu_data(n_groups=20)
+    df["tags"] = [[1.0, float(i % 3)] for i in range(len(df))]
+    df["info"] = [{"a": i, "b": "u"} for i in range(len(df))]
+    return df
+
+
+@pytest.mark.cluster
+def test_clu_nested_columns(clu_handle_address, tmp_path, capsys):
+    df = clu_nested_frame()
+    path = tmp_path / "nested.parquet"
+    df.to_parquet(path)
+    addr = clu_handle_address
+    # unused nested columns are fine, on Dask and in process
+    want = dglmm.fit(CLU_FORMULA, str(path), client="in-process", progress=False)
+    got = dglmm.fit(CLU_FORMULA, str(path), scheduler=addr, progress=False)
+    np.testing.assert_allclose(got.params, want.params, rtol=1e-6, atol=1e-8)
+    for col, kind in [("tags", "lists"), ("info", "structs")]:
+        formula = f"y ~ x + {col} + (1 | g)"
+        pattern = rf"column '{col}' holds {kind} \(.*\); dglmm needs numbers or categories"
+        with pytest.raises(DataError, match=pattern):
+            dglmm.fit(formula, str(path), scheduler=addr, progress=False)
+        line = clu_cli_error(capsys, ["fit", str(path), "--formula", formula, "--scheduler",
+                                      addr, "--quiet"])  # fmt: skip
+        assert re.search(pattern, line), line
+    # a pandas frame sent to Dask (which would turn the lists into text)
+    with pytest.raises(DataError, match="column 'tags' holds lists; dglmm needs numbers"):
+        dglmm.fit("y ~ x + tags + (1 | g)", df, scheduler=addr, progress=False)

@@ -22,6 +22,8 @@ from dglmm.sources import (
     PREPARED_METADATA,
     _is_data_file,
     _is_url,
+    check_column_values,
+    check_data_files,
 )
 
 PREPARED_FORMAT_VERSION = 1
@@ -74,6 +76,8 @@ def load_data(
         if group is not None and group in data.columns:
             _default_design("check_unique_columns")(data.columns, columns or [group])
             _default_design("check_key_types")(data[group], group)
+        # before Dask turns object columns into text (a list would become "[1. 2.]")
+        check_column_values(data, columns)
         n = npartitions or max(1, -(-len(data) // _ROWS_PER_PANDAS_PARTITION))
         ddf = dd.from_pandas(data if columns is None else data[columns], npartitions=n)
     elif isinstance(data, dd.DataFrame):
@@ -86,10 +90,11 @@ def load_data(
             f"cannot read data of type {type(data).__name__}: give a pandas or Dask "
             "DataFrame, or a path, glob or URL of Parquet or CSV files"
         )
-    if ddf.npartitions == 0 or (
-        len(ddf.head(1, npartitions=1)) == 0 and len(ddf.head(1, npartitions=-1)) == 0
-    ):
+    sample = ddf.head(100, npartitions=1) if ddf.npartitions else None
+    if sample is None or (len(sample) == 0 and len(ddf.head(1, npartitions=-1)) == 0):
         raise DataError(f"the data {_describe(data)} have no rows")
+    # lists, dicts or arrays in a model column (object columns, first rows only)
+    check_column_values(sample, columns)
     return ddf
 
 
@@ -159,6 +164,10 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
     if len(kinds) > 1:
         raise DataError(f"the data {_describe(data)} mix CSV and Parquet files")
     kind = kinds.pop()
+    # the local files' footers / header lines: same columns and types, no duplicated names,
+    # no nested column in the model (URLs are checked by the reader only)
+    check_data_files([f.removeprefix("file://") for f in files if not _is_url(f)], kind,
+                     columns)  # fmt: skip
     try:
         if kind == "csv":
             sep = "\t" if all(".tsv" in f.lower() for f in files) else ","
