@@ -52,6 +52,7 @@ from dglmm.formula import (
     c_wrapped_variables,
     expression_variables,
     is_bare_name,
+    one_line,
     parse_formula,
 )
 from dglmm.formula_safety import check_formula, formula_context
@@ -79,6 +80,9 @@ MAX_FIXED_COLUMNS = 2000
 
 #: most bytes the fixed-effects design of the whole data may take (rows x columns x 8)
 MAX_DESIGN_BYTES = 16 * 2**30
+
+#: most random effects per group (q); the covariance has q (q + 1) / 2 parameters
+MAX_RANDOM_COLUMNS = 25
 
 
 # ---------------------------------------------------------------------------
@@ -532,7 +536,7 @@ def _design(
     except DglmmError:
         raise
     except Exception as exc:  # formulaic raises many exception types
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        message = one_line(str(exc))
         raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
     array = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
     return array.reshape(len(frame), -1), tuple(str(c) for c in mm.model_spec.column_names)
@@ -720,6 +724,30 @@ def _check_design_size(rhs: str, levels: Mapping[str, Sequence], n_rows: int | N
         )
 
 
+def _check_random_size(parsed: ParsedFormula, levels: Mapping[str, Sequence],
+                       q: int | None = None) -> None:  # fmt: skip
+    """SpecificationError for more than :data:`MAX_RANDOM_COLUMNS` random effects per
+    group (estimated from the levels before the design is built, or the exact ``q``)."""
+    terms = [] if q is not None else [
+        t for term in parsed.random_terms for t in _term_columns(term.expr, levels)
+    ]
+    total = q if q is not None else sum(size for _, size, _ in terms)
+    if total <= MAX_RANDOM_COLUMNS:
+        return
+    culprit = ""
+    if terms:
+        term, size, parts = max(terms, key=lambda t: t[1])
+        if parts:
+            detail = " x ".join(f"{n} levels of {c!r}" for c, n in parts)
+            culprit = f": {term} would add {size} random effects ({detail})"
+    raise SpecificationError(
+        f"the random-effects terms would have {'about ' if q is None else ''}{total} columns "
+        f"per group of {parsed.group!r}, more than the limit of {MAX_RANDOM_COLUMNS}{culprit}; "
+        "use fewer random slopes (a factor in a random term adds one per level), or raise "
+        "the limit (dglmm.design.MAX_RANDOM_COLUMNS)"
+    )
+
+
 # ---------------------------------------------------------------------------
 # learning the spec
 
@@ -775,9 +803,11 @@ def make_spec(
     _warn_group_in_fixed_part(parsed)
     _check_design_size(parsed.fixed, {k: v for k, v in levels.items() if k in used}, n_rows)
     sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
+    _check_random_size(parsed, {k: v for k, v in levels.items() if k in used})
     _, fixed_columns = _design(parsed.fixed, sample, allow_python)
     _check_design_size(parsed.fixed, {}, n_rows, len(fixed_columns))
     z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python)
+    _check_random_size(parsed, {}, len(random_columns))
     if parsed.group in sample_df.columns:
         _warn_constant_random_columns(z_sample, random_columns, sample_df[parsed.group], parsed)
     dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]

@@ -210,12 +210,20 @@ def _has_bare_bar(term: str) -> bool:
     return False
 
 
+def one_line(message: str) -> str:
+    """A formulaic message as one line: colours removed, the position marker paragraph
+    (the formula with ``⧛...⧚`` around the culprit, after a blank line) dropped."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    first = message.strip().split("\n\n")[0]
+    return " ".join(first.split()) or type(message).__name__
+
+
 def _check_formulaic(rhs: str, what: str) -> formulaic.Formula:
     """Parse ``rhs`` with formulaic, turning its errors into SpecificationError."""
     try:
         return formulaic.Formula(rhs)
     except Exception as exc:  # formulaic raises several unrelated exception types
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # formulaic colours its messages
+        message = one_line(str(exc))
         raise SpecificationError(f"cannot parse {what} {rhs!r}: {message}") from exc
 
 

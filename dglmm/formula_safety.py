@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from dglmm.errors import SpecificationError
+from dglmm.formula import one_line
 
 __all__ = [
     "ALLOWED_CONTR",
@@ -296,7 +297,7 @@ def _check_rhs(rhs: str, where: str) -> None:
     try:
         parsed = formulaic.Formula(rhs)
     except Exception as exc:  # formulaic raises several unrelated exception types
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        message = one_line(str(exc))
         raise SpecificationError(f"cannot parse {where} {rhs!r}: {message}") from None
     for term in parsed:
         for factor in term.factors:
