@@ -163,8 +163,9 @@ def fit(
     ----------
     formula : str
         lme4 syntax, e.g. ``"dropped ~ duration * tenure + (1 + duration | subscriber)"``.
-        Formulas are evaluated by formulaic and can run Python code: take them only
-        from trusted configuration.
+        Formulas are evaluated by formulaic after a check against an allowlist of
+        functions and operators (see docs/usage.md); other Python code is refused unless
+        ``allow_python_in_formulas=True``.
     data : DataFrame, dask DataFrame or str
         pandas or dask DataFrame, or a path / glob / URL of Parquet or CSV data (or a
         directory written by ``dglmm prepare``).

@@ -467,8 +467,9 @@ def test_random_effects_written_by_the_workers(small, small_reference, cluster, 
     out = tmp_path / "re"
     result = dglmm.fit(FORMULA, str(small), client=cluster.address, npartitions=3,
                        random_effects=str(out))  # fmt: skip
-    parts = sorted(p.name for p in out.iterdir())
+    parts = sorted(p.name for p in out.glob("part-*"))
     assert parts == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert (out / "_dglmm_dataset.json").is_file()  # the marker that makes it ours
     table = pd.read_parquet(out).sort_values("subscriber").reset_index(drop=True)
     assert len(table) == table["subscriber"].nunique() == result.n_groups["subscriber"]
     ref_path = tmp_path / "re_ref"
