@@ -24,6 +24,17 @@ roughly ``rows * (p + q + 6) * 8`` bytes for the block plus the raw frame while 
 is bounded below by the largest group.  Use more partitions to spread the other groups away
 from it, or workers with more memory.
 
+Security and bounded waits
+--------------------------
+:func:`connect` starts the embedded LocalCluster on 127.0.0.1 over TLS with temporary
+credentials (no other local process can connect), and takes ``security=`` (a
+``distributed.Security`` or ``{"ca_file", "cert", "key"}``) for a remote ``tls://`` scheduler.
+It waits at most ``worker_timeout`` seconds (``DGLMM_WORKER_TIMEOUT``, default 60) for a
+first worker; every round trip of the driver goes through :meth:`ClusterHandle.wait`, which
+ends with a :class:`~dglmm.errors.ClusterError` when no worker has been connected for that
+long or the scheduler connection is lost.  Partitions left empty (hashing, or more partitions
+than groups) get no block and no prepared file.
+
 Fault tolerance
 ---------------
 Blocks are persisted from a graph that reads the source (files, or the pandas frame embedded in
@@ -48,11 +59,20 @@ footer), for a pandas frame a hash of its rows.
 """
 
 
-from dglmm.dask_driver.cluster import ClusterHandle, connect
+from dglmm.dask_driver.cluster import (
+    DEFAULT_WORKER_TIMEOUT,
+    WORKER_TIMEOUT_ENV,
+    ClusterHandle,
+    cluster_failures,
+    connect,
+    make_security,
+    worker_timeout_seconds,
+)
 from dglmm.dask_driver.data import (
     PREPARED_FORMAT_VERSION,
     LearnedSpec,
     PreparedData,
+    check_npartitions,
     is_prepared,
     load_data,
     partition_by_group,
@@ -64,20 +84,26 @@ from dglmm.dask_driver.evaluator import DaskEvaluator, _as_prepared, make_evalua
 from dglmm.sources import PREPARED_METADATA, input_fingerprint
 
 __all__ = [
+    "DEFAULT_WORKER_TIMEOUT",
     "PREPARED_FORMAT_VERSION",
     "PREPARED_METADATA",
+    "WORKER_TIMEOUT_ENV",
     "ClusterHandle",
     "DaskEvaluator",
     "LearnedSpec",
     "PreparedData",
     "_as_prepared",
+    "check_npartitions",
+    "cluster_failures",
     "connect",
     "input_fingerprint",
     "is_prepared",
     "load_data",
+    "make_security",
     "make_evaluator",
     "partition_by_group",
     "prepare",
     "read_prepared",
     "spec_from_dask",
+    "worker_timeout_seconds",
 ]
