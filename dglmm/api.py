@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from .design import Block, ModelSpec, build_block, learn_spec
-from .errors import CheckpointError, DataError, DglmmError, DglmmWarning, SpecificationError
+from .errors import (
+    CheckpointError,
+    DataError,
+    DglmmError,
+    DglmmWarning,
+    SpecificationError,
+    check_npartitions,
+)
 from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_POISSON, Family, get_family
 from .formula import parse_formula
 from .kernels import BlockResult, KernelModel, evaluate_block, random_effects_block
@@ -224,6 +231,7 @@ def fit(
     check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
                       overwrite=overwrite, storage_options=storage_options)  # fmt: skip
     n_agq = _check_n_agq(n_agq, formula, fam)
+    check_npartitions(npartitions)  # before a cluster is started
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
     if client == IN_PROCESS or client is False:

@@ -56,6 +56,7 @@ from dglmm.formula import (
     parse_formula,
 )
 from dglmm.formula_safety import check_formula, formula_context
+from dglmm.sources import check_column_values
 
 __all__ = [
     "Block",
@@ -701,12 +702,7 @@ def _check_design_size(rhs: str, levels: Mapping[str, Sequence], n_rows: int | N
     """
     terms = _term_columns(rhs, levels) if p is None else []
     total = p if p is not None else sum(size for _, size, _ in terms)
-    culprit = ""
-    if terms:
-        term, size, parts = max(terms, key=lambda t: t[1])
-        if parts:
-            detail = " x ".join(f"{n} levels of {c!r}" for c, n in parts)
-            culprit = f": {term} would add {size} columns ({detail})"
+    culprit = _largest_term(terms, "columns")
     hint = ("; fit such a factor as a random effect, merge its levels, or raise the limit "
             "(dglmm.design.{})")  # fmt: skip
     if total > MAX_FIXED_COLUMNS:
@@ -724,6 +720,18 @@ def _check_design_size(rhs: str, levels: Mapping[str, Sequence], n_rows: int | N
         )
 
 
+def _largest_term(terms: Sequence[tuple], what: str) -> str:
+    """``": C(x) would add 3000 columns (3000 levels of 'x')"`` for the largest of ``terms``
+    (``(term, size, [(column, n_levels), ...])``), or ``""``."""
+    if not terms:
+        return ""
+    term, size, parts = max(terms, key=lambda t: t[1])
+    if not parts:
+        return ""
+    detail = " x ".join(f"{n} levels of {c!r}" for c, n in parts)
+    return f": {term} would add {size} {what} ({detail})"
+
+
 def _check_random_size(parsed: ParsedFormula, levels: Mapping[str, Sequence],
                        q: int | None = None) -> None:  # fmt: skip
     """SpecificationError for more than :data:`MAX_RANDOM_COLUMNS` random effects per
@@ -734,12 +742,7 @@ def _check_random_size(parsed: ParsedFormula, levels: Mapping[str, Sequence],
     total = q if q is not None else sum(size for _, size, _ in terms)
     if total <= MAX_RANDOM_COLUMNS:
         return
-    culprit = ""
-    if terms:
-        term, size, parts = max(terms, key=lambda t: t[1])
-        if parts:
-            detail = " x ".join(f"{n} levels of {c!r}" for c, n in parts)
-            culprit = f": {term} would add {size} random effects ({detail})"
+    culprit = _largest_term(terms, "random effects")
     raise SpecificationError(
         f"the random-effects terms would have {'about ' if q is None else ''}{total} columns "
         f"per group of {parsed.group!r}, more than the limit of {MAX_RANDOM_COLUMNS}{culprit}; "
@@ -885,7 +888,9 @@ def learn_spec(
     _check_safe(parsed, allow_python)
     if len(df) == 0:
         raise DataError("the data have no rows")
-    check_unique_columns(df.columns, needed_columns(parsed, trials, offset, weights))
+    needed = needed_columns(parsed, trials, offset, weights)
+    check_unique_columns(df.columns, needed)
+    check_column_values(df, needed)  # lists/structs: a clear error, not formulaic's TypeError
     if parsed.group in df.columns:
         check_key_types(df[parsed.group], parsed.group)
     levels = merge_levels([collect_levels(parsed, df)])

@@ -80,3 +80,21 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def check_npartitions(npartitions) -> int | None:
+    """``npartitions`` if it is None or a positive integer, else a SpecificationError.
+
+    Checked before a cluster is started or any data are read.
+    """
+    if npartitions is None:
+        return None
+    import numbers
+
+    ok = isinstance(npartitions, numbers.Integral) and not isinstance(npartitions, bool)
+    if not ok or npartitions < 1:
+        raise SpecificationError(
+            "the number of partitions must be a positive whole number (npartitions=, command "
+            f"line --partitions), got {npartitions!r}"
+        )
+    return int(npartitions)

@@ -291,7 +291,20 @@ def check_expression(expr: str, where: str) -> None:
 
 
 def _check_rhs(rhs: str, where: str) -> None:
-    """Check every factor formulaic would evaluate in the right-hand side ``rhs``."""
+    """Check every factor formulaic would evaluate in the right-hand side ``rhs``.
+
+    Subtracted terms (``x - np.f(x)``) are checked too: formulaic drops them without
+    evaluating them, but a formula outside the allowlist is refused wherever it is.
+    """
+    from dglmm.formula import _split_terms
+
+    _check_factors(rhs, where)
+    for sign, text in _split_terms(rhs):
+        if sign == "-" and text:
+            _check_factors(text, where)
+
+
+def _check_factors(rhs: str, where: str) -> None:
     import formulaic
 
     try:

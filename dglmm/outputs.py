@@ -332,6 +332,25 @@ def _kind_label(kind: str) -> str:
     return _RECOGNISERS[kind][1] if kind in _RECOGNISERS else f"a dglmm {kind} output"
 
 
+def _lstat_target(path: str, local: str, kind: str):
+    """``os.lstat`` of an output target (None if absent); a symbolic link is an OutputError."""
+    try:
+        st = os.lstat(local)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        _check_parent(local)  # names the component that is a file
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot use {path!r} as {kind} output: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(
+            f"{kind} output {path!r} is a symbolic link: dglmm does not write through "
+            "links (not even with --overwrite); give the real path or another one"
+        )
+    return st
+
+
 def check_output_file(path: str | os.PathLike, *, kind: str, overwrite: bool = False,
                       inputs: Any = (), storage_options: dict | None = None,
                       exists_ok: bool = False) -> str:  # fmt: skip
@@ -356,21 +375,8 @@ def check_output_file(path: str | os.PathLike, *, kind: str, overwrite: bool = F
     local = _local(path)
     if local.endswith(("/", os.sep)):
         raise OutputError(f"{kind} output {path!r} names a directory; give a file name")
-    try:
-        st = os.lstat(local)
-    except FileNotFoundError:
-        st = None
-    except NotADirectoryError:
-        _check_parent(local)  # names the component that is a file
-        raise
-    except OSError as exc:
-        raise OutputError(f"cannot use {path!r} as {kind} output: {exc.strerror}") from None
+    st = _lstat_target(path, local, kind)
     if st is not None:
-        if stat.S_ISLNK(st.st_mode):
-            raise OutputError(
-                f"{kind} output {path!r} is a symbolic link: dglmm does not write through "
-                "links (not even with --overwrite); give the real path or another one"
-            )
         if stat.S_ISDIR(st.st_mode):
             raise OutputError(
                 f"{kind} output {path!r} is a directory, not a file; give a file name "
@@ -450,21 +456,8 @@ def check_output_dataset(path: str | os.PathLike, *, kind: str, overwrite: bool 
                                 storage_options)  # fmt: skip
         return path
     local = _local(path).rstrip("/") or "/"
-    try:
-        st = os.lstat(local)
-    except FileNotFoundError:
-        st = None
-    except NotADirectoryError:
-        _check_parent(local)
-        raise
-    except OSError as exc:
-        raise OutputError(f"cannot use {path!r} as {kind} output: {exc.strerror}") from None
+    st = _lstat_target(path, local, kind)
     if st is not None:
-        if stat.S_ISLNK(st.st_mode):
-            raise OutputError(
-                f"{kind} output {path!r} is a symbolic link: dglmm does not write through "
-                "links (not even with --overwrite); give the real path or another one"
-            )
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(
                 f"{kind} output {path!r} exists and is not a directory (a dataset is a "

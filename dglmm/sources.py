@@ -72,7 +72,7 @@ def read_frame(data: Any, storage_options: dict | None = None) -> pd.DataFrame:
             if not files:
                 if is_glob:
                     raise DataError(f"no file matches {path!r}")
-                raise DataError(f"directory {path!r} holds no .parquet files")
+                raise DataError(f"directory {path!r} holds no .parquet files (nor .csv/.tsv files)")
             kinds = {file_kind(f) for f in files}
             if len(kinds) > 1:
                 raise DataError(f"the data {path!r} mix CSV and Parquet files")
@@ -107,7 +107,18 @@ def _local_files(p: str) -> list[str]:
     )
     if parquet:
         return parquet
-    return [f for f in _expand_local(p) if file_kind(f) == "csv" and _is_data_file(f)]
+    # a directory's CSV files are those named .csv/.tsv (a notes.txt beside them is not data)
+    return [
+        f for f in _expand_local(p)
+        if file_kind(f) == "csv" and _strip_compression(f).endswith((".csv", ".tsv"))
+    ]  # fmt: skip
+
+
+def _strip_compression(path: str) -> str:
+    p = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        p = p.removesuffix(suffix)
+    return p
 
 
 def file_kind(path: str) -> str:
@@ -203,6 +214,8 @@ def check_data_files(files: list[str], kind: str, columns: Any = None) -> None:
     from .errors import DataError
 
     wanted = None if columns is None else [str(c) for c in columns]
+    if not files:  # nothing local to check (e.g. URLs: their readers report problems)
+        return
     if kind == "csv":
         headers = {f: _csv_header(f) for f in files}
         for f, names in headers.items():

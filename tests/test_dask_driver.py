@@ -353,7 +353,8 @@ def test_connect_embedded_local_cluster(monkeypatch):
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     with drv.connect(n_workers=1) as handle:
         assert handle.cluster is not None and handle.n_workers == 1
-        assert handle.client.scheduler.address.startswith("tcp://127.0.0.1:")
+        # TLS with temporary credentials: other local processes cannot connect
+        assert handle.client.scheduler.address.startswith("tls://127.0.0.1:")
         df = make_data(n_groups=20)
         with evaluator(handle, df, group="g", npartitions=3) as ev:
             assert_results_equal(ev.evaluate(PARAMS), in_process(df, PARAMS))

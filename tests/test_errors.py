@@ -263,7 +263,7 @@ def test_empty_data_frame():
 def test_not_a_parquet_file(tmp_path, capsys):
     path = tmp_path / "data.parquet"
     path.write_bytes(b"this is not parquet\n\x00\x01\x02")
-    with pytest.raises(DataError, match=r"cannot read '.*data\.parquet' as CSV or Parquet"):
+    with pytest.raises(DataError, match=r"cannot read '.*data\.parquet' as Parquet"):
         dglmm.fit(F, str(path), client=IN_PROCESS)
     assert "cannot read" in cli_error(capsys, cli_args(path))
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dglmm.dask_driver.cluster import ClusterHandle, cluster_failures
-from dglmm.errors import DataError, SpecificationError, suggest
+from dglmm.errors import DataError, check_npartitions, suggest
 from dglmm.sources import (
     _COMPRESSION_SUFFIXES,
     PREPARED_METADATA,
@@ -198,19 +198,6 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
 
 # --------------------------------------------------------------------------------------------
 # partitioning by group
-
-
-def check_npartitions(npartitions: Any) -> int | None:
-    """``npartitions`` if it is None or a positive integer, else a SpecificationError."""
-    if npartitions is None:
-        return None
-    ok = isinstance(npartitions, (int, np.integer)) and not isinstance(npartitions, bool)
-    if not ok or npartitions < 1:
-        raise SpecificationError(
-            "the number of partitions must be a positive whole number (npartitions=, command "
-            f"line --partitions), got {npartitions!r}"
-        )
-    return int(npartitions)
 
 
 def _hash_part(keys: pd.Series, npartitions: int) -> np.ndarray:
