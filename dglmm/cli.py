@@ -139,7 +139,7 @@ def _cmd_fit(args) -> int:
         print(f"\nDropped {n_dropped} of {result.n_obs + n_dropped} rows with missing or "
               "non-finite values (--missing drop).")  # fmt: skip
     if args.output:
-        result.to_json(args.output)
+        result.to_json(args.output, overwrite=args.overwrite)
         print(f"\nresult written to {args.output}", file=sys.stderr)
     return 0 if result.converged else 1
 

@@ -217,17 +217,19 @@ class FitResult:
             "spec": self.spec,
         }
 
-    def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
+    def to_json(self, path: str | None = None, indent: int | None = 2, *,
+                overwrite: bool = False) -> str:  # fmt: skip
         """Serialise to standard JSON text (non-finite numbers become null); also
         write it to ``path`` when given (atomically: an existing file is replaced only
-        by a complete new one).  Use :func:`dglmm.outputs.check_output_file` (kind
-        ``"result"``) first to refuse inputs and foreign files."""
+        by a complete new one).  An existing file at ``path`` is replaced only if it is a
+        dglmm result, or with ``overwrite=True`` (links and devices never are)."""
         text = json.dumps(_finite(self.to_dict()), indent=indent, default=_num, allow_nan=False)
         if path is not None:
             # temporary file + fsync + rename: a failed write (full disk) leaves an
             # existing file unchanged; URLs are one put
-            from .outputs import write_text_atomic
+            from .outputs import check_output_file, write_text_atomic
 
+            check_output_file(os.fspath(path), kind="result", overwrite=overwrite)
             write_text_atomic(os.fspath(path), text)
         return text
 

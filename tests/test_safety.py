@@ -2225,3 +2225,16 @@ def test_num_gaussian_ignores_n_agq_node_counts():
     res, warned = num_fit(NUM_F, df, family="gaussian", n_agq=50)
     assert np.isfinite(res.loglik)
     assert not any("nodes" in w for w in warned)
+
+
+def test_out_to_json_from_python_refuses_a_foreign_file(tmp_path):
+    """``FitResult.to_json(path)`` called from Python: the same rule as the command line."""
+    res = dglmm.fit(OUT_F, make_data(), client=OUT_IN_PROCESS, progress=False)
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    with pytest.raises(OutputError, match="is not a dglmm result"):
+        res.to_json(str(foreign))
+    assert foreign.read_text() == '{"mine": true}'
+    res.to_json(str(foreign), overwrite=True)
+    res.to_json(str(foreign))  # now ours: replaced without overwrite
+    assert FitResult.from_json(str(foreign)).loglik == pytest.approx(res.loglik)
