@@ -363,6 +363,7 @@ def predict_to_parquet(
     client: Any = "in-process",
     overwrite: bool = False,
     allow_python_in_formulas: bool = False,
+    security=None,
 ) -> int:
     """Write predictions as Parquet and return the number of rows (``dglmm predict``).
 
@@ -371,7 +372,8 @@ def predict_to_parquet(
     file ``output``; Dask DataFrames, directories and globs a Parquet directory
     ``output`` with one file per partition, computed partition by partition with
     Dask's local threads (``client="in-process"``) or on a Dask cluster
-    (``client=`` a ``distributed.Client`` or a scheduler address).
+    (``client=`` a ``distributed.Client`` or a scheduler address; ``security=`` the TLS
+    settings of a ``tls://`` scheduler, as in :func:`dglmm.fit`).
     """
     from .outputs import (
         PARQUET_KEY,
@@ -419,7 +421,7 @@ def predict_to_parquet(
         else:
             from .dask_driver import connect
 
-            with connect(client=client) as handle:
+            with connect(client=client, security=security) as handle:
                 handle.client.compute(write).result()
     import pyarrow.dataset as ds
 

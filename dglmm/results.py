@@ -368,7 +368,8 @@ class FitResult:
         :func:`dglmm.fit` (``"in-process"``, a ``distributed.Client``, a scheduler
         address, or None for an embedded local cluster); ``fit_kwargs`` takes
         ``missing``, ``storage_options``, ``scheduler``, ``scheduler_file``,
-        ``n_workers`` and ``npartitions``.  Written as Parquet to ``output`` when given.
+        ``n_workers``, ``npartitions`` and ``security`` (TLS, as in :func:`dglmm.fit`).
+        Written as Parquet to ``output`` when given.
         """
         from .api import IN_PROCESS, InProcessEvaluator, _kernel_model
         from .design import ModelSpec, build_block
@@ -377,7 +378,7 @@ class FitResult:
         from .sources import read_frame
 
         known = {"missing", "storage_options", "scheduler", "scheduler_file", "n_workers",
-                 "npartitions"}  # fmt: skip
+                 "npartitions", "security"}  # fmt: skip
         unknown = sorted(set(fit_kwargs) - known)
         if unknown:
             raise SpecificationError(f"random_effects_table() got unknown arguments {unknown}")
@@ -403,6 +404,7 @@ class FitResult:
         with dask_driver.connect(
             client=client, scheduler=fit_kwargs.get("scheduler"),
             scheduler_file=fit_kwargs.get("scheduler_file"), n_workers=fit_kwargs.get("n_workers"),
+            security=fit_kwargs.get("security"),
         ) as handle:  # fmt: skip
             columns = list(spec.columns)
             prepared = dask_driver._as_prepared(data)

@@ -1383,6 +1383,10 @@ def test_clu_fit_on_a_real_tls_cluster(tmp_path, capsys):
         got = dglmm.fit(CLU_FORMULA, str(data), scheduler=cluster.address.removeprefix("tls://"),
                         security=tls, progress=False)  # fmt: skip
         np.testing.assert_allclose(got.params, want.params, rtol=1e-6, atol=1e-8)
+        # the random-effects table recomputed on the TLS cluster
+        table = got.random_effects_table(str(data), client=None, scheduler=cluster.address,
+                                         security=tls)  # fmt: skip
+        assert len(table) == got.n_groups["g"]
         # without the TLS flags: one clear line, at once
         t0 = time.monotonic()
         line = clu_cli_error(capsys, ["fit", str(data), "--formula", CLU_FORMULA,
