@@ -91,6 +91,37 @@ MAX_RANDOM_COLUMNS = 25
 
 
 @dataclass(frozen=True)
+class LevelSpec:
+    """One grouping level below the top level of a nested model.
+
+    Attributes:
+        name: lme4's name of the grouping factor, e.g. ``"mom:comm"`` for the inner
+            factor of ``(1 | comm/mom)``, ``"obs"`` for ``(1 | herd) + (1 | obs)``.
+        factors: the data columns whose values together identify a unit of this level,
+            e.g. ``("mom", "comm")`` (labels of ``mom`` may repeat across ``comm``).
+        random_columns: random-effects design column names of this level, length q_l.
+        cov_pattern: free entries ``(row, col)`` (row >= col) of this level's q_l x q_l
+            Cholesky factor, in parameter order.
+        terms: the random-effects term expressions of this level (formulaic RHS, as in
+            :class:`dglmm.formula.RandomTerm.expr`) with their ``||`` flags.
+    """
+
+    name: str
+    factors: tuple[str, ...]
+    random_columns: tuple[str, ...]
+    cov_pattern: tuple[tuple[int, int], ...]
+    terms: tuple[tuple[str, bool], ...] = ()
+
+    @property
+    def q(self) -> int:
+        return len(self.random_columns)
+
+    @property
+    def n_theta(self) -> int:
+        return len(self.cov_pattern)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything learned once from the whole data.
 
@@ -128,6 +159,7 @@ class ModelSpec:
     weights: str | None = None
     columns: tuple[str, ...] = ()
     allow_python: bool = False
+    inner: tuple[LevelSpec, ...] = ()
 
     def __hash__(self) -> int:
         """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
@@ -145,8 +177,8 @@ class ModelSpec:
 
     @property
     def n_theta(self) -> int:
-        """Number of free covariance parameters (entries of L)."""
-        return len(self.cov_pattern)
+        """Number of free covariance parameters (entries of every level's L)."""
+        return len(self.cov_pattern) + sum(level.n_theta for level in self.inner)
 
     @property
     def parsed(self) -> ParsedFormula:
@@ -918,6 +950,10 @@ class Block:
         group_ptr: (G+1,) int64; rows of group g are ``group_ptr[g]:group_ptr[g+1]``.
         group_keys: (G,) group key of each group, original dtype.
         n_dropped: rows dropped for missing values (``missing="drop"``).
+        inner: one :class:`InnerLevel` per level below the top (nested models), outermost
+            first; empty for a model with one grouping level.  Rows are then sorted by
+            top group, then by the unit of each inner level in turn, so every unit's rows
+            are contiguous and every unit's child units are contiguous.
     """
 
     X: np.ndarray
@@ -929,6 +965,7 @@ class Block:
     group_ptr: np.ndarray
     group_keys: np.ndarray
     n_dropped: int = 0
+    inner: tuple[InnerLevel, ...] = ()
 
     @property
     def n_obs(self) -> int:
@@ -945,6 +982,28 @@ class Block:
         """Total bytes of the arrays."""
         arrays = (self.X, self.Z, self.y, self.trials, self.offset, self.weights)
         return sum(a.nbytes for a in arrays) + self.group_ptr.nbytes + self.group_keys.nbytes
+
+
+@dataclass
+class InnerLevel:
+    """The arrays of one inner grouping level of a :class:`Block` (nested models).
+
+    Attributes:
+        Z: (n, q_l) float64, C order, this level's random-effects design (block row order).
+        ptr: (G_l+1,) int64; rows of unit u are ``ptr[u]:ptr[u+1]``.
+        parent: (G_l,) int64 index of the enclosing unit one level up (for the first
+            inner level, an index into the block's top groups); non-decreasing.
+        keys: one (G_l,) array per factor of :attr:`LevelSpec.factors`, the unit's labels.
+    """
+
+    Z: np.ndarray
+    ptr: np.ndarray
+    parent: np.ndarray
+    keys: tuple[np.ndarray, ...]
+
+    @property
+    def n_units(self) -> int:
+        return int(self.parent.shape[0])
 
 
 def _column_or(frame: pd.DataFrame, name: str | None, fill: float) -> np.ndarray:

@@ -52,6 +52,9 @@ class KernelModel:
         Quadrature nodes per random-effect dimension (1 = Laplace).
     has_dispersion : bool
         Whether the last parameter is ``log sigma`` (Gaussian).
+    inner : tuple of (q_l, cov_pattern_l)
+        The levels below the top (nested models), outermost first; their theta follow
+        the top level's in the parameter vector, level by level.
     """
 
     family_code: int
@@ -61,10 +64,11 @@ class KernelModel:
     cov_pattern: tuple[tuple[int, int], ...]
     n_agq: int = 1
     has_dispersion: bool = False
+    inner: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
 
     @property
     def n_theta(self) -> int:
-        return len(self.cov_pattern)
+        return len(self.cov_pattern) + sum(len(pat) for _, pat in self.inner)
 
     @property
     def n_params(self) -> int:
@@ -81,6 +85,27 @@ class KernelModel:
             L[a, b] = params[self.p + j]
         tau = float(params[-1]) if self.has_dispersion else 0.0
         return beta, L, tau
+
+    @property
+    def level_dims(self) -> tuple[tuple[int, tuple[tuple[int, int], ...]], ...]:
+        """``(q_l, cov_pattern_l)`` of every level, top first."""
+        return ((self.q, tuple(self.cov_pattern)),) + tuple(self.inner)
+
+    def split_levels(self, params: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], float]:
+        """``(beta, [L_0, L_1, ...], log_sigma)``: one factor per level, top first."""
+        params = np.asarray(params, dtype=float)
+        if params.shape != (self.n_params,):
+            raise ValueError(f"expected {self.n_params} parameters, got shape {params.shape}")
+        Ls = []
+        pos = self.p
+        for q, pattern in self.level_dims:
+            L = np.zeros((q, q))
+            for a, b in pattern:
+                L[a, b] = params[pos]
+                pos += 1
+            Ls.append(L)
+        tau = float(params[-1]) if self.has_dispersion else 0.0
+        return params[: self.p], Ls, tau
 
 
 @dataclass
