@@ -330,15 +330,15 @@ def _pop_times(dask_worker=None):
 
 def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: int,
                      client=None) -> dict:  # fmt: skip
-    from dglmm.api import _kernel_model
     from dglmm.dask_driver import connect, make_evaluator
+    from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
 
     fam = get_family("binomial")
     with RSSPoller() as poll, connect(client=client, n_workers=workers) as handle:
         t0 = time.perf_counter()
         ev, spec = make_evaluator(handle, str(data_dir), cfg["formula"], fam, cfg["n_agq"],
-                                  kernel_model=_kernel_model, kernel=_timed_kernel)  # fmt: skip
+                                  kernel_model=kernel_model, kernel=_timed_kernel)  # fmt: skip
         load_s = time.perf_counter() - t0
         client = handle.client
         walls, kernels = [], []
@@ -433,8 +433,8 @@ def inprocess_fit(df: pd.DataFrame, cfg: dict) -> dict:
 
 def agq_sweep(df: pd.DataFrame, truth: dict, nodes: list[int], repeats: int) -> list[dict]:
     """Warm kernel (wall and thread CPU) of ``(1 | subscriber)`` for each number of nodes."""
-    from dglmm.api import _kernel_model
     from dglmm.design import build_block, learn_spec
+    from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
 
     fam = get_family("binomial")
@@ -444,7 +444,7 @@ def agq_sweep(df: pd.DataFrame, truth: dict, nodes: list[int], repeats: int) -> 
     params = true_params(spec, truth, cfg["theta"])
     out = []
     for k in nodes:
-        kt = time_kernel(block, params, _kernel_model(spec, fam, k), repeats)
+        kt = time_kernel(block, params, kernel_model(spec, fam, k), repeats)
         out.append({"n_agq": k, "warm_s": kt["warm_s"], "warm_cpu_s": kt["warm_cpu_s"],
                     "cold_s": kt["cold_s"], "ns_per_row_warm": 1e9 * kt["warm_s"] / block.n_obs,
                     "ns_per_row_warm_cpu": 1e9 * kt["warm_cpu_s"] / block.n_obs,
@@ -640,8 +640,8 @@ def main(argv=None) -> int:
     print(f"machine: {info['machine']['cpu_model']}, {info['machine']['usable_cores']} cores, "
           f"{info['machine']['memory_gb']} GB", flush=True)  # fmt: skip
 
-    from dglmm.api import _kernel_model
     from dglmm.design import build_block, learn_spec
+    from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
 
     t0 = time.perf_counter()
@@ -661,7 +661,7 @@ def main(argv=None) -> int:
         spec = learn_spec(cfg["formula"], df)
         block = build_block(spec, df, check_response=fam.check_response)
         build_s = time.perf_counter() - t0
-        model = _kernel_model(spec, fam, cfg["n_agq"])
+        model = kernel_model(spec, fam, cfg["n_agq"])
         params = true_params(spec, truth, cfg["theta"])
         n = block.n_obs
         raw_per_row = 8.0 * (spec.p + spec.q + 4)

@@ -5,6 +5,7 @@
 >>> print(result.summary())
 """
 
+from ._version import __version__ as __version__
 from .api import fit, fit_model
 from .errors import (
     CheckpointError,
@@ -16,8 +17,6 @@ from .errors import (
 )
 from .families import get_family, get_link
 from .results import FitResult
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

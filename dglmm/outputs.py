@@ -38,7 +38,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .errors import DataError, OutputError
@@ -60,6 +60,11 @@ class OutputDataError(OutputError, DataError):
     """An :class:`OutputError` that is also a :class:`DataError`, for functions documented
     to raise ``DataError`` about their output (``prepare``)."""
 
+
+# Whether a JSON object without a "format" marker (a result of an older dglmm) parses as a
+# FitResult: set by dglmm.results when it is imported (dglmm/__init__ imports it).  outputs
+# sits below results and never imports it, so the import graph stays acyclic.
+legacy_result_check: Callable[[dict], bool] | None = None
 
 _HINT = "choose another path or pass --overwrite (overwrite=True)"
 _MAX_RECOGNISE_BYTES = 512 * 1024 * 1024
@@ -203,13 +208,7 @@ def is_result_file(path: str, storage_options: dict | None = None) -> bool:
         return fmt.startswith("dglmm-result")
     if fmt is not None:
         return False
-    from .results import FitResult
-
-    try:
-        FitResult.from_dict(obj)
-    except Exception:  # noqa: BLE001 - anything that does not parse is not ours
-        return False
-    return True
+    return legacy_result_check is not None and legacy_result_check(obj)
 
 
 def is_checkpoint_file(path: str, storage_options: dict | None = None) -> bool:
@@ -663,7 +662,7 @@ def _fsync_tree(directory: str) -> None:
 
 
 def _marker_text(kind: str, files: list[str]) -> str:
-    from . import __version__
+    from ._version import __version__
 
     return json.dumps({"format": DATASET_FORMAT, "kind": kind, "files": files,
                        "written_by": f"dglmm {__version__}"}, indent=2) + "\n"  # fmt: skip

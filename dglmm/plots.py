@@ -226,7 +226,7 @@ def plot_result(
     parent, an input) an :class:`~dglmm.errors.OutputError` is raised before anything is
     drawn, unless ``overwrite=True``.  Other files in ``output_dir`` are left alone.
     """
-    from . import __version__
+    from ._version import __version__
     from .outputs import check_output_directory, check_output_file, write_bytes_atomic
 
     out = os.fspath(output_dir)

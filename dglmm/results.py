@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import outputs
+
 RESULT_FORMAT = "dglmm-result/1"
 
 
@@ -369,59 +371,12 @@ class FitResult:
         address, or None for an embedded local cluster); ``fit_kwargs`` takes
         ``missing``, ``storage_options``, ``scheduler``, ``scheduler_file``,
         ``n_workers``, ``npartitions`` and ``security`` (TLS, as in :func:`dglmm.fit`).
-        Written as Parquet to ``output`` when given.
+        Written as Parquet to ``output`` when given.  Computed by
+        :func:`dglmm.postfit.random_effects_table` (results hold data and import no evaluator).
         """
-        from .api import IN_PROCESS, InProcessEvaluator, _kernel_model
-        from .design import ModelSpec, build_block
-        from .errors import SpecificationError
-        from .families import get_family
-        from .sources import read_frame
+        from .postfit import random_effects_table
 
-        known = {"missing", "storage_options", "scheduler", "scheduler_file", "n_workers",
-                 "npartitions", "security"}  # fmt: skip
-        unknown = sorted(set(fit_kwargs) - known)
-        if unknown:
-            raise SpecificationError(f"random_effects_table() got unknown arguments {unknown}")
-        if not self.spec:
-            raise SpecificationError("this result has no model spec (written by an old dglmm)")
-        spec = ModelSpec.from_dict(self.spec)
-        fam = get_family(self.family, self.link)
-        model = _kernel_model(spec, fam, self.n_agq)
-        params = np.asarray(self.params, dtype=np.float64)
-        if output is not None:  # before any work: not the data, not a foreign directory
-            from .outputs import check_output_dataset
-
-            check_output_dataset(output, kind="random-effects", inputs=data,
-                                 storage_options=fit_kwargs.get("storage_options"))  # fmt: skip
-        missing = fit_kwargs.get("missing", "error")
-        storage_options = fit_kwargs.get("storage_options")
-        if client == IN_PROCESS or client is False:
-            df = read_frame(data, storage_options)
-            block = build_block(spec, df, missing=missing, check_response=fam.check_response)
-            return InProcessEvaluator([block], model, spec).random_effects(params, output)
-        from . import dask_driver
-
-        with dask_driver.connect(
-            client=client, scheduler=fit_kwargs.get("scheduler"),
-            scheduler_file=fit_kwargs.get("scheduler_file"), n_workers=fit_kwargs.get("n_workers"),
-            security=fit_kwargs.get("security"),
-        ) as handle:  # fmt: skip
-            columns = list(spec.columns)
-            prepared = dask_driver._as_prepared(data)
-            if prepared is not None and prepared.group == spec.group:
-                source, group = prepared, None
-            else:
-                source = dask_driver.load_data(data, columns, storage_options=storage_options)
-                group = spec.group
-            evaluator = dask_driver.DaskEvaluator(
-                handle, source, spec, model, check_response=fam.check_response,
-                missing=missing, group=group, npartitions=fit_kwargs.get("npartitions"),
-                columns=columns,
-            )  # fmt: skip
-            try:
-                return evaluator.random_effects(params, output)
-            finally:
-                evaluator.close()
+        return random_effects_table(self, data, output=output, client=client, **fit_kwargs)
 
 
 class _ResultValidator:
@@ -517,3 +472,17 @@ def wald_table(terms, estimates, std_errors) -> pd.DataFrame:
         {"estimate": est, "std_error": se, "z_value": z, "p_value": p},
         index=pd.Index(list(terms), name="term"),
     )
+
+
+def _parses_as_result(obj: dict) -> bool:
+    """Whether ``obj`` (a JSON object without a ``format`` marker) is a result of an older
+    dglmm: :meth:`FitResult.from_dict` accepts it."""
+    try:
+        FitResult.from_dict(obj)
+    except Exception:  # noqa: BLE001 - anything that does not parse is not ours
+        return False
+    return True
+
+
+# outputs recognises old result files with this, without importing results
+outputs.legacy_result_check = _parses_as_result

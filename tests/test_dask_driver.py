@@ -509,8 +509,8 @@ def test_memory_error_becomes_cluster_error(handle):
 
 @pytest.mark.cluster
 def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
-    from dglmm.api import InProcessEvaluator, _kernel_model
     from dglmm.design import build_block, learn_spec
+    from dglmm.evaluator import InProcessEvaluator, kernel_model
     from dglmm.families import get_family
 
     rng = np.random.default_rng(3)
@@ -527,7 +527,7 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
     formula = "y ~ x + f + (1 | g)"
     fam = get_family("poisson")
     spec = learn_spec(formula, df)
-    model = _kernel_model(spec, fam, 1)
+    model = kernel_model(spec, fam, 1)
     block = build_block(spec, df, check_response=fam.check_response)
     local = InProcessEvaluator([block], model, spec)
     params = [np.array([0.3, 0.5, 0.0, 0.1, 0.4]), np.array([0.2, 0.4, -0.1, 0.0, 0.6])]
@@ -537,7 +537,7 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
     assert prepared["n_rows"] == n and prepared["n_groups"] == n_groups
     for data in [df, tmp_path / "prep"]:
         ev, dspec = drv.make_evaluator(
-            handle, data, formula, fam, 1, npartitions=4, kernel_model=_kernel_model
+            handle, data, formula, fam, 1, npartitions=4, kernel_model=kernel_model
         )
         with ev:
             assert dspec == spec and ev.n_groups == n_groups and ev.n_obs == n

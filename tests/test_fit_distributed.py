@@ -27,8 +27,8 @@ import pytest
 
 import dglmm
 from dglmm import dask_driver as drv
-from dglmm.api import IN_PROCESS, _kernel_model
 from dglmm.errors import CheckpointError
+from dglmm.evaluator import IN_PROCESS, kernel_model
 from dglmm.families import get_family
 from dglmm.simulate import FORMULA, simulate_calls, simulate_to_parquet
 
@@ -140,7 +140,7 @@ def test_prepared_data_same_estimates(small, small_reference, cluster, tmp_path)
 def _evaluator(handle, data, npartitions=None):
     fam = get_family("binomial")
     return drv.make_evaluator(handle, data, FORMULA, fam, 1, npartitions=npartitions,
-                              kernel_model=_kernel_model)  # fmt: skip
+                              kernel_model=kernel_model)  # fmt: skip
 
 
 def _has_modes(entry) -> bool:

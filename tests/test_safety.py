@@ -73,6 +73,7 @@ from hypothesis import strategies as st
 import dglmm
 import dglmm.api
 import dglmm.design as fml_design
+import dglmm.evaluator
 import dglmm.outputs
 from dglmm import api as num_api
 from dglmm import dask_driver as drv
@@ -573,7 +574,7 @@ def test_out_dask_random_effects_write_is_atomic(tmp_path, process_cluster):
     fam = dglmm.get_family("binomial")
     with dask_driver.connect(client=process_cluster.address) as handle:
         evaluator, _spec = dask_driver.make_evaluator(
-            handle, str(d), OUT_F, fam, 1, npartitions=2, kernel_model=dglmm.api._kernel_model)
+            handle, str(d), OUT_F, fam, 1, npartitions=2, kernel_model=dglmm.evaluator.kernel_model)
         try:
             with pytest.raises(Exception) as info:  # noqa: PT011 - the workers' own error
                 evaluator.random_effects(np.zeros(1), str(re_dir))
@@ -1414,11 +1415,11 @@ def test_clu_fit_on_a_real_tls_cluster(tmp_path, capsys):
 
 
 def clu_make_evaluator(handle, df):
-    from dglmm.api import _kernel_model
+    from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
 
     return drv.make_evaluator(handle, df, CLU_FORMULA, get_family("binomial"), 1,
-                              npartitions=4, kernel_model=_kernel_model)  # fmt: skip
+                              npartitions=4, kernel_model=kernel_model)  # fmt: skip
 
 
 def clu_params(spec) -> list[np.ndarray]:
@@ -1492,8 +1493,8 @@ def test_clu_killed_scheduler_is_named(tmp_path):
 
 @pytest.mark.cluster
 def test_clu_scheduler_killed_while_building_blocks(tmp_path):
-    from dglmm.api import _kernel_model
     from dglmm.design import build_block, learn_spec
+    from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
 
     cluster = ProcessCluster(tmp_path, n_workers=1)
@@ -1510,7 +1511,7 @@ def test_clu_scheduler_killed_while_building_blocks(tmp_path):
 
     df = clu_data()
     spec = learn_spec(CLU_FORMULA, df)
-    model = _kernel_model(spec, get_family("binomial"), 1)
+    model = kernel_model(spec, get_family("binomial"), 1)
     try:
         with drv.connect(scheduler=cluster.address, worker_timeout=5) as handle:
             t0 = time.monotonic()

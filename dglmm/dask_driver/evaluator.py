@@ -166,7 +166,7 @@ def _merge_timing(a: dict, b: dict) -> dict:
 def _random_effects_task(
     entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any
 ) -> pd.DataFrame:
-    from dglmm.api import random_effects_frame
+    from dglmm.evaluator import random_effects_frame
 
     block = entry[0]
     u_init = _stored_modes(block)
@@ -419,7 +419,7 @@ class DaskEvaluator:
     def random_effects(
         self, params: np.ndarray, output: str | None = None, storage_options: dict | None = None
     ) -> pd.DataFrame | dd.DataFrame:
-        """Per-group random-effect predictions (``dglmm.api.random_effects_frame``).
+        """Per-group random-effect predictions (``dglmm.evaluator.random_effects_frame``).
 
         With ``output`` (a directory path or URL the workers can write to) each worker
         writes its blocks' rows as ``output/part-NNNNN.parquet``, nothing is collected
