@@ -1024,14 +1024,17 @@ def nesting_error(parsed: ParsedFormula, top: str, straddle: Straddle,
             outers = outers.sort_values(list(outer.columns))
         except TypeError:  # unorderable mixed labels: first-appearance order
             pass
-        shown = "; ".join(_unit_text(outer.columns, r) for r in outers.head(3).itertuples(index=False))
+        shown = "; ".join(
+            _unit_text(outer.columns, r) for r in outers.head(3).itertuples(index=False)
+        )
         more = f" and {len(outers) - 3} more" if len(outers) > 3 else ""
         where = f"the unit ({unit}) of {inner.name!r} lies in {len(outers)} units of " \
                 f"{outer.name!r} ({shown}{more})"  # fmt: skip
     else:  # pragma: no cover - only after a 64-bit hash collision
         where = f"a unit of {inner.name!r} lies in several units of {outer.name!r}"
     combined = ":".join(dict.fromkeys(outer.columns + inner.columns))
-    slash = f"(1 | {outer.name}/{inner.name}) or " if len(outer.columns) == len(inner.columns) == 1 else ""
+    single = len(outer.columns) == len(inner.columns) == 1
+    slash = f"(1 | {outer.name}/{inner.name}) or " if single else ""
     return SpecificationError(
         f"the grouping factors {outer.name!r} and {inner.name!r} of {parsed.text!r} are not "
         f"nested in the data: {where}; dglmm partitions the data by its top grouping level "
