@@ -1319,7 +1319,9 @@ class Block:
     @property
     def nbytes(self) -> int:
         """Total bytes of the arrays."""
-        arrays = (self.X, self.Z, self.y, self.trials, self.offset, self.weights)
+        arrays = [self.X, self.Z, self.y, self.trials, self.offset, self.weights]
+        for level in self.inner:
+            arrays += [level.Z, level.ptr, level.parent, *level.keys]
         return sum(a.nbytes for a in arrays) + self.group_ptr.nbytes + self.group_keys.nbytes
 
 
@@ -1421,10 +1423,12 @@ def build_block(
     _check_safe(parsed, spec.allow_python)
     check_unique_columns(df.columns, spec.columns)
     _check_columns(df, spec.columns)
-    check_key_types(df[spec.group], spec.group)
+    group_columns = spec_group_columns(spec)
+    for name in group_columns:
+        check_key_types(df[name], name)
     n_in = len(df)
     used = set(_formula_columns(parsed))
-    numeric = [c for c in spec.columns if c not in spec.levels and c != spec.group]
+    numeric = [c for c in spec.columns if c not in spec.levels and c not in group_columns]
     frame = _prepare(spec.levels, df[list(spec.columns)], [c for c in numeric if c in used])
     for name in (spec.response, spec.trials, spec.offset, spec.weights):
         if name is not None and name not in used:
@@ -1442,18 +1446,22 @@ def build_block(
         raise missing_values_error(counts, n_in)
 
     # designs; non-finite design values (e.g. np.log(0)) count as missing too
+    rows = np.arange(n_in)  # positions in df of the rows kept
     if bad.any():
-        frame = frame.loc[~bad]
+        frame, rows = frame.loc[~bad], rows[~bad]
     if len(frame) == 0:
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
     X, fixed_names = _design(parsed.fixed, frame, spec.allow_python)
-    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python)
+    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group)
     if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
         raise DataError(
             f"design columns {fixed_names} / {random_names} differ from the model spec "
             f"{spec.fixed_columns} / {spec.random_columns}"
         )
+    Zs = [_inner_design(level, frame, spec.allow_python) for level in spec.inner]
     bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
+    for z in Zs:
+        bad_design &= np.isfinite(z).all(axis=1)
     if bad_design.any():
         problem = (
             f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
@@ -1461,7 +1469,8 @@ def build_block(
         )
         _drop_or_raise(bad_design, [problem], n_in, missing)
         keep = ~bad_design
-        frame, X, Z = frame.loc[keep], X[keep], Z[keep]
+        frame, X, Z, rows = frame.loc[keep], X[keep], Z[keep], rows[keep]
+        Zs = [z[keep] for z in Zs]
         if len(frame) == 0:
             raise DataError("no rows left after dropping rows with missing values")
     n_dropped = n_in - len(frame)
@@ -1481,7 +1490,12 @@ def build_block(
             f"(of {len(trials)} rows); binomial trials must be positive whole numbers"
         )
 
-    order, group_ptr, group_keys = _group_order(frame[spec.group])
+    inner: tuple[InnerLevel, ...] = ()
+    if spec.inner:
+        order, group_ptr, group_keys, inner = _nested_order(
+            spec, frame, df[list(group_columns)].iloc[rows], Zs)
+    else:
+        order, group_ptr, group_keys = _group_order(frame[spec.group])
     if order is not None:
         X, Z, y, trials, offset, weights = (a[order] for a in (X, Z, y, trials, offset, weights))
     if check_response is not None:
@@ -1496,7 +1510,99 @@ def build_block(
         group_ptr=group_ptr,
         group_keys=group_keys,
         n_dropped=n_dropped,
+        inner=inner,
     )
+
+
+def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
+    """Every grouping column of ``spec``: the top column, then the inner levels' columns."""
+    return tuple(dict.fromkeys([spec.group, *(c for lv in spec.inner for c in lv.factors)]))
+
+
+def _inner_design(level: LevelSpec, frame: pd.DataFrame, allow_python: bool) -> np.ndarray:
+    """The (n, q_l) random design of an inner level, its column names checked."""
+    z, names, _ = _terms_design(level.terms, frame, allow_python)
+    if names != level.random_columns:
+        raise DataError(f"random design columns {names} of {level.name!r} differ from the "
+                        f"model spec {level.random_columns}")  # fmt: skip
+    return z
+
+
+def _sorted_codes(series: pd.Series) -> tuple[np.ndarray, Any]:
+    """``pd.factorize`` codes (int64) and uniques, sorted when the values are orderable."""
+    try:
+        codes, uniques = pd.factorize(series, sort=True)
+    except TypeError:  # unorderable mixed keys: keep first-appearance order
+        codes, uniques = pd.factorize(series, sort=False)
+    return codes.astype(np.int64, copy=False), uniques
+
+
+def _unit_codes(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """(n,) int64 code of each row's unit (combination of ``columns``), in label order."""
+    acc, _ = _sorted_codes(frame[columns[0]])
+    for name in columns[1:]:
+        codes, uniques = _sorted_codes(frame[name])
+        acc, _ = pd.factorize(acc * len(uniques) + codes, sort=True)
+    return acc.astype(np.int64, copy=False)
+
+
+def _nested_order(spec: ModelSpec, frame: pd.DataFrame, raw: pd.DataFrame,
+                  Zs: Sequence[np.ndarray]) -> tuple:  # fmt: skip
+    """Hierarchical row order of a nested block and its :class:`InnerLevel` arrays.
+
+    Rows are sorted (stably) by top group, then by the unit of each inner level in turn.
+    ``raw`` holds the grouping columns of the rows of ``frame`` in their original dtype
+    (the keys).  A unit of a level found under two units of the level above (possible
+    within one partition even when the whole-data check passed, e.g. data changed since)
+    raises the nesting error.
+
+    Returns:
+        ``(order, group_ptr, group_keys, inner)`` (``order`` None when already sorted).
+    """
+    n = len(frame)
+    top_codes, top_uniques = _sorted_codes(frame[spec.group])
+    level_codes = [_unit_codes(frame, level.factors) for level in spec.inner]
+    order = np.lexsort([*reversed(level_codes), top_codes])
+    if np.all(order[1:] > order[:-1]):
+        order, take = None, slice(None)
+    else:
+        take = order
+    counts = np.bincount(top_codes, minlength=len(top_uniques))
+    group_ptr = np.zeros(len(top_uniques) + 1, dtype=np.int64)
+    np.cumsum(counts, out=group_ptr[1:])
+    t = top_codes[take]
+    change = t[1:] != t[:-1]
+    prev_ptr, inner = group_ptr, []
+    for k, (level, codes, z) in enumerate(zip(spec.inner, level_codes, Zs, strict=True)):
+        c = codes[take]
+        change = change | (c[1:] != c[:-1])
+        starts = np.flatnonzero(np.concatenate(([True], change)))
+        run_codes = c[starts]
+        if len(np.unique(run_codes)) != len(starts):
+            outer = spec.inner[k - 1] if k else None
+            _raise_block_straddle(spec, level, outer, raw.iloc[take], run_codes, starts)
+        keys = tuple(raw[name].to_numpy()[take][starts] for name in level.factors)
+        ptr = np.append(starts, n).astype(np.int64)
+        parent = (np.searchsorted(prev_ptr, starts, side="right") - 1).astype(np.int64)
+        inner.append(InnerLevel(Z=np.ascontiguousarray(z[take]), ptr=ptr, parent=parent,
+                                keys=keys))  # fmt: skip
+        prev_ptr = ptr
+    return order, group_ptr, np.asarray(top_uniques), tuple(inner)
+
+
+def _raise_block_straddle(spec: ModelSpec, level: LevelSpec, outer: LevelSpec | None,
+                          raw: pd.DataFrame, run_codes: np.ndarray,
+                          starts: np.ndarray) -> None:  # fmt: skip
+    """The nesting error for a unit of ``level`` under two units of ``outer`` (None: the top
+    level) in one block; ``raw`` holds the sorted rows' grouping columns."""
+    values, counts = np.unique(run_codes, return_counts=True)
+    unit = values[np.flatnonzero(counts > 1)[0]]
+    outer_name = spec.group if outer is None else outer.name
+    outer_columns = (spec.group,) if outer is None else outer.factors
+    columns = list(dict.fromkeys(level.factors + outer_columns))
+    rows = raw.iloc[starts[run_codes == unit]][columns].reset_index(drop=True)
+    straddle = Straddle(inner=level.name, outer=outer_name, value=0)
+    raise nesting_error(spec.parsed, spec.group, straddle, rows)
 
 
 # ---------------------------------------------------------------------------
