@@ -911,8 +911,9 @@ def _unit_hash(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
 
 
 def is_nested_formula(parsed: ParsedFormula) -> bool:
-    """True when the formula has several grouping factors (a nested model)."""
-    return len(parsed.factors) > 1
+    """True when the formula has several grouping factors (a nested model); False for
+    anything that is not a parsed formula (the Dask driver's helpers accept any object)."""
+    return len(getattr(parsed, "factors", ())) > 1
 
 
 def collect_units(parsed: ParsedFormula, df: pd.DataFrame) -> pd.DataFrame | None:

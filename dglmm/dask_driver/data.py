@@ -690,7 +690,7 @@ def spec_from_dask(
     merge_levels = merge_levels or _default_design("merge_levels")
     make_spec = make_spec or _default_design("make_spec")
     nested = _default_design("is_nested_formula")(parsed)
-    group = parsed.group if group is None else group
+    group = getattr(parsed, "group", None) if group is None else group
     if not nested and group is None:
         raise DataError("spec_from_dask needs the grouping column (group=)")
     _check_columns(parsed.group_columns if nested else [group], ddf.columns)
