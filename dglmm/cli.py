@@ -57,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the formula call any Python code (trusted formulas only)")
     _add_tls_arguments(f)
 
-    p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits")
+    p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits",
+                       description="Write the data partitioned by the top grouping level.")
     p.add_argument("data")
     p.add_argument("out")
-    p.add_argument("--group", required=True, help="grouping column (e.g. subscriber)")
+    p.add_argument("--group", default=None,
+                   help="top grouping column (e.g. subscriber, or region for calls in "
+                   "subscribers in regions); not needed with --formula")
+    p.add_argument("--formula", default=None,
+                   help="the model formula: the top grouping level is inferred from it (and "
+                   "from the data when the formula does not decide it)")
     p.add_argument("--partitions", type=int, default=None)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--scheduler-file", default=None)
@@ -148,14 +154,23 @@ def _cmd_prepare(args) -> int:
     from . import dask_driver
     from .outputs import check_output_dataset
 
+    if args.group is None and args.formula is None:
+        raise DglmmError("prepare needs --group COLUMN (the top grouping level) or --formula")
+    if args.formula is not None:  # a bad formula is reported before a cluster is started
+        from .formula import parse_formula
+
+        parsed = parse_formula(args.formula)
+        dask_driver.data.check_group_matches(parsed, args.group, parsed.group)
     # before a cluster is started: the output directory may be (re)written
     check_output_dataset(args.out, kind="prepared", overwrite=args.overwrite, inputs=args.data,
                          replace_own=False)  # fmt: skip
     with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                              n_workers=args.workers, security=_security(args)) as handle:
         info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,
-                                   handle=handle, overwrite=args.overwrite)  # fmt: skip
-    print(f"prepared {info['n_rows']} rows of {info['n_groups']} groups in "
+                                   handle=handle, overwrite=args.overwrite,
+                                   formula=args.formula)  # fmt: skip
+    top = f" of {info['group']!r}" if args.group is None else ""
+    print(f"prepared {info['n_rows']} rows of {info['n_groups']} groups{top} in "
           f"{info['n_files']} files under {args.out}")  # fmt: skip
     return 0
 

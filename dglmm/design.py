@@ -199,6 +199,7 @@ class ModelSpec:
             "offset": self.offset,
             "weights": self.weights,
             "columns": list(self.columns),
+            **({"inner": [_level_to_dict(level) for level in self.inner]} if self.inner else {}),
         }
 
     @classmethod
@@ -227,26 +228,7 @@ class ModelSpec:
         columns = _str_tuple(d.get("columns", ()), "columns")
         if not fixed and not random:
             raise SpecificationError("model spec has no design columns")
-        q = len(random)
-        pattern = d["cov_pattern"]
-        if not isinstance(pattern, (list, tuple)):
-            raise SpecificationError(f"model spec field 'cov_pattern' must be a list, not "
-                                     f"{_kind(pattern)}")  # fmt: skip
-        cov: list[tuple[int, int]] = []
-        for entry in pattern:
-            if not (isinstance(entry, (list, tuple)) and len(entry) == 2
-                    and all(_is_int(v) for v in entry)):  # fmt: skip
-                raise SpecificationError(f"model spec field 'cov_pattern' must hold [row, col] "
-                                         f"pairs of integers, not {entry!r:.60}")  # fmt: skip
-            r, c = int(entry[0]), int(entry[1])
-            if not 0 <= c <= r < q:
-                raise SpecificationError(
-                    f"model spec field 'cov_pattern' has the entry [{r}, {c}] outside the "
-                    f"{q} x {q} lower triangle"
-                )
-            cov.append((r, c))
-        if len(set(cov)) != len(cov):
-            raise SpecificationError("model spec field 'cov_pattern' repeats an entry")
+        cov = _check_pattern(d["cov_pattern"], len(random), "cov_pattern")
         levels = d.get("levels", {})
         if not isinstance(levels, Mapping):
             raise SpecificationError(f"model spec field 'levels' must be an object, not "
@@ -267,23 +249,106 @@ class ModelSpec:
                                          f"null, not {_kind(value)}")  # fmt: skip
             options[key] = value
         parsed = parse_formula(d["formula"])
-        if parsed.response != d["response"] or parsed.group != d["group"]:
+        tops = [parsed.group] if parsed.group is not None else [
+            f.name for f in parsed.factors if len(f.columns) == 1
+        ]  # fmt: skip
+        if parsed.response != d["response"] or d["group"] not in tops:
             raise SpecificationError(
                 f"model spec response/group {d['response']!r}/{d['group']!r} do not match "
                 f"its formula {d['formula']!r}"
             )
+        inner = _inner_from_dict(d.get("inner", []), parsed, d["group"])
         return cls(
             formula=d["formula"],
             response=d["response"],
             group=d["group"],
             fixed_columns=fixed,
             random_columns=random,
-            cov_pattern=tuple(cov),
+            cov_pattern=cov,
             levels=checked_levels,
             columns=columns,
             allow_python=False,
+            inner=inner,
             **options,
         )
+
+
+def _level_to_dict(level: LevelSpec) -> dict[str, Any]:
+    return {
+        "name": level.name,
+        "factors": list(level.factors),
+        "random_columns": list(level.random_columns),
+        "cov_pattern": [[int(r), int(c)] for r, c in level.cov_pattern],
+        "terms": [[expr, bool(diagonal)] for expr, diagonal in level.terms],
+    }
+
+
+def _check_pattern(pattern: Any, q: int, key: str) -> tuple[tuple[int, int], ...]:
+    """Validated ``cov_pattern`` of a q x q lower triangle (field ``key`` in messages)."""
+    if not isinstance(pattern, (list, tuple)):
+        raise SpecificationError(f"model spec field {key!r} must be a list, not "
+                                 f"{_kind(pattern)}")  # fmt: skip
+    cov: list[tuple[int, int]] = []
+    for entry in pattern:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                and all(_is_int(v) for v in entry)):  # fmt: skip
+            raise SpecificationError(f"model spec field {key!r} must hold [row, col] "
+                                     f"pairs of integers, not {entry!r:.60}")  # fmt: skip
+        r, c = int(entry[0]), int(entry[1])
+        if not 0 <= c <= r < q:
+            raise SpecificationError(
+                f"model spec field {key!r} has the entry [{r}, {c}] outside the "
+                f"{q} x {q} lower triangle"
+            )
+        cov.append((r, c))
+    if len(set(cov)) != len(cov):
+        raise SpecificationError(f"model spec field {key!r} repeats an entry")
+    return tuple(cov)
+
+
+def _inner_from_dict(value: Any, parsed: ParsedFormula, group: str) -> tuple[LevelSpec, ...]:
+    """Validated ``inner`` levels of a spec dict: exactly the formula's factors other than
+    the top ``group``, each with its columns and terms as the formula has them."""
+    if not isinstance(value, (list, tuple)):
+        raise SpecificationError(f"model spec field 'inner' must be a list, not {_kind(value)}")
+    expected = {f.name: f for f in parsed.factors if f.name != group}
+    keys = ("name", "factors", "random_columns", "cov_pattern", "terms")
+    levels: list[LevelSpec] = []
+    for k, entry in enumerate(value):
+        where = f"inner[{k}]"
+        if not isinstance(entry, Mapping) or any(key not in entry for key in keys):
+            raise SpecificationError(f"model spec field {where!r} must be an object with "
+                                     f"{', '.join(keys)}")  # fmt: skip
+        name = entry["name"]
+        if not isinstance(name, str) or name not in expected:
+            raise SpecificationError(
+                f"model spec field '{where}.name' is {_kind(name)}, not a grouping factor "
+                f"of the formula below its top {group!r} ({', '.join(map(repr, expected))})"
+            )
+        factors = _str_tuple(entry["factors"], f"{where}.factors")
+        if factors != expected[name].columns:
+            raise SpecificationError(f"model spec field '{where}.factors' {list(factors)} does "
+                                     f"not match the formula's {name!r}")  # fmt: skip
+        random = _str_tuple(entry["random_columns"], f"{where}.random_columns")
+        if not random:
+            raise SpecificationError(f"model spec field '{where}.random_columns' is empty")
+        cov = _check_pattern(entry["cov_pattern"], len(random), f"{where}.cov_pattern")
+        terms = entry["terms"]
+        want = [(t.expr, t.diagonal) for t in parsed.terms_of(name)]
+        if not isinstance(terms, (list, tuple)) or [
+            tuple(t) if isinstance(t, (list, tuple)) else t for t in terms
+        ] != want:
+            raise SpecificationError(f"model spec field '{where}.terms' does not match the "
+                                     f"formula's terms of {name!r}")  # fmt: skip
+        levels.append(LevelSpec(name=name, factors=factors, random_columns=random,
+                                cov_pattern=cov, terms=tuple(want)))  # fmt: skip
+    names = [level.name for level in levels]
+    if sorted(names) != sorted(expected):
+        raise SpecificationError(
+            f"model spec field 'inner' has the levels {names} but the formula's factors "
+            f"below {group!r} are {list(expected)}"
+        )
+    return tuple(levels)
 
 
 def _kind(value: Any) -> str:
@@ -343,9 +408,10 @@ def needed_columns(
 
     Returns:
         Column names without duplicates: response, fixed-part columns,
-        random-term columns, group, then trials, offset and weights.
+        random-term columns, the grouping columns (of every factor), then trials, offset
+        and weights.
     """
-    names = [parsed.response, *_formula_columns(parsed), parsed.group]
+    names = [parsed.response, *_formula_columns(parsed), *parsed.group_columns]
     names += [c for c in (trials, offset, weights) if c is not None]
     return list(dict.fromkeys(names))
 
@@ -575,17 +641,26 @@ def _design(
     return array.reshape(len(frame), -1), tuple(str(c) for c in mm.model_spec.column_names)
 
 
-def _random_design(parsed: ParsedFormula, frame: pd.DataFrame, allow_python: bool = False):
-    """Random-effects design: hstack of every bar term's design.
+def _random_design(parsed: ParsedFormula, frame: pd.DataFrame, allow_python: bool = False,
+                   factor: str | None = None):  # fmt: skip
+    """Random-effects design: hstack of the design of every bar term (of the grouping
+    factor called ``factor``, if given).
 
     Returns:
         ``(Z, names, blocks)`` with Z of shape (n, q), q column names and the
         list of ``(start, stop, diagonal)`` column ranges of the bar terms.
     """
+    terms = parsed.random_terms if factor is None else parsed.terms_of(factor)
+    return _terms_design([(t.expr, t.diagonal) for t in terms], frame, allow_python)
+
+
+def _terms_design(terms: Sequence[tuple[str, bool]], frame: pd.DataFrame,
+                  allow_python: bool = False):  # fmt: skip
+    """:func:`_random_design` of ``(expr, diagonal)`` pairs."""
     parts, names, blocks = [], [], []
-    for term in parsed.random_terms:
-        z, cols = _design(term.expr, frame, allow_python)
-        blocks.append((len(names), len(names) + len(cols), term.diagonal))
+    for expr, diagonal in terms:
+        z, cols = _design(expr, frame, allow_python)
+        blocks.append((len(names), len(names) + len(cols), diagonal))
         parts.append(z)
         names.extend(cols)
     z = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else parts[0]
@@ -686,16 +761,20 @@ def check_key_types(series: pd.Series, name: str) -> None:
 
 
 def _warn_group_in_fixed_part(parsed: ParsedFormula) -> None:
-    """DglmmWarning when the grouping column is also a fixed-effects covariate."""
-    if parsed.group in expression_variables(parsed.fixed):
-        warnings.warn(
-            f"{parsed.group!r} is both a fixed covariate and the grouping factor in "
-            f"{parsed.text!r}: lme4 allows it, but it is usually a mistake (its fixed "
-            f"effects are confounded with the random effects of {parsed.group!r}); remove it "
-            "from the fixed part unless you mean it",
-            DglmmWarning,
-            stacklevel=4,
-        )
+    """DglmmWarning when a grouping column (of a one-column factor) is also a fixed-effects
+    covariate."""
+    fixed = expression_variables(parsed.fixed)
+    for factor in parsed.factors:
+        group = factor.name
+        if len(factor.columns) == 1 and group in fixed:
+            warnings.warn(
+                f"{group!r} is both a fixed covariate and the grouping factor in "
+                f"{parsed.text!r}: lme4 allows it, but it is usually a mistake (its fixed "
+                f"effects are confounded with the random effects of {group!r}); remove it "
+                "from the fixed part unless you mean it",
+                DglmmWarning,
+                stacklevel=4,
+            )
 
 
 def _term_columns(rhs: str, levels: Mapping[str, Sequence]) -> list[tuple[str, int, list]]:
@@ -764,12 +843,13 @@ def _largest_term(terms: Sequence[tuple], what: str) -> str:
     return f": {term} would add {size} {what} ({detail})"
 
 
-def _check_random_size(parsed: ParsedFormula, levels: Mapping[str, Sequence],
+def _check_random_size(exprs: Sequence[str], group: str, levels: Mapping[str, Sequence],
                        q: int | None = None) -> None:  # fmt: skip
     """SpecificationError for more than :data:`MAX_RANDOM_COLUMNS` random effects per
-    group (estimated from the levels before the design is built, or the exact ``q``)."""
+    group of the factor ``group`` (its terms' expressions ``exprs``; estimated from the
+    levels before the design is built, or the exact ``q``)."""
     terms = [] if q is not None else [
-        t for term in parsed.random_terms for t in _term_columns(term.expr, levels)
+        t for expr in exprs for t in _term_columns(expr, levels)
     ]
     total = q if q is not None else sum(size for _, size, _ in terms)
     if total <= MAX_RANDOM_COLUMNS:
@@ -777,10 +857,206 @@ def _check_random_size(parsed: ParsedFormula, levels: Mapping[str, Sequence],
     culprit = _largest_term(terms, "random effects")
     raise SpecificationError(
         f"the random-effects terms would have {'about ' if q is None else ''}{total} columns "
-        f"per group of {parsed.group!r}, more than the limit of {MAX_RANDOM_COLUMNS}{culprit}; "
+        f"per group of {group!r}, more than the limit of {MAX_RANDOM_COLUMNS}{culprit}; "
         "use fewer random slopes (a factor in a random term adds one per level), or raise "
         "the limit (dglmm.design.MAX_RANDOM_COLUMNS)"
     )
+
+
+# ---------------------------------------------------------------------------
+# grouping levels of nested models
+#
+# A model with several grouping factors is nested: its top level (the factor with the
+# fewest units, in which every other is nested) partitions the data, and every other
+# factor is nested in the next coarser one.  Which factor is the top level and whether
+# they nest is decided by the data: a "unit table" of the distinct combinations of the
+# factors' unit hashes is collected per partition (collect_units), merged (merge_units)
+# and ordered (order_levels).  A unit is one combination of the values of the factor's
+# columns; each is hashed to 64 bits (pd.util.hash_pandas_object), so the table holds
+# 8 bytes per factor per distinct finest unit.
+
+
+@dataclass(frozen=True)
+class Nesting:
+    """The grouping levels of a nested model as the data decide them.
+
+    Attributes:
+        order: factor names (lme4 names), top level first, then each level nested in the
+            one before.
+        n_units: factor name -> number of units in the data (None when decided by the
+            formula alone, see :func:`syntactic_nesting`).
+    """
+
+    order: tuple[str, ...]
+    n_units: Mapping[str, int] | None = None
+
+    @property
+    def top(self) -> str:
+        return self.order[0]
+
+
+@dataclass(frozen=True)
+class Straddle:
+    """A unit of the factor ``inner`` found in several units of the coarser ``outer``:
+    ``value`` is its unit hash (the labels are looked up with :func:`straddle_rows`)."""
+
+    inner: str
+    outer: str
+    value: int
+
+
+def _unit_hash(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """(n,) uint64 hash of each row's combination of ``columns``."""
+    return pd.util.hash_pandas_object(frame[list(columns)], index=False).to_numpy()
+
+
+def is_nested_formula(parsed: ParsedFormula) -> bool:
+    """True when the formula has several grouping factors (a nested model); False for
+    anything that is not a parsed formula (the Dask driver's helpers accept any object)."""
+    return len(getattr(parsed, "factors", ())) > 1
+
+
+def collect_units(parsed: ParsedFormula, df: pd.DataFrame) -> pd.DataFrame | None:
+    """Distinct combinations of the unit hashes of every grouping factor in ``df``.
+
+    One uint64 column per factor (named by its lme4 name), one row per distinct finest
+    combination.  Rows with a missing value in a grouping column do not count (they are
+    refused or dropped by :func:`build_block`).  None for a model with one grouping factor,
+    or when ``df`` lacks a grouping column (:func:`make_spec` reports it).
+    """
+    if not is_nested_formula(parsed) or any(c not in df.columns for c in parsed.group_columns):
+        return None
+    sub = df[list(parsed.group_columns)].dropna()
+    table = pd.DataFrame({f.name: _unit_hash(sub, f.columns) for f in parsed.factors})
+    return table.drop_duplicates(ignore_index=True)
+
+
+def merge_units(a: pd.DataFrame | None, b: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Union of two unit tables of :func:`collect_units` (pairwise, as in a tree reduction)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return pd.concat([a, b], ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def order_levels(parsed: ParsedFormula, units: pd.DataFrame) -> tuple[Nesting, Straddle | None]:
+    """The levels of a nested model from the unit table of the whole data.
+
+    The factors are ordered by their number of units (ties: fewer columns, then formula
+    order); the first is the top level.  Each factor must be nested in the one before it:
+    every unit lies in exactly one unit of the coarser factor.
+
+    Returns:
+        ``(nesting, straddle)``: ``straddle`` is None when the factors nest, else the first
+        unit found in several units of the next coarser factor (turn it into the error with
+        :func:`straddle_rows` and :func:`nesting_error`).
+
+    Raises:
+        SpecificationError: the top level combines several columns, or has one unit.
+    """
+    n_units = {f.name: int(units[f.name].nunique()) for f in parsed.factors}
+    rank = {f.name: (n_units[f.name], len(f.columns), k) for k, f in enumerate(parsed.factors)}
+    order = tuple(sorted(n_units, key=rank.__getitem__))
+    nesting = Nesting(order=order, n_units=n_units)
+    _check_top(parsed, nesting)
+    for outer, inner in zip(order[:-1], order[1:], strict=True):
+        pairs = units[[outer, inner]].drop_duplicates()
+        if len(pairs) != n_units[inner]:
+            value = pairs[inner][pairs[inner].duplicated()].iloc[0]
+            return nesting, Straddle(inner=inner, outer=outer, value=int(value))
+    return nesting, None
+
+
+def syntactic_nesting(parsed: ParsedFormula) -> Nesting | None:
+    """The levels when the formula alone decides them (every factor's columns contain the
+    columns of the one before, as in ``(1 | a/b/c)``), else None."""
+    order = sorted(parsed.factors, key=lambda f: len(f.columns))
+    for outer, inner in zip(order[:-1], order[1:], strict=True):
+        if len(inner.columns) == len(outer.columns) or not set(outer.columns) <= set(inner.columns):
+            return None
+    return Nesting(order=tuple(f.name for f in order))
+
+
+def _check_top(parsed: ParsedFormula, nesting: Nesting) -> None:
+    """SpecificationError for a top level of several columns or of a single unit."""
+    top = parsed.factor(nesting.top)
+    if len(top.columns) > 1:
+        joined = "_".join(top.columns)
+        raise SpecificationError(
+            f"the top grouping level of {parsed.text!r} (the factor in which all others are "
+            f"nested, the one with the fewest units) is {top.name!r}, which combines the columns "
+            f"{', '.join(map(repr, top.columns))}: dglmm partitions the data by its top grouping "
+            f"level and needs it to be one data column; add a column holding the combination "
+            f"(e.g. {joined!r}) and write (1 | {joined}/...) in the formula"
+        )
+    n_top = None if nesting.n_units is None else nesting.n_units[top.name]
+    if n_top is not None and n_top < 2:
+        raise SpecificationError(
+            f"the top grouping level {top.name!r} of {parsed.text!r} has {n_top} unit in the "
+            "data: dglmm partitions the data by its top grouping level and a random effect "
+            f"needs at least two units; drop the random-effects term(s) of {top.name!r} (with "
+            "one unit it is part of the intercept) or fit it as a fixed effect"
+        )
+
+
+def straddle_rows(parsed: ParsedFormula, df: pd.DataFrame, straddle: Straddle,
+                  limit: int = 10) -> pd.DataFrame:  # fmt: skip
+    """The distinct labels (inner and outer factor columns) of the rows of ``df`` in the
+    straddling unit (at most ``limit``); run per partition and concatenated on Dask."""
+    inner, outer = parsed.factor(straddle.inner), parsed.factor(straddle.outer)
+    columns = list(dict.fromkeys(inner.columns + outer.columns))
+    sub = df[columns].dropna()
+    rows = sub[_unit_hash(sub, inner.columns) == np.uint64(straddle.value)]
+    return rows.drop_duplicates().head(limit).reset_index(drop=True)
+
+
+def _unit_text(columns: Sequence[str], values: Sequence[Any]) -> str:
+    return ", ".join(f"{c}={_python_scalar(v)!r}" for c, v in zip(columns, values, strict=True))
+
+
+def nesting_error(parsed: ParsedFormula, top: str, straddle: Straddle,
+                  rows: pd.DataFrame) -> SpecificationError:  # fmt: skip
+    """The one-line error for factors that are not nested (crossed, or a unit in two outer
+    units); ``rows`` are the labels from :func:`straddle_rows`."""
+    inner, outer = parsed.factor(straddle.inner), parsed.factor(straddle.outer)
+    if len(rows):
+        unit = _unit_text(inner.columns, rows.iloc[0][list(inner.columns)])
+        outers = rows[list(outer.columns)].drop_duplicates()
+        try:
+            outers = outers.sort_values(list(outer.columns))
+        except TypeError:  # unorderable mixed labels: first-appearance order
+            pass
+        shown = "; ".join(
+            _unit_text(outer.columns, r) for r in outers.head(3).itertuples(index=False)
+        )
+        more = f" and {len(outers) - 3} more" if len(outers) > 3 else ""
+        where = f"the unit ({unit}) of {inner.name!r} lies in {len(outers)} units of " \
+                f"{outer.name!r} ({shown}{more})"  # fmt: skip
+    else:  # pragma: no cover - only after a 64-bit hash collision
+        where = f"a unit of {inner.name!r} lies in several units of {outer.name!r}"
+    combined = ":".join(dict.fromkeys(outer.columns + inner.columns))
+    single = len(outer.columns) == len(inner.columns) == 1
+    slash = f"(1 | {outer.name}/{inner.name}) or " if single else ""
+    return SpecificationError(
+        f"the grouping factors {outer.name!r} and {inner.name!r} of {parsed.text!r} are not "
+        f"nested in the data: {where}; dglmm partitions the data by its top grouping level "
+        f"({top!r}) and needs every other grouping factor nested in it, each unit inside one "
+        f"unit of the next coarser factor; if the labels of {inner.name!r} repeat across "
+        f"units of {outer.name!r}, make the units the combinations: write {slash}"
+        f"{combined} in place of {inner.name}; otherwise the factors are crossed, and crossed "
+        "random effects are not supported"
+    )
+
+
+def resolve_nesting(parsed: ParsedFormula, df: pd.DataFrame) -> Nesting | None:
+    """:func:`order_levels` on a whole pandas frame, raising the nesting error (None for a
+    model with one grouping factor or when a grouping column is missing)."""
+    units = collect_units(parsed, df)
+    if units is None:
+        return None
+    nesting, straddle = order_levels(parsed, units)
+    if straddle is not None:
+        raise nesting_error(parsed, nesting.top, straddle, straddle_rows(parsed, df, straddle))
+    return nesting
 
 
 # ---------------------------------------------------------------------------
@@ -797,8 +1073,17 @@ def make_spec(
     weights: str | None = None,
     allow_python: bool = False,
     n_rows: int | None = None,
+    nesting: Nesting | None = None,
 ) -> ModelSpec:
     """Build the :class:`ModelSpec` from merged levels and a small sample.
+
+    A formula with several grouping factors needs ``nesting``, the levels the whole data
+    decide (:func:`order_levels`; :func:`learn_spec` and the Dask driver's
+    ``spec_from_dask`` find it), unless the formula alone decides them
+    (:func:`syntactic_nesting`, e.g. ``(1 | a/b/c)``).  The top level gives
+    ``spec.group``, ``random_columns`` and ``cov_pattern``; every other level one
+    :class:`LevelSpec` of ``spec.inner`` (outer to inner), each with its own design
+    columns (at most :data:`MAX_RANDOM_COLUMNS`) and block-diagonal covariance pattern.
 
     The formula is checked against the allowlist first (unless ``allow_python``); the
     number of fixed-effect columns the levels imply is checked against
@@ -810,14 +1095,16 @@ def make_spec(
         levels: merged levels (:func:`merge_levels`) of the whole data.
         sample_df: a few rows of the data (may be empty, but with all columns).
         trials, offset, weights: optional column names.
+        nesting: the levels of a nested model (see above); ignored with one factor.
 
     Returns:
         The spec.  Rank deficiency of the fixed effects is not checked here.
 
     Raises:
         DataError: a column the model needs is missing (with "did you mean").
-        SpecificationError: the response is an expression, or two bar terms
-            produce the same random-effects column.
+        SpecificationError: the response is an expression, two bar terms of one level
+            produce the same random-effects column, or the top level of a nested model
+            combines several columns or has a single unit.
     """
     _check_safe(parsed, allow_python)
     check_unique_columns(sample_df.columns, needed_columns(parsed, trials, offset, weights))
@@ -838,22 +1125,25 @@ def make_spec(
     _warn_group_in_fixed_part(parsed)
     _check_design_size(parsed.fixed, {k: v for k, v in levels.items() if k in used}, n_rows)
     sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
-    _check_random_size(parsed, {k: v for k, v in levels.items() if k in used})
+    used_levels = {k: v for k, v in levels.items() if k in used}
+    top, inner_names = _top_and_inner(parsed, nesting)
+    for name in (top, *inner_names):
+        _check_random_size([t.expr for t in parsed.terms_of(name)], name, used_levels)
     _, fixed_columns = _design(parsed.fixed, sample, allow_python)
     _check_design_size(parsed.fixed, {}, n_rows, len(fixed_columns))
-    z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python)
-    _check_random_size(parsed, {}, len(random_columns))
-    if parsed.group in sample_df.columns:
-        _warn_constant_random_columns(z_sample, random_columns, sample_df[parsed.group], parsed)
-    dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]
-    if dup:
-        raise SpecificationError(
-            f"random-effects column {dup[0]!r} appears in more than one term of {parsed.text!r}"
-        )
+    random_columns, blocks = _level_design(parsed, top, sample, sample_df, allow_python)
+    inner = []
+    for name in inner_names:
+        columns_l, blocks_l = _level_design(parsed, name, sample, sample_df, allow_python)
+        inner.append(LevelSpec(
+            name=name, factors=parsed.factor(name).columns, random_columns=columns_l,
+            cov_pattern=_cov_pattern(blocks_l),
+            terms=tuple((t.expr, t.diagonal) for t in parsed.terms_of(name)),
+        ))  # fmt: skip
     return ModelSpec(
         formula=parsed.text,
         response=parsed.response,
-        group=parsed.group,
+        group=top,
         fixed_columns=fixed_columns,
         random_columns=random_columns,
         cov_pattern=_cov_pattern(blocks),
@@ -863,11 +1153,56 @@ def make_spec(
         weights=weights,
         columns=tuple(columns),
         allow_python=bool(allow_python),
+        inner=tuple(inner),
     )
 
 
+def _top_and_inner(parsed: ParsedFormula, nesting: Nesting | None) -> tuple[str, tuple[str, ...]]:
+    """The top grouping column and the inner factor names (outer to inner) of ``parsed``."""
+    if not is_nested_formula(parsed):
+        return str(parsed.group), ()
+    nesting = nesting or syntactic_nesting(parsed)
+    if nesting is None:
+        raise SpecificationError(
+            f"the grouping levels of {parsed.text!r} are decided by the data: learn the spec "
+            "with learn_spec(formula, df) or the Dask driver's spec_from_dask, or pass "
+            "nesting=order_levels(...) to make_spec"
+        )
+    if sorted(nesting.order) != sorted(f.name for f in parsed.factors):
+        raise SpecificationError(f"the nesting {list(nesting.order)} does not match the "
+                                 f"grouping factors of {parsed.text!r}")  # fmt: skip
+    _check_top(parsed, nesting)
+    return parsed.factor(nesting.top).columns[0], nesting.order[1:]
+
+
+def _level_design(parsed: ParsedFormula, name: str, sample: pd.DataFrame, sample_df: pd.DataFrame,
+                  allow_python: bool) -> tuple[tuple[str, ...], list]:  # fmt: skip
+    """Random design column names and term blocks of the grouping factor ``name`` on the
+    sample, with the per-level checks (size, duplicated columns, constant within units)."""
+    z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python, name)
+    _check_random_size([], name, {}, len(random_columns))
+    factor = parsed.factor(name)
+    if all(c in sample_df.columns for c in factor.columns):
+        if len(factor.columns) == 1:
+            keys = sample_df[factor.columns[0]]
+        else:
+            keyed = sample_df[list(factor.columns)]
+            hashes = _unit_hash(keyed, factor.columns).astype(object)
+            hashes[keyed.isna().any(axis=1).to_numpy()] = None
+            keys = pd.Series(hashes, index=sample_df.index, dtype=object)
+        _warn_constant_random_columns(z_sample, random_columns, keys, name)
+    dup = [c for c in dict.fromkeys(random_columns) if random_columns.count(c) > 1]
+    if dup:
+        level = f" (level {name!r})" if is_nested_formula(parsed) else ""
+        raise SpecificationError(
+            f"random-effects column {dup[0]!r} appears in more than one term of "
+            f"{parsed.text!r}{level}"
+        )
+    return random_columns, blocks
+
+
 def _warn_constant_random_columns(
-    z: np.ndarray, names: Sequence[str], keys: pd.Series, parsed: ParsedFormula
+    z: np.ndarray, names: Sequence[str], keys: pd.Series, group: str
 ) -> None:
     """Warn about random-effects columns that vary, but never within a group of the sample.
 
@@ -893,9 +1228,9 @@ def _warn_constant_random_columns(
         if np.all(np.nan_to_num(within) == 0.0):
             warnings.warn(
                 f"random-effects column {name!r} does not vary within any group of "
-                f"{parsed.group!r} ({len(frame)} rows checked): its variance is confounded "
+                f"{group!r} ({len(frame)} rows checked): its variance is confounded "
                 f"with the random intercept (the fit may be singular or unstable); keep it as a "
-                f"fixed effect only, e.g. (1 | {parsed.group})",
+                f"fixed effect only, e.g. (1 | {group})",
                 DglmmWarning,
                 stacklevel=3,
             )
@@ -914,7 +1249,10 @@ def learn_spec(
 
     Equivalent to ``make_spec(parse_formula(formula), merge_levels([collect_levels(...)]),
     df.head(SAMPLE_ROWS), ..., n_rows=len(df))``, after the formula allowlist (unless
-    ``allow_python``), the duplicate-column check and the group key type check.
+    ``allow_python``), the duplicate-column check and the group key type check.  With
+    several grouping factors the levels are decided by the whole frame
+    (:func:`resolve_nesting`): SpecificationError when they are crossed, a unit lies in
+    two outer units, or the top level has one unit or several columns.
     """
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     _check_safe(parsed, allow_python)
@@ -923,12 +1261,14 @@ def learn_spec(
     needed = needed_columns(parsed, trials, offset, weights)
     check_unique_columns(df.columns, needed)
     check_column_values(df, needed)  # lists/structs: a clear error, not formulaic's TypeError
-    if parsed.group in df.columns:
-        check_key_types(df[parsed.group], parsed.group)
+    for name in parsed.group_columns:
+        if name in df.columns:
+            check_key_types(df[name], name)
+    nesting = resolve_nesting(parsed, df)
     levels = merge_levels([collect_levels(parsed, df)])
     return make_spec(
         parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights,
-        allow_python=allow_python, n_rows=len(df),
+        allow_python=allow_python, n_rows=len(df), nesting=nesting,
     )  # fmt: skip
 
 
@@ -980,7 +1320,9 @@ class Block:
     @property
     def nbytes(self) -> int:
         """Total bytes of the arrays."""
-        arrays = (self.X, self.Z, self.y, self.trials, self.offset, self.weights)
+        arrays = [self.X, self.Z, self.y, self.trials, self.offset, self.weights]
+        for level in self.inner:
+            arrays += [level.Z, level.ptr, level.parent, *level.keys]
         return sum(a.nbytes for a in arrays) + self.group_ptr.nbytes + self.group_keys.nbytes
 
 
@@ -1082,10 +1424,12 @@ def build_block(
     _check_safe(parsed, spec.allow_python)
     check_unique_columns(df.columns, spec.columns)
     _check_columns(df, spec.columns)
-    check_key_types(df[spec.group], spec.group)
+    group_columns = spec_group_columns(spec)
+    for name in group_columns:
+        check_key_types(df[name], name)
     n_in = len(df)
     used = set(_formula_columns(parsed))
-    numeric = [c for c in spec.columns if c not in spec.levels and c != spec.group]
+    numeric = [c for c in spec.columns if c not in spec.levels and c not in group_columns]
     frame = _prepare(spec.levels, df[list(spec.columns)], [c for c in numeric if c in used])
     for name in (spec.response, spec.trials, spec.offset, spec.weights):
         if name is not None and name not in used:
@@ -1103,18 +1447,22 @@ def build_block(
         raise missing_values_error(counts, n_in)
 
     # designs; non-finite design values (e.g. np.log(0)) count as missing too
+    rows = np.arange(n_in)  # positions in df of the rows kept
     if bad.any():
-        frame = frame.loc[~bad]
+        frame, rows = frame.loc[~bad], rows[~bad]
     if len(frame) == 0:
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
     X, fixed_names = _design(parsed.fixed, frame, spec.allow_python)
-    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python)
+    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group)
     if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
         raise DataError(
             f"design columns {fixed_names} / {random_names} differ from the model spec "
             f"{spec.fixed_columns} / {spec.random_columns}"
         )
+    Zs = [_inner_design(level, frame, spec.allow_python) for level in spec.inner]
     bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
+    for z in Zs:
+        bad_design &= np.isfinite(z).all(axis=1)
     if bad_design.any():
         problem = (
             f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
@@ -1122,7 +1470,8 @@ def build_block(
         )
         _drop_or_raise(bad_design, [problem], n_in, missing)
         keep = ~bad_design
-        frame, X, Z = frame.loc[keep], X[keep], Z[keep]
+        frame, X, Z, rows = frame.loc[keep], X[keep], Z[keep], rows[keep]
+        Zs = [z[keep] for z in Zs]
         if len(frame) == 0:
             raise DataError("no rows left after dropping rows with missing values")
     n_dropped = n_in - len(frame)
@@ -1142,7 +1491,12 @@ def build_block(
             f"(of {len(trials)} rows); binomial trials must be positive whole numbers"
         )
 
-    order, group_ptr, group_keys = _group_order(frame[spec.group])
+    inner: tuple[InnerLevel, ...] = ()
+    if spec.inner:
+        order, group_ptr, group_keys, inner = _nested_order(
+            spec, frame, df[list(group_columns)].iloc[rows], Zs)
+    else:
+        order, group_ptr, group_keys = _group_order(frame[spec.group])
     if order is not None:
         X, Z, y, trials, offset, weights = (a[order] for a in (X, Z, y, trials, offset, weights))
     if check_response is not None:
@@ -1157,7 +1511,99 @@ def build_block(
         group_ptr=group_ptr,
         group_keys=group_keys,
         n_dropped=n_dropped,
+        inner=inner,
     )
+
+
+def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
+    """Every grouping column of ``spec``: the top column, then the inner levels' columns."""
+    return tuple(dict.fromkeys([spec.group, *(c for lv in spec.inner for c in lv.factors)]))
+
+
+def _inner_design(level: LevelSpec, frame: pd.DataFrame, allow_python: bool) -> np.ndarray:
+    """The (n, q_l) random design of an inner level, its column names checked."""
+    z, names, _ = _terms_design(level.terms, frame, allow_python)
+    if names != level.random_columns:
+        raise DataError(f"random design columns {names} of {level.name!r} differ from the "
+                        f"model spec {level.random_columns}")  # fmt: skip
+    return z
+
+
+def _sorted_codes(series: pd.Series) -> tuple[np.ndarray, Any]:
+    """``pd.factorize`` codes (int64) and uniques, sorted when the values are orderable."""
+    try:
+        codes, uniques = pd.factorize(series, sort=True)
+    except TypeError:  # unorderable mixed keys: keep first-appearance order
+        codes, uniques = pd.factorize(series, sort=False)
+    return codes.astype(np.int64, copy=False), uniques
+
+
+def _unit_codes(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """(n,) int64 code of each row's unit (combination of ``columns``), in label order."""
+    acc, _ = _sorted_codes(frame[columns[0]])
+    for name in columns[1:]:
+        codes, uniques = _sorted_codes(frame[name])
+        acc, _ = pd.factorize(acc * len(uniques) + codes, sort=True)
+    return acc.astype(np.int64, copy=False)
+
+
+def _nested_order(spec: ModelSpec, frame: pd.DataFrame, raw: pd.DataFrame,
+                  Zs: Sequence[np.ndarray]) -> tuple:  # fmt: skip
+    """Hierarchical row order of a nested block and its :class:`InnerLevel` arrays.
+
+    Rows are sorted (stably) by top group, then by the unit of each inner level in turn.
+    ``raw`` holds the grouping columns of the rows of ``frame`` in their original dtype
+    (the keys).  A unit of a level found under two units of the level above (possible
+    within one partition even when the whole-data check passed, e.g. data changed since)
+    raises the nesting error.
+
+    Returns:
+        ``(order, group_ptr, group_keys, inner)`` (``order`` None when already sorted).
+    """
+    n = len(frame)
+    top_codes, top_uniques = _sorted_codes(frame[spec.group])
+    level_codes = [_unit_codes(frame, level.factors) for level in spec.inner]
+    order = np.lexsort([*reversed(level_codes), top_codes])
+    if np.all(order[1:] > order[:-1]):
+        order, take = None, slice(None)
+    else:
+        take = order
+    counts = np.bincount(top_codes, minlength=len(top_uniques))
+    group_ptr = np.zeros(len(top_uniques) + 1, dtype=np.int64)
+    np.cumsum(counts, out=group_ptr[1:])
+    t = top_codes[take]
+    change = t[1:] != t[:-1]
+    prev_ptr, inner = group_ptr, []
+    for k, (level, codes, z) in enumerate(zip(spec.inner, level_codes, Zs, strict=True)):
+        c = codes[take]
+        change = change | (c[1:] != c[:-1])
+        starts = np.flatnonzero(np.concatenate(([True], change)))
+        run_codes = c[starts]
+        if len(np.unique(run_codes)) != len(starts):
+            outer = spec.inner[k - 1] if k else None
+            _raise_block_straddle(spec, level, outer, raw.iloc[take], run_codes, starts)
+        keys = tuple(raw[name].to_numpy()[take][starts] for name in level.factors)
+        ptr = np.append(starts, n).astype(np.int64)
+        parent = (np.searchsorted(prev_ptr, starts, side="right") - 1).astype(np.int64)
+        inner.append(InnerLevel(Z=np.ascontiguousarray(z[take]), ptr=ptr, parent=parent,
+                                keys=keys))  # fmt: skip
+        prev_ptr = ptr
+    return order, group_ptr, np.asarray(top_uniques), tuple(inner)
+
+
+def _raise_block_straddle(spec: ModelSpec, level: LevelSpec, outer: LevelSpec | None,
+                          raw: pd.DataFrame, run_codes: np.ndarray,
+                          starts: np.ndarray) -> None:  # fmt: skip
+    """The nesting error for a unit of ``level`` under two units of ``outer`` (None: the top
+    level) in one block; ``raw`` holds the sorted rows' grouping columns."""
+    values, counts = np.unique(run_codes, return_counts=True)
+    unit = values[np.flatnonzero(counts > 1)[0]]
+    outer_name = spec.group if outer is None else outer.name
+    outer_columns = (spec.group,) if outer is None else outer.factors
+    columns = list(dict.fromkeys(level.factors + outer_columns))
+    rows = raw.iloc[starts[run_codes == unit]][columns].reset_index(drop=True)
+    straddle = Straddle(inner=level.name, outer=outer_name, value=0)
+    raise nesting_error(spec.parsed, spec.group, straddle, rows)
 
 
 # ---------------------------------------------------------------------------

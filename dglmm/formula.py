@@ -13,7 +13,14 @@ string literals and backtick-quoted names, so fixed terms such as
 
 Several bar terms may share one grouping factor; they give a block-diagonal
 random-effects covariance (``(1 | g) + (0 + x | g)`` equals ``(1 + x || g)``).
-Only one grouping factor is supported for now.
+
+Grouping factors follow lme4: ``(e | a/b)`` is ``(e | a) + (e | b:a)`` (the inner
+factor's units are the combinations of ``a`` and ``b``, and lme4 names it ``"b:a"``),
+``(e | a/b/c)`` gives ``a``, ``b:a`` and ``c:b:a``, an explicit ``(e | a:b)`` is the
+factor ``"a:b"`` (``:`` binds tighter than ``/``: ``a:b/c`` gives ``a:b`` and ``c:a:b``).
+A factor is identified by the set of columns it combines; terms of the same set share
+one factor (and one level of a nested model).  Which factor is the top level and whether
+the factors nest is a property of the data, decided by :mod:`dglmm.design`.
 
 This module also offers two small helpers used by :mod:`dglmm.design` to find
 which data columns an expression reads: :func:`expression_variables` and
@@ -35,6 +42,7 @@ import formulaic
 from dglmm.errors import SpecificationError
 
 __all__ = [
+    "GroupingFactor",
     "ParsedFormula",
     "RandomTerm",
     "c_wrapped_variables",
@@ -55,13 +63,35 @@ class RandomTerm:
     Attributes:
         expr: formulaic right-hand side of the term, e.g. ``"1 + x1"`` or
             ``"0 + x"``; ``"x"`` implies an intercept, as in lme4.
-        group: name of the grouping column.
+        group: lme4's name of the grouping factor: the grouping column for ``(1 | g)``,
+            ``"b:a"`` for the inner term of ``(1 | a/b)``, ``"a:b"`` for ``(1 | a:b)``.
         diagonal: True for ``||`` (independent terms: diagonal covariance block).
+        columns: the data columns whose value combinations are the units of the factor,
+            in the order of :attr:`group`'s name (``("b", "a")`` for ``"b:a"``); defaults
+            to ``(group,)``.
     """
 
     expr: str
     group: str
     diagonal: bool = False
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            object.__setattr__(self, "columns", (self.group,))
+
+
+@dataclass(frozen=True)
+class GroupingFactor:
+    """One grouping factor of a formula.
+
+    Attributes:
+        name: lme4's name (``"comm"``, ``"mom:comm"``, ``"account:subscriber"``).
+        columns: the data columns it combines (a unit is one combination of their values).
+    """
+
+    name: str
+    columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -72,15 +102,61 @@ class ParsedFormula:
         text: the formula as given.
         response: the response expression (normally a column name, e.g. ``"y"``).
         fixed: formulaic right-hand side of the fixed effects (``"1"`` if empty).
-        random_terms: the bar terms, in formula order (at least one).
-        group: the one grouping column shared by all bar terms.
+        random_terms: the bar terms, in formula order (at least one); ``(e | a/b)``
+            gives two terms, ``(e | a)`` and ``(e | b:a)``.
+        group: the grouping column of a formula with one grouping factor.  With several
+            factors: the *syntactic top*, i.e. the column of the one factor that is a
+            single column contained in the columns of every other factor (``comm`` for
+            ``(1 | comm/mom)``, ``a`` for ``(1 | a) + (1 | a:b)``); None when the syntax
+            does not decide (``(1 | herd) + (1 | obs)``: the data do, see
+            :func:`dglmm.design.learn_spec`, and ``ModelSpec.group`` is always set).
+        factors: the grouping factors, in formula order, without duplicates (factors
+            with the same set of columns are one factor, named as it first appears).
     """
 
     text: str
     response: str
     fixed: str
     random_terms: tuple[RandomTerm, ...]
-    group: str
+    group: str | None
+    factors: tuple[GroupingFactor, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.factors:
+            object.__setattr__(self, "factors", _factors_of(self.random_terms))
+
+    def factor(self, name: str) -> GroupingFactor:
+        """The grouping factor called ``name`` (KeyError if none)."""
+        for f in self.factors:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def terms_of(self, name: str) -> tuple[RandomTerm, ...]:
+        """The random terms of the grouping factor called ``name``, in formula order."""
+        columns = frozenset(self.factor(name).columns)
+        return tuple(t for t in self.random_terms if frozenset(t.columns) == columns)
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """Every data column of every grouping factor, in order of first appearance."""
+        return tuple(dict.fromkeys(c for f in self.factors for c in f.columns))
+
+
+def _factors_of(terms: tuple[RandomTerm, ...]) -> tuple[GroupingFactor, ...]:
+    """Distinct grouping factors of ``terms`` (by column set), first name kept."""
+    seen: dict[frozenset, GroupingFactor] = {}
+    for t in terms:
+        seen.setdefault(frozenset(t.columns), GroupingFactor(t.group, tuple(t.columns)))
+    return tuple(seen.values())
+
+
+def _syntactic_top(factors: tuple[GroupingFactor, ...]) -> str | None:
+    """The column of the single-column factor contained in every factor's columns, or None."""
+    for f in factors:
+        if len(f.columns) == 1 and all(f.columns[0] in g.columns for g in factors):
+            return f.columns[0]
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -227,8 +303,11 @@ def _check_formulaic(rhs: str, what: str) -> formulaic.Formula:
         raise SpecificationError(f"cannot parse {what} {rhs!r}: {message}") from exc
 
 
-def _parse_bar_term(term: str) -> RandomTerm:
-    """Parse ``( expr | group )`` or ``( expr || group )`` (outer parentheses included)."""
+def _parse_bar_term(term: str) -> list[RandomTerm]:
+    """Parse ``( expr | group )`` or ``( expr || group )`` (outer parentheses included).
+
+    Returns one term per grouping factor: ``(e | a/b)`` gives ``(e | a)`` and ``(e | b:a)``.
+    """
     inner = term[1:-1]
     bars = _top_level(inner, "|")
     diagonal = len(bars) == 2 and bars[1] == bars[0] + 1
@@ -243,17 +322,76 @@ def _parse_bar_term(term: str) -> RandomTerm:
         )
     if not group:
         raise SpecificationError(f"random-effects term {term!r} has an empty group name")
-    if not _is_column_name(group):
-        raise SpecificationError(
-            f"the grouping factor in {term!r} must be a column name, not the expression "
-            f"{group!r}; add it as a column to the data"
-        )
+    chain = _parse_grouping(group, term)
     parsed = _check_formulaic(expr, f"random-effects term {term!r}:")
     if len(parsed) == 0:
         raise SpecificationError(
             f"random-effects term {term!r} has no columns; write (1 | group) for a random intercept"
         )
-    return RandomTerm(expr=expr, group=_unquote_name(group), diagonal=diagonal)
+    out = []
+    for k in range(len(chain)):
+        columns = tuple(c for part in reversed(chain[: k + 1]) for c in part)
+        if len(set(columns)) != len(columns):
+            repeated = next(c for c in columns if columns.count(c) > 1)
+            raise SpecificationError(
+                f"the grouping factor {group!r} in {term!r} names the column {repeated!r} "
+                "twice; name each column once, e.g. (1 | a/b) or (1 | a:b)"
+            )
+        out.append(RandomTerm(expr=expr, group=":".join(columns), diagonal=diagonal,
+                              columns=columns))  # fmt: skip
+    return out
+
+
+_GROUP_TOKEN = re.compile(r"\s*(`[^`]*`|[^\s/:`]+|/|:|`)")
+
+
+def _parse_grouping(group: str, term: str) -> list[tuple[str, ...]]:
+    """``a/b:c/d`` -> ``[("a",), ("b", "c"), ("d",)]`` (backtick names unquoted).
+
+    ``:`` joins columns into one factor (an interaction), ``/`` nests the factor on its
+    right in everything on its left, as in lme4.
+
+    Raises:
+        SpecificationError: an expression, an empty name, or a dangling operator.
+    """
+    example = "; write column names joined by '/' (nesting) or ':', e.g. (1 | a/b) or (1 | a:b)"
+    not_column = (
+        f"the grouping factor in {term!r} must be a column name, not the expression "
+        f"{group!r}; add it as a column to the data, or write column names joined by '/' "
+        "(nesting) or ':', e.g. (1 | a/b)"
+    )
+    tokens: list[str] = []
+    pos = 0
+    while pos < len(group):
+        m = _GROUP_TOKEN.match(group, pos)
+        if m is None:
+            break  # trailing whitespace
+        tokens.append(m.group(1))
+        pos = m.end()
+    chain: list[list[str]] = [[]]
+    expect_name = True
+    for k, tok in enumerate(tokens):
+        if tok in ("/", ":"):
+            if expect_name:
+                before = "the start" if k == 0 else repr(tokens[k - 1])
+                raise SpecificationError(
+                    f"the grouping factor {group!r} in {term!r} has {tok!r} after {before} "
+                    f"where a column name should be{example}"
+                )
+            if tok == "/":
+                chain.append([])
+            expect_name = True
+            continue
+        if not expect_name or not _is_column_name(tok):
+            raise SpecificationError(not_column)
+        chain[-1].append(_unquote_name(tok))
+        expect_name = False
+    if expect_name:
+        raise SpecificationError(
+            f"the grouping factor {group!r} in {term!r} ends with {tokens[-1]!r}, not a column "
+            f"name{example}"
+        )
+    return [tuple(part) for part in chain]
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +404,8 @@ def parse_formula(text: str) -> ParsedFormula:
     Supported random-effects terms: ``(1 | g)``, ``(0 + x | g)``, ``(x | g)``
     (intercept implied), ``(1 + x | g)`` (unstructured covariance) and
     ``(1 + x || g)`` (diagonal covariance).  Several bar terms with the same
-    grouping column give a block-diagonal covariance.
+    grouping factor give a block-diagonal covariance.  Grouping factors may be
+    nested (``(1 | a/b)``, ``(1 | a/b/c)``) or interactions (``(1 | a:b)``).
 
     Args:
         text: the formula, e.g. ``"y ~ x1 + C(f) + (1 + x1 | g)"``.
@@ -276,8 +415,9 @@ def parse_formula(text: str) -> ParsedFormula:
 
     Raises:
         SpecificationError: no ``~``, empty response, unbalanced parentheses,
-            no bar term, an empty or non-column grouping factor, more than one
-            grouping factor, or a part formulaic cannot parse.
+            no bar term, an empty or non-column grouping factor (``(1 | )``,
+            ``(1 | a/)``, ``(1 | a//b)``, ``(1 | log(g))``), or a part formulaic cannot
+            parse.
     """
     if not isinstance(text, str):
         raise SpecificationError(f"the formula must be a string, got {type(text).__name__}")
@@ -312,7 +452,7 @@ def _parse_formula(text: str) -> ParsedFormula:
                 raise SpecificationError(
                     f"random-effects term {term!r} cannot be subtracted in {text!r}"
                 )
-            random_terms.append(_parse_bar_term(term))
+            random_terms.extend(_parse_bar_term(term))
         elif _has_bare_bar(term):
             raise SpecificationError(
                 f"misplaced '|' in term {term!r} of {text!r}: a random-effects term must "
@@ -326,12 +466,7 @@ def _parse_formula(text: str) -> ParsedFormula:
             f"formula {text!r} has no random-effects term; a random-effects term like "
             "(1 | group) is needed"
         )
-    groups = list(dict.fromkeys(t.group for t in random_terms))
-    if len(groups) > 1:
-        raise SpecificationError(
-            "only one grouping factor is supported for now; the formula uses "
-            + ", ".join(repr(g) for g in groups)
-        )
+    factors = _factors_of(tuple(random_terms))
     fixed = " ".join(fixed_parts) if fixed_parts else "1"
     _check_formulaic(fixed, "the fixed-effects part")
     return ParsedFormula(
@@ -339,7 +474,8 @@ def _parse_formula(text: str) -> ParsedFormula:
         response=response,
         fixed=fixed,
         random_terms=tuple(random_terms),
-        group=groups[0],
+        group=_syntactic_top(factors),
+        factors=factors,
     )
 
 

@@ -303,3 +303,21 @@ def test_nullable_boolean_response(df):
         build_block(spec, df)
     block = build_block(spec, df, missing="drop")
     assert block.n_obs == 40 and set(block.y.tolist()) == {0.0, 1.0}
+
+
+def test_make_spec_nested_needs_the_data_unless_the_formula_decides():
+    from dglmm.design import collect_units, make_spec, merge_levels, order_levels
+
+    df = pd.DataFrame({"y": [0, 1, 0, 1, 1, 0], "a": [1, 1, 2, 2, 3, 3], "b": [1, 2, 1, 2, 1, 2],
+                       "o": range(6)})  # fmt: skip
+    syntactic = parse_formula("y ~ (1 | a/b)")
+    spec = make_spec(syntactic, {}, df)
+    assert spec.group == "a" and [lv.name for lv in spec.inner] == ["b:a"]
+    by_data = parse_formula("y ~ (1 | o) + (1 | a)")
+    with pytest.raises(SpecificationError, match="decided by the data"):
+        make_spec(by_data, {}, df)
+    nesting, straddle = order_levels(by_data, collect_units(by_data, df))
+    assert straddle is None and nesting.order == ("a", "o")
+    spec = make_spec(by_data, merge_levels([]), df, nesting=nesting)
+    assert spec.group == "a" and [lv.name for lv in spec.inner] == ["o"]
+    assert needed_columns(by_data) == ["y", "o", "a"]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dglmm.dask_driver.cluster import ClusterHandle, cluster_failures
-from dglmm.errors import DataError, check_npartitions, suggest
+from dglmm.errors import DataError, SpecificationError, check_npartitions, suggest
 from dglmm.sources import (
     _COMPRESSION_SUFFIXES,
     PREPARED_METADATA,
@@ -40,13 +40,13 @@ def load_data(
     *,
     storage_options: dict | None = None,
     npartitions: int | None = None,
-    group: str | None = None,
+    group: str | Sequence[str] | None = None,
 ) -> dd.DataFrame:
     """Return ``data`` as a Dask DataFrame, reading nothing but metadata and a sample.
 
-    For a pandas frame, the ``group`` column (if given) is checked for mixed Python types
-    (``5`` and ``'5'``) before Dask converts it to text, as in process
-    (:func:`dglmm.design.check_key_types`); so are duplicated column names.
+    For a pandas frame, the ``group`` column (if given; or each of several grouping columns)
+    is checked for mixed Python types (``5`` and ``'5'``) before Dask converts it to text,
+    as in process (:func:`dglmm.design.check_key_types`); so are duplicated column names.
 
     Parameters
     ----------
@@ -73,9 +73,11 @@ def load_data(
         if len(data) == 0:
             raise DataError("the data frame has no rows")
         _check_columns(columns, data.columns)
-        if group is not None and group in data.columns:
-            _default_design("check_unique_columns")(data.columns, columns or [group])
-            _default_design("check_key_types")(data[group], group)
+        groups = [group] if isinstance(group, str) else list(group or ())
+        for name in groups:
+            if name in data.columns:
+                _default_design("check_unique_columns")(data.columns, columns or [name])
+                _default_design("check_key_types")(data[name], name)
         # before Dask turns object columns into text (a list would become "[1. 2.]")
         check_column_values(data, columns)
         n = npartitions or max(1, -(-len(data) // _ROWS_PER_PANDAS_PARTITION))
@@ -385,7 +387,7 @@ def _write_part(pdf: pd.DataFrame, path: str, group: str,
 def prepare(
     data: Any,
     out: str | os.PathLike,
-    group: str,
+    group: str | None = None,
     npartitions: int | None = None,
     storage_options: dict | None = None,
     *,
@@ -393,8 +395,15 @@ def prepare(
     balance: str = "rows",
     overwrite: bool = False,
     handle: ClusterHandle | None = None,
+    formula: str | None = None,
 ) -> PreparedData:
     """Write ``data`` once as Parquet files each holding whole groups, sorted by group.
+
+    ``group`` is the top grouping level (the column the data are partitioned by).  With
+    ``formula`` instead, it is inferred: the formula's syntactic top (``comm`` for
+    ``(1 | comm/mom)``), else the top level the data decide (:func:`find_levels`: one pass
+    over the grouping columns on the workers, which also checks that the factors nest).
+    With both, they must agree.
 
     ``out`` receives ``part-00000.parquet`` ... (one file = one partition when read back) and
     ``_dglmm_prepared.json`` with the group column, ``n_rows``, ``n_groups``, ``n_files``,
@@ -407,6 +416,9 @@ def prepare(
     ------
     DataError
         The data cannot be read, or ``group`` is not a column, or ``out`` is not empty.
+    SpecificationError
+        Neither ``group`` nor ``formula``; ``group`` is not the formula's top level; the
+        formula's factors are not nested in the data (see :func:`find_levels`).
     """
     from dglmm.errors import OutputError
     from dglmm.outputs import OutputDataError, atomic_dataset, check_output_dataset
@@ -420,13 +432,63 @@ def prepare(
                              storage_options=storage_options, replace_own=False)  # fmt: skip
     except OutputError as exc:  # prepare is documented to raise DataError
         raise OutputDataError(str(exc)) from None
+    parsed = _parse_for_prepare(formula, group)
     ddf = load_data(data, columns, storage_options=storage_options)
+    if parsed is not None:
+        group = top_level(ddf, parsed, group=group, handle=handle)
     _check_columns([group], ddf.columns)
     with atomic_dataset(out, kind="prepared", storage_options=storage_options,
                         marker=False) as tmp:  # fmt: skip
         metadata = _prepare_into(tmp, ddf, data, group, npartitions, balance, storage_options,
                                  handle)  # fmt: skip
     return PreparedData(path=out, metadata=metadata, storage_options=storage_options)
+
+
+def _parse_for_prepare(formula: str | None, group: str | None) -> Any:
+    """The parsed ``formula`` of :func:`prepare` (None without one), before any reading."""
+    if formula is None:
+        if group is None:
+            raise SpecificationError("prepare needs the top grouping column (group=, command "
+                                     "line --group) or the model formula (formula=, --formula)")
+        return None
+    from dglmm.formula import parse_formula
+
+    return parse_formula(formula)
+
+
+def top_level(ddf: dd.DataFrame, parsed: Any, *, group: str | None = None,
+              handle: ClusterHandle | None = None) -> str:  # fmt: skip
+    """The top grouping column of ``parsed``: its syntactic top when it has one (no pass over
+    the data), else the one the data decide (:func:`find_levels`, on the workers).
+
+    Raises
+    ------
+    SpecificationError
+        ``group`` is given and is not that column; the factors are not nested in the data;
+        the top level has one unit or several columns.
+    """
+    top = parsed.group
+    if top is None:
+        cols = list(parsed.group_columns)
+        _check_columns(cols, ddf.columns)
+        if handle is not None:
+            with cluster_failures(handle, "checking the grouping levels"):
+                nesting = find_levels(ddf[cols], parsed, handle=handle)
+        else:
+            nesting = find_levels(ddf[cols], parsed)
+        top = parsed.factor(nesting.top).columns[0]
+    check_group_matches(parsed, group, top)
+    return top
+
+
+def check_group_matches(parsed: Any, group: str | None, top: str | None) -> None:
+    """SpecificationError when the ``group`` given to prepare is not the formula's ``top``."""
+    if group is not None and top is not None and group != top:
+        raise SpecificationError(
+            f"--group {group!r} is not the top grouping level of the formula {parsed.text!r}, "
+            f"which is {top!r} (the data are partitioned by the top level): give only one of "
+            "--group and --formula, or make them agree"
+        )
 
 
 def _prepare_into(out: str, ddf, data, group, npartitions, balance, storage_options,
@@ -491,30 +553,107 @@ def _default_design(name: str) -> Callable:
 
 
 def _summarise_partition(
-    pdf: pd.DataFrame, parsed: Any, group: str, collect_levels: Callable, n_head: int
-) -> tuple[Any, int, np.ndarray, pd.DataFrame]:
-    keys = pd.unique(pdf[group].dropna().to_numpy())
-    return collect_levels(parsed, pdf), len(pdf), keys, pdf.head(n_head)
+    pdf: pd.DataFrame, parsed: Any, group: str | None, collect_levels: Callable, n_head: int,
+    collect_units: Callable | None = None,
+) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any]:  # fmt: skip
+    """Levels, rows, distinct keys of ``group`` (one-factor models) and the first rows of a
+    partition; with ``collect_units`` (nested models) its unit table instead of the keys."""
+    if collect_units is not None:
+        keys, units = np.empty(0), collect_units(parsed, pdf)
+    else:
+        keys, units = pd.unique(pdf[group].dropna().to_numpy()), None
+    return collect_levels(parsed, pdf), len(pdf), keys, pdf.head(n_head), units
 
 
 def _merge_summaries(
-    a: tuple, b: tuple, merge_levels: Callable, n_head: int
-) -> tuple[Any, int, np.ndarray, pd.DataFrame]:
+    a: tuple, b: tuple, merge_levels: Callable, n_head: int, merge_units: Callable | None = None
+) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any]:
     keys = pd.unique(np.concatenate([a[2], b[2]]))
     head = a[3] if len(a[3]) >= n_head or len(b[3]) == 0 else pd.concat([a[3], b[3]])
-    return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head)
+    units = merge_units(a[4], b[4]) if merge_units is not None else None
+    return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head), units
 
 
-def _finish_summary(s: tuple, merge_levels: Callable) -> tuple[Any, int, int, pd.DataFrame]:
+def _finish_summary(s: tuple, merge_levels: Callable, parsed: Any = None,
+                    order_levels: Callable | None = None) -> tuple:  # fmt: skip
+    """``(levels, n_rows, n_groups, head, nesting_and_straddle)``: the unit table of a
+    nested model is ordered here, on the worker holding it; only the result travels."""
     # merging the root alone normalises it (sorted levels) even when there is one partition
-    return merge_levels(s[0]), s[1], len(s[2]), s[3]
+    ordered = None
+    if order_levels is not None and s[4] is not None:
+        ordered = order_levels(parsed, s[4])
+    return merge_levels(s[0]), s[1], len(s[2]), s[3], ordered
+
+
+def _tree(leaves: list, merge: Callable, *args: Any) -> Any:
+    """Binary-tree reduction of delayed ``leaves`` with ``merge(a, b, *args)``."""
+    level = leaves
+    while len(level) > 1:
+        level = [
+            dask.delayed(merge)(level[i], level[i + 1], *args) if i + 1 < len(level) else level[i]
+            for i in range(0, len(level), 2)
+        ]
+    return level[0]
+
+
+def _compute(obj: Any, handle: ClusterHandle | None) -> Any:
+    if handle is not None:  # bounded when every worker is lost
+        return handle.wait(handle.client.compute(obj))
+    return obj.compute()
+
+
+def _raise_straddle(ddf: dd.DataFrame, parsed: Any, nesting: Any, straddle: Any,
+                    handle: ClusterHandle | None) -> None:  # fmt: skip
+    """Fetch the labels of a straddling unit from the workers (a second pass, only for the
+    error) and raise the nesting error."""
+    straddle_rows = _default_design("straddle_rows")
+    parts = [dask.delayed(straddle_rows)(parsed, part, straddle) for part in ddf.to_delayed()]
+    rows = _compute(dask.delayed(_concat)(parts), handle)
+    raise _default_design("nesting_error")(parsed, nesting.top, straddle, rows.drop_duplicates())
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)
+
+
+def find_levels(ddf: dd.DataFrame, parsed: Any, *, handle: ClusterHandle | None = None) -> Any:
+    """The grouping levels of a nested formula from the whole data, on the workers.
+
+    One pass: per partition the distinct combinations of the factors' unit hashes
+    (:func:`dglmm.design.collect_units`), merged in a binary tree on the workers; the root
+    orders the levels (:func:`dglmm.design.order_levels`).  A unit of an inner factor found
+    under two units of the next coarser one (in one partition or across partitions) is a
+    SpecificationError naming it (its labels come from a second pass).
+
+    Returns
+    -------
+    dglmm.design.Nesting, or None for a formula with one grouping factor.
+
+    Raises
+    ------
+    SpecificationError
+        Crossed factors, a straddling unit, a top level of one unit or several columns.
+    DataError
+        A grouping column is missing.
+    """
+    if not _default_design("is_nested_formula")(parsed):
+        return None
+    _check_columns(parsed.group_columns, ddf.columns)
+    collect_units = _default_design("collect_units")
+    leaves = [dask.delayed(collect_units)(parsed, part) for part in ddf.to_delayed()]
+    root = _tree(leaves, _default_design("merge_units"))
+    ordered = _compute(dask.delayed(_default_design("order_levels"))(parsed, root), handle)
+    nesting, straddle = ordered
+    if straddle is not None:
+        _raise_straddle(ddf, parsed, nesting, straddle, handle)
+    return nesting
 
 
 def spec_from_dask(
     ddf: dd.DataFrame,
     parsed: Any,
     *,
-    group: str,
+    group: str | None = None,
     collect_levels: Callable | None = None,
     merge_levels: Callable | None = None,
     make_spec: Callable | None = None,
@@ -529,35 +668,59 @@ def spec_from_dask(
     together with the row count, the distinct non-missing keys of ``group`` (only their
     number comes back) and the first ``n_head`` rows; then calls
     ``make_spec(parsed, levels, head, **spec_options)`` here.
+
+    A formula with several grouping factors (nested levels) carries, instead of the keys,
+    the unit table of :func:`find_levels` through the same pass: the root orders the levels
+    on its worker (the top level, the one with the fewest units, in which all others nest),
+    and ``make_spec`` gets ``nesting=``; ``n_groups`` is then the number of top units and
+    ``group`` (default ``parsed.group``) may be None (the data decide the top level; the
+    learned ``spec.group`` is it, and the data must be partitioned by it).
     The three functions default to those of :mod:`dglmm.design`.  With ``handle`` the pass
     runs on its cluster and ends with a ClusterError when every worker is lost.
 
     Raises
     ------
     DataError
-        ``group`` is not a column, or the data have no rows.
+        ``group`` (or a grouping column) is not a column, or the data have no rows.
+    SpecificationError
+        Nested levels: crossed factors, a unit in two outer units, a top level of one unit
+        or of several columns, or ``group`` is not the top level the data decide.
     """
     collect_levels = collect_levels or _default_design("collect_levels")
     merge_levels = merge_levels or _default_design("merge_levels")
     make_spec = make_spec or _default_design("make_spec")
-    _check_columns([group], ddf.columns)
-    level = [
-        dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head)
+    nested = _default_design("is_nested_formula")(parsed)
+    group = getattr(parsed, "group", None) if group is None else group
+    if not nested and group is None:
+        raise DataError("spec_from_dask needs the grouping column (group=)")
+    _check_columns(parsed.group_columns if nested else [group], ddf.columns)
+    collect_units = _default_design("collect_units") if nested else None
+    merge_units = _default_design("merge_units") if nested else None
+    order_levels = _default_design("order_levels") if nested else None
+    leaves = [
+        dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head,
+                                           collect_units)  # fmt: skip
         for part in ddf.to_delayed()
     ]
-    while len(level) > 1:
-        level = [
-            dask.delayed(_merge_summaries)(level[i], level[i + 1], merge_levels, n_head)
-            if i + 1 < len(level)
-            else level[i]
-            for i in range(0, len(level), 2)
-        ]
-    root = dask.delayed(_finish_summary)(level[0], merge_levels)
-    if handle is not None:  # bounded when every worker is lost
-        levels, n_rows, n_groups, head = handle.wait(handle.client.compute(root))
-    else:
-        levels, n_rows, n_groups, head = root.compute()
+    tree = _tree(leaves, _merge_summaries, merge_levels, n_head, merge_units)
+    root = dask.delayed(_finish_summary)(tree, merge_levels, parsed, order_levels)
+    levels, n_rows, n_groups, head, ordered = _compute(root, handle)
     if n_rows == 0:
         raise DataError("the data have no rows")
+    if nested:
+        if ordered is None:  # pragma: no cover - the columns were checked above
+            raise DataError(f"a grouping column of {parsed.text!r} is missing from the data")
+        nesting, straddle = ordered
+        if straddle is not None:
+            _raise_straddle(ddf, parsed, nesting, straddle, handle)
+        top = parsed.factor(nesting.top)
+        if group is not None and top.columns != (group,):
+            raise SpecificationError(
+                f"the grouping column {group!r} is not the top grouping level of "
+                f"{parsed.text!r} in the data ({top.name!r}, the factor with the fewest units "
+                "in which all others are nested): partition the data by it"
+            )
+        spec_options["nesting"] = nesting
+        n_groups = nesting.n_units[nesting.top]
     spec = make_spec(parsed, levels, head, **spec_options)
     return LearnedSpec(spec=spec, n_rows=int(n_rows), n_groups=int(n_groups))

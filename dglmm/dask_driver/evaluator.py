@@ -600,16 +600,21 @@ def make_evaluator(
     # before anything is read: a checkpoint compares it on resume
     sources = input_fingerprint(prepared if prepared is not None else data, storage_options)
     with cluster_failures(handle, "reading the data"):
-        if prepared is not None and prepared.group == parsed.group:
-            source: Any = prepared  # already whole groups, one file per partition
-            ddf, group = prepared.to_dask(columns), None
+        if prepared is not None:
+            ddf = prepared.to_dask(columns)
         else:
-            ddf = load_data(data, columns, storage_options=storage_options, group=parsed.group)
-            source, group = ddf, parsed.group
+            ddf = load_data(data, columns, storage_options=storage_options,
+                            group=parsed.group_columns)  # fmt: skip
         learned = spec_from_dask(
             ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights,
             handle=handle, allow_python=allow_python_in_formulas,
         )  # fmt: skip
+        # partitioned by the top level, which the data decide for nested levels
+        if prepared is not None and prepared.group == learned.spec.group:
+            source: Any = prepared  # already whole groups, one file per partition
+            group = None
+        else:
+            source, group = ddf, learned.spec.group
     evaluator = DaskEvaluator(
         handle,
         source,
