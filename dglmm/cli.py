@@ -77,10 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simulate", help="simulate calls-within-subscribers data")
     s.add_argument("out", help="output directory (or a .parquet file)")
-    s.add_argument("--subscribers", type=int, required=True)
+    s.add_argument("--subscribers", type=int, default=None,
+                   help="number of subscribers (implied by --levels)")
+    s.add_argument("--levels", default=None, metavar="[REGIONS,]ACCOUNTS,SUBSCRIBERS",
+                   help="nest the subscribers: e.g. 20,25,10 = 20 regions, 25 accounts per "
+                   "region, 10 subscribers per account (two numbers: accounts, subscribers "
+                   "per account)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calls-per-subscriber", type=float, default=20.0)
-    s.add_argument("--effects", default=None, help="also write the true random effects here")
+    s.add_argument("--effects", default=None,
+                   help="also write the true random effects here (with --levels: a directory "
+                   "of one Parquet file per level)")  # fmt: skip
     s.add_argument("--overwrite", action="store_true")
 
     pr = sub.add_parser("predict", help="predict from a fitted result")
@@ -176,14 +183,23 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from .simulate import simulate_to_parquet
+    from .simulate import parse_levels, simulate_to_parquet
 
+    levels = None if args.levels is None else parse_levels(args.levels)
+    if args.subscribers is None and levels is None:
+        raise DglmmError("give --subscribers N, or --levels REGIONS,ACCOUNTS,SUBSCRIBERS")
     truth = simulate_to_parquet(
-        args.out, args.subscribers, seed=args.seed,
+        args.out, args.subscribers, levels=levels, seed=args.seed,
         calls_per_subscriber=args.calls_per_subscriber, effects_path=args.effects,
         overwrite=args.overwrite,
     )  # fmt: skip
-    print(f"wrote {truth['n_rows']} calls of {truth['n_subscribers']} subscribers to {args.out}")
+    if levels is None:
+        print(f"wrote {truth['n_rows']} calls of {truth['n_subscribers']} subscribers to "
+              f"{args.out}")  # fmt: skip
+    else:
+        groups = ", ".join(f"{n} {name}s" for name, n in truth["n_groups"].items())
+        print(f"wrote {truth['n_rows']} calls of {groups} to {args.out}")
+        print(f"true model (nested form): {truth['formula_nested']}")
     print(f"true model: {truth['formula']}")
     return 0
 

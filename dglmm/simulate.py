@@ -54,6 +54,36 @@ its lower Cholesky factor, the random terms, the group, ``n_subscribers``, ``n_r
 
 Default true parameters (:data:`DEFAULT_FIXED_EFFECTS`, :data:`DEFAULT_SD`,
 :data:`DEFAULT_CORR`) give a dropped-call rate of about 15%.
+
+Nested levels.  ``levels=(n_regions, accounts_per_region, subscribers_per_account)`` (or
+``(n_accounts, subscribers_per_account)``) nests the subscribers in accounts in regions: a
+four-level (three-level) data set.  Subscriber ``j`` (``0 .. prod(levels)-1``) lies in account
+``j // subscribers_per_account`` and that account in region ``account // accounts_per_region``;
+every subscriber keeps exactly the covariates, call counts and random effects it has without
+``levels`` (same seed), and the linear predictor gains a random intercept per account
+(sd :data:`DEFAULT_LEVEL_SD` ``["account"]`` = 0.5) and per region (sd 0.3)::
+
+    dropped ~ duration + night + international + tenure + C(plan) + duration:tenure
+              + (1 | region) + (1 | account) + (1 + duration | subscriber)
+
+or, the same model written with ``/`` (the labels are globally unique, so both formulas
+describe the same nesting)::
+
+    ... + (1 | region/account) + (1 + duration | subscriber:account:region)
+
+The grouping columns come first and hold readable, globally unique string labels: ``region``
+``"r07"``, ``account`` ``"r07-a12"``, ``subscriber`` ``"r07-a12-s03"`` (zero-based, padded
+to at least two digits, more for 101 or more units; without regions ``"a12"`` and
+``"a12-s03"``).  The truth then also
+holds ``levels`` (the grouping columns, outermost first), ``level_sizes``, and
+``random_effects``/``n_groups`` keyed by lme4's names of the grouping factors of the first
+formula (``"region"``, ``"account"``, ``"subscriber"``), each entry shaped as
+:attr:`dglmm.results.FitResult.random_effects` (``terms``, ``covariance``, ``sd``, ``corr``
+matrix, ``cholesky``); ``formula_nested``, ``random_effects_nested`` and ``n_groups_nested`` do
+the same for the ``/`` formula (``"region"``, ``"account:region"``,
+``"subscriber:account:region"``).  The region and account effects draw from their own streams
+(``SeedSequence(seed, spawn_key=(2,))`` for the regions, ``(3, r)`` for the accounts of region
+``r``), so they depend on the seed and the position only.
 """
 
 from __future__ import annotations
@@ -61,6 +91,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,10 +107,14 @@ __all__ = [
     "COLUMNS",
     "DEFAULT_CORR",
     "DEFAULT_FIXED_EFFECTS",
+    "DEFAULT_LEVEL_SD",
     "DEFAULT_SD",
     "FORMULA",
+    "LEVEL_NAMES",
     "PLAN_LEVELS",
     "default_params",
+    "level_formula",
+    "parse_levels",
     "simulate_calls",
     "simulate_to_parquet",
 ]
@@ -120,6 +155,15 @@ DEFAULT_CORR: float = -0.3
 #: Subscribers per generation block (the unit of the random streams).
 BLOCK_SUBSCRIBERS = 1024
 
+#: Grouping columns of a nested data set, outermost first, by the number of ``levels``.
+LEVEL_NAMES: dict[int, tuple[str, ...]] = {
+    2: ("account", "subscriber"),
+    3: ("region", "account", "subscriber"),
+}
+#: Standard deviations of the random intercepts of the outer levels (``levels=``).
+DEFAULT_LEVEL_SD: dict[str, float] = {"region": 0.3, "account": 0.5}
+_LABEL_PREFIX = {"region": "r", "account": "a", "subscriber": "s"}
+
 # Covariate-generating constants (not part of the model, so not in ``params``).
 _PLAN_PROBS = np.array([0.15, 0.35, 0.50])  # business, postpaid, prepaid
 _INTL_BY_PLAN = np.array([0.15, 0.06, 0.04])
@@ -147,15 +191,23 @@ def default_params() -> dict[str, Any]:
 class _Config:
     """Validated true parameters."""
 
-    def __init__(self, params: Mapping[str, Any] | None, calls_per_subscriber: float) -> None:
+    def __init__(
+        self, params: Mapping[str, Any] | None, calls_per_subscriber: float, n_levels: int = 0
+    ) -> None:
         params = dict(params or {})
         allowed = ("fixed_effects", "sd", "corr", "covariance")
+        allowed += ("level_sd",) if n_levels else ()
         for key in params:
+            if key == "level_sd" and not n_levels:
+                raise SpecificationError(
+                    "simulation parameter 'level_sd' needs levels= (the outer grouping levels)"
+                )
             if key not in allowed:
                 raise SpecificationError(
                     f"unknown simulation parameter {key!r}{suggest(key, allowed)}; "
                     f"expected some of {', '.join(allowed)}"
                 )
+        self.level_sd = _level_sd(params.get("level_sd"), n_levels) if n_levels else {}
         fixed = dict(DEFAULT_FIXED_EFFECTS)
         for name, value in dict(params.get("fixed_effects") or {}).items():
             if name not in fixed:
@@ -219,6 +271,34 @@ class _Config:
         }
 
 
+def _level_sd(given: Any, n_levels: int) -> dict[str, float]:
+    """Validated ``params["level_sd"]``: sd of the random intercept of each outer level."""
+    names = LEVEL_NAMES[n_levels][:-1]
+    out = {name: DEFAULT_LEVEL_SD[name] for name in names}
+    if given is None:
+        return out
+    if not isinstance(given, Mapping):
+        raise SpecificationError(
+            f"'level_sd' must map level names ({', '.join(names)}) to standard deviations"
+        )
+    for name, value in given.items():
+        if name not in out:
+            raise SpecificationError(
+                f"unknown level {name!r} in 'level_sd'{suggest(str(name), names)}; "
+                f"expected some of {', '.join(names)}"
+            )
+        try:
+            sd = float(value)
+        except (TypeError, ValueError):
+            sd = math.nan
+        if not (math.isfinite(sd) and sd >= 0):
+            raise SpecificationError(
+                f"'level_sd' of {name!r} must be a non-negative number, got {value!r}"
+            )
+        out[name] = sd
+    return out
+
+
 def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
     """Lower factor ``L`` with ``L L' = cov`` for a 2x2 positive semi-definite ``cov``."""
     l00 = math.sqrt(max(cov[0, 0], 0.0))
@@ -238,6 +318,214 @@ def _check_counts(n_subscribers: int, seed: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# nested levels
+
+_FIXED_PART = FORMULA.split(" + (1 + duration |")[0]
+_LEVELS_FORMAT = "regions,accounts,subscribers (e.g. 20,25,10) or accounts,subscribers"
+_LEVEL_COUNTS = {
+    2: ("accounts", "subscribers per account"),
+    3: ("regions", "accounts per region", "subscribers per account"),
+}
+
+
+def level_formula(n_levels: int, *, nested: bool = False) -> str:
+    """The true model of a data set simulated with ``n_levels`` (2 or 3) numbers in ``levels``.
+
+    ``nested=False``: one term per grouping column, ``... + (1 | region) + (1 | account) +
+    (1 + duration | subscriber)``; ``nested=True``: the same model with ``/``, ``... +
+    (1 | region/account) + (1 + duration | subscriber:account:region)``.
+    """
+    if n_levels not in LEVEL_NAMES:
+        raise SpecificationError(f"levels has 2 or 3 numbers, not {n_levels}")
+    names = LEVEL_NAMES[n_levels]
+    if nested:
+        random = f"(1 | {'/'.join(names[:-1])}) + (1 + duration | {':'.join(reversed(names))})"
+    else:
+        random = " + ".join(f"(1 | {name})" for name in names[:-1])
+        random += " + (1 + duration | subscriber)"
+    return f"{_FIXED_PART} + {random}"
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """``"20,25,10"`` -> ``(20, 25, 10)`` (the command line's ``--levels``), checked."""
+    parts = str(text).split(",")
+    for part in parts:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", part):
+            raise SpecificationError(
+                f"levels {text!r}: {part.strip()!r} is not a whole number; give "
+                f"{_LEVELS_FORMAT}"
+            )
+    return _check_levels(tuple(int(part) for part in parts))
+
+
+def _check_levels(levels: Any) -> tuple[int, ...]:
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise SpecificationError(
+            f"levels must be a tuple of 2 or 3 integers ({_LEVELS_FORMAT}), got {levels!r}"
+        )
+    values = tuple(levels)
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise SpecificationError(
+                f"levels must be whole numbers ({_LEVELS_FORMAT}), got {v!r} in {values!r}"
+            )
+    if len(values) not in _LEVEL_COUNTS:
+        shown = ",".join(str(v) for v in values)
+        raise SpecificationError(
+            f"levels {shown!r} has {len(values)} number{'s' if len(values) != 1 else ''}; "
+            f"give 2 or 3: {_LEVELS_FORMAT}"
+        )
+    for what, v in zip(_LEVEL_COUNTS[len(values)], values, strict=True):
+        if v < 1:
+            raise SpecificationError(f"levels: the number of {what} must be >= 1, got {v}")
+    return tuple(int(v) for v in values)
+
+
+def _resolve_levels(n_subscribers: Any, levels: Any) -> tuple[Any, tuple[int, ...] | None]:
+    """``(n_subscribers, levels)`` with the subscriber count implied by ``levels``."""
+    if levels is None:
+        if n_subscribers is None:
+            raise SpecificationError("give the number of subscribers or levels=")
+        return n_subscribers, None
+    levels = _check_levels(levels)
+    total = math.prod(levels)
+    if n_subscribers is not None and (
+        isinstance(n_subscribers, bool) or n_subscribers != total
+    ):
+        raise SpecificationError(
+            f"the number of subscribers ({n_subscribers!r}) disagrees with levels "
+            f"{','.join(map(str, levels))} ({' x '.join(map(str, levels))} = {total} "
+            "subscribers); give only one of them"
+        )
+    return total, levels
+
+
+def _rng(seed: int, key: tuple[int, ...]) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
+def _re_entry(terms: tuple[str, ...], cov: np.ndarray, chol: np.ndarray) -> dict[str, Any]:
+    """One level's truth, shaped as a ``FitResult.random_effects`` entry."""
+    sd = np.sqrt(np.diag(cov))
+    outer = np.outer(sd, sd)
+    corr = np.divide(cov, outer, out=np.zeros_like(cov), where=outer > 0)
+    np.fill_diagonal(corr, 1.0)
+    return {
+        "terms": list(terms),
+        "covariance": cov.tolist(),
+        "sd": sd.tolist(),
+        "corr": corr.tolist(),
+        "cholesky": chol.tolist(),
+    }
+
+
+class _Nesting:
+    """Subscribers nested in accounts (nested in regions): labels and outer random intercepts."""
+
+    def __init__(self, levels: tuple[int, ...], level_sd: Mapping[str, float], seed: int) -> None:
+        self.levels = levels
+        self.names = LEVEL_NAMES[len(levels)]
+        self.per_account = levels[-1]
+        self.n_accounts = math.prod(levels[:-1])
+        width = {n: max(2, len(str(k - 1))) for n, k in zip(self.names, levels, strict=True)}
+        self.sub_width = width["subscriber"]
+        self.region_u: np.ndarray | None = None
+        if len(levels) == 3:
+            n_regions, self.per_region = levels[0], levels[1]
+            self.region_u = level_sd["region"] * _rng(seed, (2,)).standard_normal(n_regions)
+            self.account_u = np.concatenate(
+                [
+                    level_sd["account"] * _rng(seed, (3, r)).standard_normal(self.per_region)
+                    for r in range(n_regions)
+                ]
+            )
+            self.region_labels = np.array(
+                [f"r{r:0{width['region']}d}" for r in range(n_regions)], dtype=object
+            )
+            self.account_labels = np.array(
+                [
+                    f"{self.region_labels[a // self.per_region]}-a"
+                    f"{a % self.per_region:0{width['account']}d}"
+                    for a in range(self.n_accounts)
+                ],
+                dtype=object,
+            )
+        else:
+            self.per_region = self.n_accounts
+            self.account_u = level_sd["account"] * _rng(seed, (3, 0)).standard_normal(
+                self.n_accounts
+            )
+            self.account_labels = np.array(
+                [f"a{a:0{width['account']}d}" for a in range(self.n_accounts)], dtype=object
+            )
+
+    def shift(self, ids: np.ndarray) -> np.ndarray:
+        """Sum of the outer random intercepts of subscribers ``ids``."""
+        account = ids // self.per_account
+        out = self.account_u[account]
+        if self.region_u is not None:
+            out = self.region_u[account // self.per_region] + out
+        return out
+
+    def group_columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Label columns (outermost first) of subscribers ``ids``."""
+        account = ids // self.per_account
+        out = {}
+        if self.region_u is not None:
+            out["region"] = self.region_labels[account // self.per_region]
+        out["account"] = self.account_labels[account]
+        w, within = self.sub_width, ids % self.per_account
+        out["subscriber"] = np.array(
+            [f"{a}-s{s:0{w}d}" for a, s in zip(out["account"], within, strict=True)],
+            dtype=object,
+        )
+        return out
+
+    def outer_effects(self) -> dict[str, dict[str, np.ndarray]]:
+        """True intercepts of the outer levels, per level column: labels of the enclosing
+        levels, the level's label and ``u0``."""
+        out = {}
+        if self.region_u is not None:
+            out["region"] = {"region": self.region_labels, "u0": self.region_u}
+            regions = np.arange(self.n_accounts) // self.per_region
+            out["account"] = {"region": self.region_labels[regions]}
+        else:
+            out["account"] = {}
+        out["account"].update({"account": self.account_labels, "u0": self.account_u})
+        return out
+
+    def add_truth(self, truth: dict[str, Any], cfg: _Config) -> None:
+        """The per-level entries of the truth dictionary."""
+        n_groups = dict(zip(self.names[:-1], self.levels[:-1], strict=False))
+        n_groups["account"] = self.n_accounts
+        n_groups["subscriber"] = int(truth["n_subscribers"])
+        entries = {
+            name: _re_entry(("Intercept",), np.array([[sd * sd]]), np.array([[sd]]))
+            for name, sd in cfg.level_sd.items()
+        }
+        entries["subscriber"] = _re_entry(RANDOM_TERMS, cfg.cov, cfg.chol)
+        nested = [":".join(reversed(self.names[: i + 1])) for i in range(len(self.names))]
+        truth.update(
+            {
+                "formula": level_formula(len(self.levels)),
+                "formula_nested": level_formula(len(self.levels), nested=True),
+                "levels": list(self.names),
+                "level_sizes": list(self.levels),
+                "top_group": self.names[0],
+                "level_sd": dict(cfg.level_sd),
+                "random_effects": {n: entries[n] for n in self.names},
+                "n_groups": {n: n_groups[n] for n in self.names},
+                "random_effects_nested": {
+                    key: entries[n] for key, n in zip(nested, self.names, strict=True)
+                },
+                "n_groups_nested": {
+                    key: n_groups[n] for key, n in zip(nested, self.names, strict=True)
+                },
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # generation
 
 
@@ -246,11 +534,15 @@ def _expit(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + out), out / (1.0 + out))
 
 
-def _block(cfg: _Config, seed: int, k: int, n_keep: int) -> tuple[dict[str, np.ndarray], ...]:
+def _block(
+    cfg: _Config, seed: int, k: int, n_keep: int, nest: _Nesting | None = None
+) -> tuple[dict[str, np.ndarray], ...]:
     """Generate block ``k`` (subscribers ``k*B ..``), keeping its first ``n_keep`` subscribers.
 
     The whole block is always drawn, so a subscriber's data do not depend on ``n_keep``.
     Returns (rows, effects): column arrays in subscriber order, and subscriber, u0, u1.
+    With ``nest``, the outer levels' intercepts join the linear predictor and the grouping
+    columns are labels (see :class:`_Nesting`).
     """
     B = BLOCK_SUBSCRIBERS
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(0, k))))
@@ -295,8 +587,10 @@ def _block(cfg: _Config, seed: int, k: int, n_keep: int) -> tuple[dict[str, np.n
         + cfg.beta_plan[plan[idx]]
         + u[idx, 0]
     )
-    dropped = (unif[:n_rows] < _expit(eta)).view(np.int8)
     first = np.int64(k) * B
+    if nest is not None:
+        eta = eta + nest.shift(first + np.arange(n_keep, dtype=np.int64))[idx]
+    dropped = (unif[:n_rows] < _expit(eta)).view(np.int8)
     rows = {
         "subscriber": first + idx.astype(np.int64),
         "dropped": dropped,
@@ -311,21 +605,32 @@ def _block(cfg: _Config, seed: int, k: int, n_keep: int) -> tuple[dict[str, np.n
         "u0": u[:n_keep, 0].copy(),
         "u1": u[:n_keep, 1].copy(),
     }
+    if nest is not None:  # label columns, outermost first, instead of the subscriber number
+        groups = nest.group_columns(effects.pop("subscriber"))
+        rows = {**{name: g[idx] for name, g in groups.items()},
+                **{name: a for name, a in rows.items() if name != "subscriber"}}  # fmt: skip
+        effects = {**groups, **effects}
     return rows, effects
 
 
 def _chunk(
-    cfg: _Config, seed: int, c: int, first_block: int, stop_block: int, n_subscribers: int
+    cfg: _Config,
+    seed: int,
+    c: int,
+    first_block: int,
+    stop_block: int,
+    n_subscribers: int,
+    nest: _Nesting | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Blocks ``first_block:stop_block`` as one chunk, rows shuffled; and the true effects."""
     B = BLOCK_SUBSCRIBERS
     parts, eff_parts = [], []
     for k in range(first_block, stop_block):
         n_keep = min(B, n_subscribers - k * B)
-        rows, eff = _block(cfg, seed, k, n_keep)
+        rows, eff = _block(cfg, seed, k, n_keep, nest)
         parts.append(rows)
         eff_parts.append(eff)
-    cols = {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
+    cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     effects = {name: np.concatenate([e[name] for e in eff_parts]) for name in eff_parts[0]}
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(1, c))))
     perm = rng.permutation(cols["subscriber"].shape[0])
@@ -334,26 +639,38 @@ def _chunk(
 
 
 def _to_frame(cols: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    data = {name: cols[name] for name in COLUMNS if name != "plan"}
+    data = {name: a for name, a in cols.items() if name != "plan"}
     df = pd.DataFrame(data, copy=False)
     df["plan"] = pd.Categorical.from_codes(cols["plan"], categories=list(PLAN_LEVELS))
-    return df[list(COLUMNS)]
+    return df[list(cols)]
+
+
+def _columns(nest: _Nesting | None) -> tuple[str, ...]:
+    """The data columns: :data:`COLUMNS`, after the outer levels' label columns."""
+    return COLUMNS if nest is None else nest.names[:-1] + COLUMNS
 
 
 def simulate_calls(
-    n_subscribers: int,
+    n_subscribers: int | None = None,
     *,
+    levels: tuple[int, ...] | None = None,
     seed: int = 0,
     calls_per_subscriber: float = 20.0,
     params: Mapping[str, Any] | None = None,
     return_effects: bool = False,
-) -> tuple[pd.DataFrame, dict[str, Any]] | tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+) -> tuple[pd.DataFrame, dict[str, Any]] | tuple[pd.DataFrame, dict[str, Any], Any]:
     """Simulate call records in memory.
 
     Parameters
     ----------
     n_subscribers
         Number of subscribers (groups); rows are about ``n_subscribers * calls_per_subscriber``.
+        Not needed with ``levels`` (if given, it must equal the product of ``levels``).
+    levels
+        ``(n_regions, accounts_per_region, subscribers_per_account)`` or ``(n_accounts,
+        subscribers_per_account)``: subscribers nested in accounts (in regions), with a random
+        intercept per account and region and labelled grouping columns ``region``, ``account``,
+        ``subscriber`` (see the module docstring).  ``None`` (default): subscribers only.
     seed
         Non-negative integer seed; the same seed gives the same data.
     calls_per_subscriber
@@ -361,51 +678,64 @@ def simulate_calls(
     params
         Overrides of the true parameters: ``{"fixed_effects": {name: value, ...}}`` (any subset
         of :data:`DEFAULT_FIXED_EFFECTS`), and either ``"sd"`` (two standard deviations) and/or
-        ``"corr"``, or ``"covariance"`` (2x2).
+        ``"corr"``, or ``"covariance"`` (2x2).  With ``levels`` also ``"level_sd"``:
+        ``{"region": sd, "account": sd}`` (any subset; defaults :data:`DEFAULT_LEVEL_SD`).
     return_effects
         Also return the true random effects, a DataFrame with columns ``subscriber``, ``u0``
-        (intercept) and ``u1`` (duration slope), sorted by subscriber.
+        (intercept) and ``u1`` (duration slope), sorted by subscriber.  With ``levels``, a dict
+        of DataFrames keyed by level column (``"region"``, ``"account"``, ``"subscriber"``),
+        each sorted by its level and holding the labels of the enclosing levels, the level's
+        label and ``u0`` (and ``u1`` for subscribers).
 
     Returns
     -------
     ``(data, truth)`` or, with ``return_effects=True``, ``(data, truth, effects)``.
     """
+    n_subscribers, levels = _resolve_levels(n_subscribers, levels)
     n_subscribers, seed = _check_counts(n_subscribers, seed)
-    cfg = _Config(params, calls_per_subscriber)
+    cfg = _Config(params, calls_per_subscriber, len(levels) if levels else 0)
+    nest = _Nesting(levels, cfg.level_sd, seed) if levels else None
     n_blocks = -(-n_subscribers // BLOCK_SUBSCRIBERS)
-    cols, effects = _chunk(cfg, seed, 0, 0, n_blocks, n_subscribers)
+    cols, effects = _chunk(cfg, seed, 0, 0, n_blocks, n_subscribers, nest)
     df = _to_frame(cols)
     truth = cfg.truth(n_subscribers, len(df), seed)
-    if return_effects:
+    if nest is not None:
+        nest.add_truth(truth, cfg)
+    if not return_effects:
+        return df, truth
+    if nest is None:
         return df, truth, pd.DataFrame(effects)
-    return df, truth
+    frames = {name: pd.DataFrame(c) for name, c in nest.outer_effects().items()}
+    frames["subscriber"] = pd.DataFrame(effects)
+    return df, truth, frames
 
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
 
 
-def _arrow_schema():
+def _arrow_schema(nest: _Nesting | None = None):
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("subscriber", pa.int64()),
-            ("dropped", pa.int8()),
-            ("duration", pa.float64()),
-            ("night", pa.int8()),
-            ("international", pa.int8()),
-            ("tenure", pa.float64()),
-            ("plan", pa.dictionary(pa.int8(), pa.string())),
-        ]
-    )
+    fields = [
+        ("subscriber", pa.int64()),
+        ("dropped", pa.int8()),
+        ("duration", pa.float64()),
+        ("night", pa.int8()),
+        ("international", pa.int8()),
+        ("tenure", pa.float64()),
+        ("plan", pa.dictionary(pa.int8(), pa.string())),
+    ]
+    if nest is not None:  # string labels for every grouping column
+        fields = [(name, pa.string()) for name in nest.names] + fields[1:]
+    return pa.schema(fields)
 
 
 def _arrow_table(cols: Mapping[str, np.ndarray], lo: int, hi: int, schema, dictionary):
     import pyarrow as pa
 
     arrays = []
-    for name in COLUMNS:
+    for name in schema.names:
         a = cols[name][lo:hi]
         if name == "plan":
             arrays.append(pa.DictionaryArray.from_arrays(pa.array(a, type=pa.int8()), dictionary))
@@ -416,8 +746,9 @@ def _arrow_table(cols: Mapping[str, np.ndarray], lo: int, hi: int, schema, dicti
 
 def simulate_to_parquet(
     out: str | os.PathLike[str],
-    n_subscribers: int,
+    n_subscribers: int | None = None,
     *,
+    levels: tuple[int, ...] | None = None,
     seed: int = 0,
     calls_per_subscriber: float = 20.0,
     chunk_subscribers: int = 100_000,
@@ -449,7 +780,11 @@ def simulate_to_parquet(
 
     ``effects_path``, if given, receives the true random effects as a Parquet file with
     columns ``subscriber``, ``u0``, ``u1`` (sorted by subscriber); keep it outside a
-    directory ``out``, which readers treat as one data set.
+    directory ``out``, which readers treat as one data set.  With ``levels`` (see
+    :func:`simulate_calls`), ``effects_path`` is a directory (not ending in ``.parquet``, not
+    ``out`` nor inside it) that receives one file per level, ``region.parquet``,
+    ``account.parquet`` and ``subscriber.parquet``, shaped as the frames of
+    :func:`simulate_calls`; the truth lists them under ``effects_files``.
 
     Reading back: ``dask.dataframe.read_parquet(out)`` reads the directory (it skips
     ``_truth.json``); ``pandas.read_parquet``/``pyarrow`` need the part files, e.g.
@@ -467,8 +802,9 @@ def simulate_to_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n_subscribers, levels = _resolve_levels(n_subscribers, levels)
     n_subscribers, seed = _check_counts(n_subscribers, seed)
-    cfg = _Config(params, calls_per_subscriber)
+    cfg = _Config(params, calls_per_subscriber, len(levels) if levels else 0)
     if int(chunk_subscribers) < 1:
         raise SpecificationError(f"chunk_subscribers must be >= 1, got {chunk_subscribers}")
     if int(rows_per_file) < 1:
@@ -502,14 +838,23 @@ def simulate_to_parquet(
         raise FileExistsError(
             f"{stale[0]} already exists; pass overwrite=True to replace the output"
         )
-    if effects_path is not None:
+    eff_files: list[Path] = []  # the last one receives the subscriber-level effects
+    if levels is not None and effects_path is not None:
+        eff_files = _effects_directory(Path(effects_path), LEVEL_NAMES[len(levels)], out, single)
+    elif effects_path is not None:
         Path(effects_path).parent.mkdir(parents=True, exist_ok=True)
         _check_plain_target(Path(effects_path))
+        eff_files = [Path(effects_path)]
     (out.parent if single else out).mkdir(parents=True, exist_ok=True)
 
-    schema = _arrow_schema()
+    nest = _Nesting(levels, cfg.level_sd, seed) if levels else None
+    schema = _arrow_schema(nest)
     dictionary = pa.array(list(PLAN_LEVELS), type=pa.string())
     eff_schema = pa.schema([("subscriber", pa.int64()), ("u0", pa.float64()), ("u1", pa.float64())])
+    if nest is not None:
+        eff_schema = pa.schema(
+            [(name, pa.string()) for name in nest.names] + [eff_schema[1], eff_schema[2]]
+        )
 
     B = BLOCK_SUBSCRIBERS
     n_blocks = -(-n_subscribers // B)
@@ -520,16 +865,22 @@ def simulate_to_parquet(
     # every file is written under a temporary name beside its target and renamed into place
     # only when all are complete: a failure leaves an earlier output as it was
     token = uuid.uuid4().hex[:12]
-    final = list(paths) + ([Path(effects_path)] if effects_path is not None else [])
+    final = list(paths) + eff_files
     temps = [p.with_name(f".{p.name}.dglmm-tmp-{token}") for p in final]
     ok = False
     try:
         writers = [pq.ParquetWriter(str(t), schema) for t in temps[: len(paths)]]
-        if effects_path is not None:
+        if nest is not None and eff_files:
+            outer = nest.outer_effects()
+            for columns, t in zip(outer.values(), temps[len(paths) : -1], strict=True):
+                table = {k: pa.array(v, type=pa.float64() if k == "u0" else pa.string())
+                         for k, v in columns.items()}  # fmt: skip
+                pq.write_table(pa.table(table), str(t))
+        if eff_files:
             eff_writer = pq.ParquetWriter(str(temps[-1]), eff_schema)
         for c, first in enumerate(range(0, n_blocks, blocks_per_chunk)):
             stop = min(first + blocks_per_chunk, n_blocks)
-            cols, effects = _chunk(cfg, seed, c, first, stop, n_subscribers)
+            cols, effects = _chunk(cfg, seed, c, first, stop, n_subscribers, nest)
             m = cols["subscriber"].shape[0]
             n_rows += m
             bounds = np.linspace(0, m, len(writers) + 1).round().astype(np.int64)
@@ -539,7 +890,7 @@ def simulate_to_parquet(
             if eff_writer is not None:
                 eff_writer.write_table(
                     pa.Table.from_arrays(
-                        [pa.array(effects[n]) for n in ("subscriber", "u0", "u1")],
+                        [pa.array(effects[f.name], type=f.type) for f in eff_schema],
                         schema=eff_schema,
                     )
                 )
@@ -569,11 +920,40 @@ def simulate_to_parquet(
             p.unlink(missing_ok=True)
 
     truth = cfg.truth(n_subscribers, n_rows, seed)
+    if nest is not None:
+        nest.add_truth(truth, cfg)
     truth["files"] = [p.name for p in paths]
     if effects_path is not None:
         truth["effects_path"] = str(effects_path)
+        if nest is not None:
+            truth["effects_files"] = [p.name for p in eff_files]
     write_text_atomic(str(truth_path), json.dumps(truth, indent=2) + "\n")
     return truth
+
+
+def _effects_directory(path: Path, names: tuple[str, ...], out: Path, single: bool) -> list[Path]:
+    """The per-level true-effects files of a nested simulation, checked; directory made."""
+    from .outputs import check_output_directory
+
+    if path.suffix == ".parquet":
+        raise SpecificationError(
+            f"with levels, the true effects go to a directory of one Parquet file per level "
+            f"({', '.join(n + '.parquet' for n in names)}); give a path not ending in "
+            f".parquet instead of {str(path)!r}"
+        )
+    if not single:
+        here, data = os.path.realpath(path), os.path.realpath(out)
+        if here == data or here.startswith(data.rstrip(os.sep) + os.sep):
+            raise SpecificationError(
+                f"the true effects directory {str(path)!r} lies in the output directory "
+                f"{str(out)!r}, which readers take as one data set; choose a path outside it"
+            )
+    check_output_directory(path, what="true effects directory")
+    path.mkdir(parents=True, exist_ok=True)
+    files = [path / f"{name}.parquet" for name in names]
+    for f in files:
+        _check_plain_target(f)
+    return files
 
 
 def _check_plain_target(path: Path) -> None:
