@@ -311,7 +311,7 @@ def fit_model(
     reporter = Progress(bool(progress), tol=settings.tol)
 
     def _start_units() -> np.ndarray:  # parameter units once the first result is in
-        rx, rz = _column_rms(design_scales, layout.p, len(spec.random_columns))
+        rx, rz = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
         return _parameter_units(spec, layout, rx, rz, 1.0)
 
     def save(stage: str, state: NewtonState) -> None:
@@ -355,12 +355,12 @@ def fit_model(
     state = maximize(evaluate, state, settings, stage="full",
                      callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
     reporter.close(state.converged)
-    params = _normalise_signs(state.params, spec.cov_pattern, layout)
+    params = _normalise_signs(state.params, spec.all_cov_pattern, layout)
 
     # ---- observed information by central differences of the exact gradient, on the
     # scale of each parameter's design column (scale-free standard errors)
     sigma = math.exp(params[-1]) if layout.has_dispersion else 1.0
-    rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.random_columns))
+    rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
     unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
     hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
     vcov, info_ok = _invert_information(-hess_fd, unit)
@@ -546,7 +546,7 @@ def _parameter_units(spec: ModelSpec, layout: _Layout, rms_x, rms_z, sigma: floa
     """
     unit = np.ones(layout.p + layout.n_theta + int(layout.has_dispersion))
     unit[: layout.p] = sigma / rms_x
-    for j, (a, _b) in enumerate(spec.cov_pattern):
+    for j, (a, _b) in enumerate(spec.all_cov_pattern):
         unit[layout.p + j] = sigma / rms_z[a]
     return unit
 
@@ -591,10 +591,10 @@ def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: 
     sigma = math.exp(glm_state.params[-1]) if layout.has_dispersion else 1.0
     base = h[0, 0] if fixed and fixed[0] == "Intercept" and h[0, 0] > 0 else None
     theta = np.zeros(layout.n_theta)
-    for j, (a, b) in enumerate(spec.cov_pattern):
+    for j, (a, b) in enumerate(spec.all_cov_pattern):
         if a != b:
             continue
-        name = spec.random_columns[a]
+        name = spec.all_random_columns[a]
         scale = 1.0
         if base is not None and name in fixed:
             k = fixed.index(name)
@@ -691,9 +691,9 @@ def _aliased_columns(corr: np.ndarray, tol: float = RANK_TOL) -> tuple[list[int]
 
 
 def _cholesky_factor(params, spec: ModelSpec, layout: _Layout) -> np.ndarray:
-    q = len(spec.random_columns)
+    q = len(spec.all_random_columns)
     L = np.zeros((q, q))
-    for j, (a, b) in enumerate(spec.cov_pattern):
+    for j, (a, b) in enumerate(spec.all_cov_pattern):
         L[a, b] = params[layout.p + j]
     return L
 
@@ -751,12 +751,12 @@ def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout, rms_z=N
         cov = L @ L.T
         return np.concatenate([np.sqrt(np.diag(cov)), cov.ravel()])
 
-    q = len(spec.random_columns)
+    q = len(spec.all_random_columns)
     rms_z = np.ones(q) if rms_z is None else np.asarray(rms_z, dtype=float)
     base = derived(theta)
     jac = np.empty((base.size, theta.size))
     for j in range(theta.size):
-        unit_j = sigma / rms_z[spec.cov_pattern[j][0]]  # the entry's natural unit
+        unit_j = sigma / rms_z[spec.all_cov_pattern[j][0]]  # the entry's natural unit
         h = 1e-6 * max(unit_j, abs(theta[j]))
         e = np.zeros(theta.size)
         e[j] = h
@@ -766,6 +766,17 @@ def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout, rms_z=N
     sd_se = se[:q]
     sd_se = np.where(base[:q] * rms_z > SINGULAR_TOL * sigma, sd_se, np.nan)
     return sd_se, se[q:].reshape(q, q)
+
+
+def _level_counts(spec: ModelSpec, evaluator) -> dict[str, int]:
+    """Units of every grouping factor (lme4's names; innermost first when nested)."""
+    counts = {spec.group: evaluator.n_groups}
+    if spec.inner:
+        units = evaluator.n_units
+        for level, n in zip(spec.inner, units[1:], strict=True):
+            counts[level.name] = int(n)
+        counts = dict(reversed(list(counts.items())))
+    return counts
 
 
 def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs,
@@ -780,17 +791,19 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
     corr = np.where(np.isfinite(corr), corr, 0.0)
     np.fill_diagonal(corr, 1.0)
     sd_se, cov_se = _variance_std_errors(params, vcov, spec, layout, rms_z, sigma)
-    random_effects = {
-        spec.group: {
-            "terms": list(spec.random_columns),
-            "covariance": cov.tolist(),
-            "sd": sd.tolist(),
-            "corr": corr.tolist(),
-            "cholesky": L.tolist(),
-            "sd_std_error": sd_se.tolist(),
-            "covariance_std_error": cov_se.tolist(),
+    random_effects = {}
+    for name, sl in spec.level_columns:  # one block-diagonal block per grouping factor
+        random_effects[name] = {
+            "terms": list(spec.all_random_columns[sl]),
+            "covariance": cov[sl, sl].tolist(),
+            "sd": sd[sl].tolist(),
+            "corr": corr[sl, sl].tolist(),
+            "cholesky": L[sl, sl].tolist(),
+            "sd_std_error": sd_se[sl].tolist(),
+            "covariance_std_error": cov_se[sl, sl].tolist(),
         }
-    }
+    if spec.inner:  # lme4 lists the innermost level first
+        random_effects = dict(reversed(list(random_effects.items())))
     dispersion = math.exp(2 * params[-1]) if layout.has_dispersion else None
     k = params.size
     ll = state.loglik
@@ -806,7 +819,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         aic=-2 * ll + 2 * k,
         bic=-2 * ll + k * math.log(max(n_obs, 1)),
         n_obs=n_obs,
-        n_groups={spec.group: evaluator.n_groups},
+        n_groups=_level_counts(spec, evaluator),
         converged=state.converged,
         singular=singular,
         n_iterations=state.iteration,

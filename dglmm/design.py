@@ -181,6 +181,36 @@ class ModelSpec:
         return len(self.cov_pattern) + sum(level.n_theta for level in self.inner)
 
     @property
+    def all_random_columns(self) -> tuple[str, ...]:
+        """Random-effects columns of every level, top first (``random_columns`` for a
+        one-level model)."""
+        out = tuple(self.random_columns)
+        for level in self.inner:
+            out += tuple(level.random_columns)
+        return out
+
+    @property
+    def all_cov_pattern(self) -> tuple[tuple[int, int], ...]:
+        """Every level's free factor entries as one block-diagonal pattern over
+        :attr:`all_random_columns`, in parameter order."""
+        out = [tuple(x) for x in self.cov_pattern]
+        off = len(self.random_columns)
+        for level in self.inner:
+            out += [(a + off, b + off) for a, b in level.cov_pattern]
+            off += level.q
+        return tuple(out)
+
+    @property
+    def level_columns(self) -> list[tuple[str, slice]]:
+        """``(lme4 name, slice of all_random_columns)`` per level, top first."""
+        out = [(self.group, slice(0, len(self.random_columns)))]
+        off = len(self.random_columns)
+        for level in self.inner:
+            out.append((level.name, slice(off, off + level.q)))
+            off += level.q
+        return out
+
+    @property
     def parsed(self) -> ParsedFormula:
         """The parsed formula (cached by :func:`parse_formula`)."""
         return parse_formula(self.formula)

@@ -50,6 +50,15 @@ class InProcessEvaluator:
         return sum(b.n_groups for b in self.blocks)
 
     @property
+    def n_units(self) -> tuple[int, ...]:
+        """Units of every grouping level, top first (``(n_groups,)`` for one level)."""
+        out = [self.n_groups]
+        if self.blocks:
+            for lev in range(len(self.blocks[0].inner)):
+                out.append(sum(b.inner[lev].n_units for b in self.blocks))
+        return tuple(out)
+
+    @property
     def n_partitions(self) -> int:
         return len(self.blocks)
 
@@ -111,6 +120,8 @@ def kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
         cov_pattern=tuple(tuple(x) for x in spec.cov_pattern),
         n_agq=k,
         has_dispersion=fam.has_dispersion,
+        inner=tuple((level.q, tuple(tuple(x) for x in level.cov_pattern))
+                    for level in spec.inner),  # fmt: skip
     )
 
 

@@ -62,6 +62,7 @@ class _BlockStats:
     n_obs: int
     n_groups: int
     nbytes: int
+    n_inner: tuple[int, ...] = ()  # units of each inner level (nested models)
 
 
 def _build_task(
@@ -84,6 +85,7 @@ def _stats_task(entry: tuple[Any, int]) -> _BlockStats:
         n_obs=len(block.y),
         n_groups=len(block.group_ptr) - 1,
         nbytes=_nbytes(block),
+        n_inner=tuple(level.n_units for level in getattr(block, "inner", ())),
     )
 
 
@@ -392,6 +394,14 @@ class DaskEvaluator:
     @property
     def n_groups(self) -> int:
         return sum(s.n_groups for s in self._stats)
+
+    @property
+    def n_units(self) -> tuple[int, ...]:
+        """Units of every grouping level, top first."""
+        depth = max((len(s.n_inner) for s in self._stats), default=0)
+        inner = [sum(s.n_inner[k] for s in self._stats if len(s.n_inner) > k)
+                 for k in range(depth)]  # fmt: skip
+        return (self.n_groups, *inner)
 
     @property
     def n_dropped(self) -> int:

@@ -113,7 +113,26 @@ def _scales(block, tree: Tree):
 
 
 def evaluate_nested_block(block, params, model, *, hessian: bool = True, u_init=None):
-    """Log-likelihood, exact gradient and Newton Hessian of a nested block."""
+    """Log-likelihood, exact gradient and Newton Hessian of a nested block.
+
+    At parameters where the modes cannot be found (overflow at a wild trial step) the
+    log-likelihood is NaN, which the optimiser treats as a failed step."""
+    from ..kernels import BlockResult
+
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return _evaluate(block, params, model, hessian, u_init)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        P = model.n_params
+        tree = tree_of(block)
+        w_total, x_sumsq, z_sumsq = _scales(block, tree)
+        return BlockResult(loglik=float("nan"), gradient=np.full(P, np.nan),
+                           hessian=np.full((P, P), np.nan) if hessian else None,
+                           n_obs=tree.n, n_groups=tree.G[0], weight_total=w_total,
+                           x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy())  # fmt: skip
+
+
+def _evaluate(block, params, model, hessian, u_init):
     from ..kernels import BlockResult, block_constant
 
     params = np.asarray(params, dtype=np.float64)

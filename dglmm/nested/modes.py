@@ -53,7 +53,7 @@ def find_modes(tree: Tree, eta0, V, y, ntr, w, fam, link, tau, u):
     start = [x.copy() for x in u]
     try:
         return _newton(tree, eta0, V, y, ntr, w, fam, link, tau, u)
-    except FloatingPointError:
+    except (FloatingPointError, np.linalg.LinAlgError):
         if all(not np.any(x) for x in start):
             raise
     zero = [np.zeros_like(x) for x in start]
