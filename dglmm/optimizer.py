@@ -47,11 +47,16 @@ class NewtonSettings:
     gtol : float
         ...and the largest scaled gradient component ``|g_k| * max(1, |x_k|)``
         divided by ``max(1, |loglik|)`` is below ``gtol``.
+    max_corrections : int
+        How many times linear convergence may trigger a measured Hessian correction
+        (nested models, whose kernel Hessian leaves out the log-determinant's
+        curvature, allow more).
     """
 
     max_iter: int = 100
     tol: float = 1e-8
     gtol: float = 1e-5
+    max_corrections: int = MAX_CORRECTIONS
 
 
 @dataclass
@@ -400,7 +405,7 @@ def maximize(
         g = np.where(act, state.gradient, 0.0)
         eig = ScaledEigen(g[act], _newton_hessian(state)[np.ix_(act, act)])
         decrement = eig.decrement()
-        if _slow(state, decrement) and state.n_corrections < MAX_CORRECTIONS:
+        if _slow(state, decrement) and state.n_corrections < settings.max_corrections:
             # Linear convergence: the kernel's Hessian is off in some direction (it
             # leaves out third-derivative terms).  Measure the true one once by
             # differences of the exact gradient (one round trip) and keep the
