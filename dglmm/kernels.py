@@ -274,7 +274,8 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     if model.inner:  # nested grouping levels: the composed kernel of dglmm.nested
         from .nested import evaluate_nested_block
 
-        return evaluate_nested_block(block, params, model, hessian=hessian, u_init=u_init)
+        out = evaluate_nested_block(block, params, model, hessian=hessian, u_init=u_init)
+        return BlockResult(**vars(out))
     params = np.asarray(params, dtype=np.float64)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)

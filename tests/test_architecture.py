@@ -18,7 +18,9 @@ SCRIPT = ROOT / "benchmarks" / "import_graph.py"
 DASK = ("dask", "distributed")
 # the numerical core and the model description: no Dask, no driver, no api
 LOW = ("dglmm.kernels", "dglmm.kernel_core", "dglmm.families", "dglmm.quadrature",
-       "dglmm.design", "dglmm.formula", "dglmm.formula_safety")  # fmt: skip
+       "dglmm.design", "dglmm.formula", "dglmm.formula_safety", "dglmm.nested",
+       "dglmm.nested.kernel", "dglmm.nested.rule", "dglmm.nested.tree", "dglmm.nested.modes",
+       "dglmm.nested.rows")  # fmt: skip
 EVALUATORS = ("dglmm.evaluator", "dglmm.dask_driver", "dglmm.dask_driver.evaluator")
 
 
@@ -166,3 +168,10 @@ def test_architecture_doc_shows_the_current_graph(graph):
         "the Import graph section of docs/ARCHITECTURE.md is out of date: paste the output of "
         "python benchmarks/import_graph.py"
     )
+
+
+def test_nested_kernel_parts_do_not_import_the_dispatcher(graph):
+    """dglmm.kernels dispatches to dglmm.nested; the nested parts never import it back."""
+    adjacency = ig.edges(graph)
+    for name in [m for m in graph if m.startswith("dglmm.nested")]:
+        assert "dglmm.kernels" not in _closure(adjacency, name), name

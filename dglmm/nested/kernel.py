@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..families import _FAMILY_TABLE, get_family
 from .modes import find_modes
 from .rows import row_arrays, tau_derivatives
 from .rule import (
@@ -24,6 +25,35 @@ from .rule import (
 from .tree import Tree, eliminate, selected_inverse, tree_of
 
 _MAX_PREDICTED_SHIFT = 1.0
+
+
+@dataclass
+class NestedResult:
+    """Sums over one block, field for field a :class:`dglmm.kernels.BlockResult`
+    (which :func:`dglmm.kernels.evaluate_block` makes of it; this package does not import
+    the kernels module, which dispatches to it)."""
+
+    loglik: float
+    gradient: np.ndarray
+    hessian: np.ndarray | None
+    n_obs: int
+    n_groups: int
+    modes: np.ndarray | None = None
+    warm_start: object = None
+    weight_total: float | None = None
+    x_sumsq: np.ndarray | None = None
+    z_sumsq: np.ndarray | None = None
+
+
+def _constant(block, fam_code: int) -> float:
+    """Normalising constant of the block's rows (cached as :func:`kernels.block_constant`)."""
+    cached = getattr(block, "_dglmm_constant", None)
+    if cached is not None and cached[0] == fam_code:
+        return cached[1]
+    name = next(k for k, v in _FAMILY_TABLE.items() if v[0] == fam_code)
+    value = get_family(name).loglik_constant(block.y, block.trials, block.weights)
+    object.__setattr__(block, "_dglmm_constant", (fam_code, value))
+    return value
 
 
 @dataclass(frozen=True)
@@ -117,8 +147,6 @@ def evaluate_nested_block(block, params, model, *, hessian: bool = True, u_init=
 
     At parameters where the modes cannot be found (overflow at a wild trial step) the
     log-likelihood is NaN, which the optimiser treats as a failed step."""
-    from ..kernels import BlockResult
-
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return _evaluate(block, params, model, hessian, u_init)
@@ -126,15 +154,13 @@ def evaluate_nested_block(block, params, model, *, hessian: bool = True, u_init=
         P = model.n_params
         tree = tree_of(block)
         w_total, x_sumsq, z_sumsq = _scales(block, tree)
-        return BlockResult(loglik=float("nan"), gradient=np.full(P, np.nan),
+        return NestedResult(loglik=float("nan"), gradient=np.full(P, np.nan),
                            hessian=np.full((P, P), np.nan) if hessian else None,
                            n_obs=tree.n, n_groups=tree.G[0], weight_total=w_total,
                            x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy())  # fmt: skip
 
 
 def _evaluate(block, params, model, hessian, u_init):
-    from ..kernels import BlockResult, block_constant
-
     params = np.asarray(params, dtype=np.float64)
     beta, Ls, tau = model.split_levels(params)
     tree = tree_of(block)
@@ -160,8 +186,8 @@ def _evaluate(block, params, model, hessian, u_init):
     grad = _gradient(tree, X, V, R_nodes, pos, dpos, Pi, tr, layout)
     hess = _profile_hessian(R, mt, layout, fam) if hessian else None
     w_total, x_sumsq, z_sumsq = _scales(block, tree)
-    return BlockResult(
-        loglik=float(np.sum(log_i)) + block_constant(block, fam),
+    return NestedResult(
+        loglik=float(np.sum(log_i)) + _constant(block, fam),
         gradient=grad, hessian=hess, n_obs=tree.n, n_groups=tree.G[0], modes=u[0],
         warm_start=NestedWarmStart(params=params.copy(), modes=tuple(u), slopes=tuple(mt.du)),
         weight_total=w_total, x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy(),
