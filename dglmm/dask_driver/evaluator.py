@@ -105,6 +105,8 @@ def _stored_modes(block: Any) -> Any:
     """The warm start kept on ``block`` (modes array or the kernel's WarmStart), if usable."""
     u_init = getattr(block, _MODES_ATTR, None)
     modes = getattr(u_init, "modes", u_init)
+    if isinstance(modes, tuple):  # nested: the modes of every level, top first
+        modes = modes[0] if modes else None
     if u_init is not None and np.shape(modes)[0] != len(block.group_ptr) - 1:
         return None
     return u_init
