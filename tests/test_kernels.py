@@ -428,3 +428,176 @@ def test_a_far_warm_start_falls_back_to_a_cold_start():
     wild = evaluate_block(block, params, model, u_init=np.full((G, 2), 400.0))
     assert wild.loglik == pytest.approx(cold.loglik, rel=1e-12)
     np.testing.assert_allclose(wild.gradient, cold.gradient, rtol=1e-7, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- NumPy oracle
+# A plain NumPy implementation of the marginal log-likelihood (Newton mode, product
+# Gauss-Hermite rule from numpy.polynomial.hermite), independent of the compiled kernel
+# parts: the kernel's value, its gradient (finite differences of the oracle) and its
+# fixed-weight Newton Hessian (second differences of the oracle's two pieces) must match.
+
+
+def _oracle_rows(family, link, y, n, w, eta, tau):
+    """Full log-density per row (with constants) and its first two eta-derivatives."""
+    if family == "gaussian":
+        prec = w * np.exp(-2.0 * tau)
+        r = y - eta
+        l = -0.5 * np.log(2 * np.pi * np.exp(2.0 * tau) / w) - 0.5 * prec * r * r
+        return l, prec * r, -prec
+    if family == "poisson":
+        mu = np.exp(eta)
+        return w * (y * eta - mu - special.gammaln(y + 1)), w * (y - mu), -w * mu
+    const = special.gammaln(n + 1) - special.gammaln(y + 1) - special.gammaln(n - y + 1)
+    if link == "logit":
+        la, lc = -np.logaddexp(0.0, -eta), -np.logaddexp(0.0, eta)
+        mu = special.expit(eta)
+        d1, d2 = y - n * mu, -n * mu * (1 - mu)
+    elif link == "probit":
+        la, lc = special.log_ndtr(eta), special.log_ndtr(-eta)
+        ra = np.exp(stats.norm.logpdf(eta) - la)
+        rc = np.exp(stats.norm.logpdf(eta) - lc)
+        d1 = y * ra - (n - y) * rc
+        d2 = -y * ra * (eta + ra) - (n - y) * rc * (-eta + rc)
+    else:  # cloglog
+        s = np.exp(eta)
+        la, lc = np.log(-np.expm1(-s)), -s
+        qa, pa = s / np.expm1(s), s / -np.expm1(-s)
+        d1 = y * qa - (n - y) * s
+        d2 = y * qa * (1.0 - pa) - (n - y) * s
+    return w * (const + y * la + (n - y) * lc), w * d1, w * d2
+
+
+def _oracle_split(model, params):
+    q = model.q
+    L = np.zeros((q, q))
+    for j, (a, b) in enumerate(model.cov_pattern):
+        L[a, b] = params[model.p + j]
+    return params[: model.p], L, (params[-1] if model.has_dispersion else 0.0)
+
+
+def _oracle_groups(family, link, block, model, params):
+    """Per group: ``(rows, V = Z L, eta0, u_hat, H)`` by damped Newton in NumPy."""
+    beta, L, tau = _oracle_split(model, params)
+    eta0_all = block.X @ beta + block.offset
+    out = []
+    for g in range(len(block.group_ptr) - 1):
+        sl = slice(block.group_ptr[g], block.group_ptr[g + 1])
+        y, n, w = block.y[sl], block.trials[sl], block.weights[sl]
+        V, eta0 = block.Z[sl] @ L, eta0_all[sl]
+
+        def h(u, y=y, n=n, w=w, V=V, eta0=eta0):
+            return np.sum(_oracle_rows(family, link, y, n, w, eta0 + V @ u, tau)[0]) - u @ u / 2
+
+        u = np.zeros(model.q)
+        for _ in range(200):
+            _, d1, d2 = _oracle_rows(family, link, y, n, w, eta0 + V @ u, tau)
+            H = V.T @ (-d2[:, None] * V) + np.eye(model.q)
+            step = np.linalg.solve(H, V.T @ d1 - u)
+            t = 1.0
+            while h(u + t * step) < h(u) - 1e-12 and t > 1e-6:
+                t /= 2
+            u = u + t * step
+            if np.max(np.abs(step)) < 1e-13:
+                break
+        _, d1, d2 = _oracle_rows(family, link, y, n, w, eta0 + V @ u, tau)
+        H = V.T @ (-d2[:, None] * V) + np.eye(model.q)
+        out.append((sl, V, eta0, u, H, h))
+    return out
+
+
+def _oracle_loglik(family, link, block, model, params):
+    """Laplace (``n_agq = 1``) or adaptive Gauss-Hermite marginal log-likelihood."""
+    x, wts = np.polynomial.hermite.hermgauss(model.n_agq)
+    grids = np.meshgrid(*[x] * model.q, indexing="ij")
+    nodes = np.column_stack([gr.ravel() for gr in grids])
+    logw = np.sum(np.log(np.meshgrid(*[wts] * model.q, indexing="ij")), axis=0).ravel()
+    total = 0.0
+    for _sl, _V, _eta0, u, H, h in _oracle_groups(family, link, block, model, params):
+        A = math.sqrt(2.0) * np.linalg.inv(np.linalg.cholesky(H)).T
+        f = [lw + h(u + A @ t) + t @ t for lw, t in zip(logw, nodes, strict=True)]
+        total += (np.linalg.slogdet(A)[1] + special.logsumexp(f)
+                  - 0.5 * model.q * math.log(2 * math.pi))  # fmt: skip
+    return total
+
+
+def _oracle_fixed_weight_pieces(family, link, block, model, params, ref):
+    """``sum_g h(u_hat)`` and ``-1/2 sum_g log det H`` with the working weights of the
+    modes at ``ref`` (the pieces whose Hessians make up the kernel's Newton Hessian)."""
+    _, L, tau = _oracle_split(model, params)
+    _, _, tau0 = _oracle_split(model, ref)
+    hs, logdet = 0.0, 0.0
+    groups = _oracle_groups(family, link, block, model, params)
+    groups0 = _oracle_groups(family, link, block, model, ref)
+    for (sl, _V, _e, u, _H, h), (_, V0, e0, u0, _, _) in zip(groups, groups0, strict=True):
+        hs += h(u)
+        _, _, d2 = _oracle_rows(family, link, block.y[sl], block.trials[sl],
+                                block.weights[sl], e0 + V0 @ u0, tau0)  # fmt: skip
+        V = block.Z[sl] @ L
+        W = -d2 * np.exp(-2.0 * (tau - tau0))  # Gaussian: the weights scale with sigma^-2
+        logdet -= 0.5 * np.linalg.slogdet(V.T @ (W[:, None] * V) + np.eye(model.q))[1]
+    return hs + logdet
+
+
+ORACLE_FAMILIES = {f[0]: f for f in FAMILIES}
+ORACLE_CASES = [
+    pytest.param(fid, pattern, k, id=f"{fid}-{pattern}-agq{k}")
+    for fid in ("logit-trials", "probit-bern", "cloglog-trials", "poisson-offset",
+                "gaussian-weights")
+    for pattern in ("q1", "q2", "q3")
+    for k in (1, 3, 5, 7)
+    if not (pattern == "q3" and k == 7)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fid, pattern, n_agq", ORACLE_CASES)
+def test_kernel_matches_numpy_oracle(fid, pattern, n_agq):
+    _, family, link, trials, offset, weights = ORACLE_FAMILIES[fid]
+    q = PATTERNS[pattern][0]
+    block = make_block(family, link, trials, offset, weights, q, n_groups=6, seed=21)
+    model = make_model(family, link, pattern, n_agq)
+    params = make_params(model)
+    res = evaluate_block(block, params, model, hessian=True)
+    assert res.loglik == pytest.approx(_oracle_loglik(family, link, block, model, params),
+                                       rel=1e-10, abs=1e-9)  # fmt: skip
+    fd = np.empty(params.size)
+    for k in range(params.size):
+        e = np.zeros(params.size)
+        e[k] = 1e-5
+        fd[k] = (_oracle_loglik(family, link, block, model, params + e)
+                 - _oracle_loglik(family, link, block, model, params - e)) / 2e-5  # fmt: skip
+    np.testing.assert_allclose(res.gradient, fd, rtol=1e-6, atol=1e-6 * np.max(np.abs(fd)))
+    # without the Hessian: the same value and gradient
+    lean = evaluate_block(block, params, model, hessian=False)
+    assert lean.hessian is None
+    assert lean.loglik == res.loglik
+    np.testing.assert_array_equal(lean.gradient, res.gradient)
+
+
+@pytest.mark.parametrize("fid", ["logit-trials", "probit-bern", "cloglog-trials",
+                                 "poisson-offset", "gaussian-weights"])  # fmt: skip
+@pytest.mark.parametrize("pattern", ["q1", "q2", "q3"])
+def test_newton_hessian_matches_numpy_oracle(fid, pattern):
+    """The kernel's Hessian is the exact Hessian of the oracle's ``h(u_hat) - 1/2 log det H``
+    with the working weights held at the current modes, whatever the rule."""
+    _, family, link, trials, offset, weights = ORACLE_FAMILIES[fid]
+    q = PATTERNS[pattern][0]
+    block = make_block(family, link, trials, offset, weights, q, n_groups=5, seed=23)
+    model = make_model(family, link, pattern, 1)
+    params = make_params(model)
+    P = params.size
+
+    def f(x):
+        return _oracle_fixed_weight_pieces(family, link, block, model, x, params)
+
+    hh = 1e-4
+    fd = np.empty((P, P))
+    for a in range(P):
+        for b in range(a + 1):
+            ea, eb = np.eye(P)[a] * hh, np.eye(P)[b] * hh
+            val = (f(params + ea + eb) - f(params + ea - eb)
+                   - f(params - ea + eb) + f(params - ea - eb))  # fmt: skip
+            fd[a, b] = fd[b, a] = val / (4 * hh * hh)
+    for n_agq in (1, 5):
+        res = evaluate_block(block, params, make_model(family, link, pattern, n_agq))
+        scale = max(1.0, np.max(np.abs(fd)))
+        assert np.max(np.abs(res.hessian - fd)) / scale < 1e-5, (n_agq, res.hessian, fd)

@@ -1,0 +1,309 @@
+"""Adaptive Gauss-Hermite quadrature (compiled): one group's term and its exact gradient.
+
+The rule is centred at the mode and scaled by ``A = sqrt(2) LH^-T`` (``H = LH LH'``):
+
+    l_A = log|det A| + logsumexp_k( log w_k + g(u_k) + |t_k|^2 ),  u_k = u_hat + A t_k
+
+The gradient differentiates through ``u_hat`` (``du``) and ``A`` (``dA`` from
+``dH = dHw - sum_i d3_i v_i v_i' dEta_i``); the posterior weights ``pi_k`` of the
+nodes then give ``sum_k pi_k [dg/dpsi(u_k) + g_u(u_k)' (du + dA t_k)]``.  The node pass
+(log-density and ``d1`` per row at each node) is the only pass over the rows per node;
+the centre node (``t = 0``, odd rules) reuses the sums at the mode.
+
+Inputs are the per-group quantities at the mode of :mod:`dglmm.kernel_group`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_l_d1
+from .kernel_mode import _invert_lower
+
+
+@numba.njit(cache=True)
+def agq_work(p, q, P, K):
+    """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, r, QT, QE, dH,
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub``."""
+    m = p + q
+    return (np.empty((q, q, m)), np.empty(m), np.empty((q, q, P)), np.empty((q, q, q)),
+            np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
+            np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
+            np.empty(p), np.empty((q, q)), np.empty(q))  # fmt: skip
+
+
+@numba.njit(cache=True)
+def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH):
+    """``dH/dpsi`` (P, q, q) into ``dH``: ``dHw`` minus the third-derivative terms
+    ``Q3[c, d, :] = sum_i d3_i v_ic v_id r_i`` taken along ``d eta / d psi``."""
+    p = X.shape[1]
+    q, P = du.shape
+    m = p + q
+    Q3[:, :, :] = 0.0
+    for i in range(i0, i1):
+        d3 = d3s[i - i0]
+        if d3 != 0.0:
+            for a in range(p):
+                r[a] = X[i, a]
+            for a in range(q):
+                r[p + a] = Z[i, a]
+            for c in range(q):
+                for d in range(c + 1):
+                    coef = d3 * gV[i - i0, c] * gV[i - i0, d]
+                    for a in range(m):
+                        Q3[c, d, a] += coef * r[a]
+    for c in range(q):
+        for d in range(c):
+            for a in range(m):
+                Q3[d, c, a] = Q3[c, d, a]
+    for c in range(q):
+        for d in range(q):
+            for k in range(P):
+                QT[c, d, k] = Q3[c, d, tcol[k]] * tcoef[k]
+            for e in range(q):
+                acc = 0.0
+                for a in range(m):
+                    acc += Q3[c, d, a] * E[e, a]
+                QE[c, d, e] = acc
+    for k in range(P):
+        for c in range(q):
+            for d in range(q):
+                acc = QT[c, d, k]
+                for e in range(q):
+                    acc += QE[c, d, e] * du[e, k]
+                dH[k, c, d] = dHw[k, c, d] - acc
+
+
+@numba.njit(cache=True)
+def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
+    """Logistic log-density summed over a group at node ``uk[kk]``, with ``d1`` per row
+    into ``d1s[:, kk]`` and ``sum_i d1_i v_i`` into ``svk[kk]``.
+
+    ``log f = w [lin - n log(1 + e)]`` with ``e = exp(-|eta|)``; for rows with
+    ``w n = 1`` (Bernoulli, unit weight) the ``log(1 + e)`` terms are accumulated as
+    a product (each factor in [1, 2], logged every 512 rows), which saves a
+    logarithm per row and quadrature node.
+    """
+    q = gV.shape[1]
+    total = 0.0
+    prod = 1.0
+    count = 0
+    for c in range(q):
+        svk[kk, c] = 0.0
+    for i in range(i0, i1):
+        eta = geta[i - i0]
+        for c in range(q):
+            eta += gV[i - i0, c] * uk[kk, c]
+        n = ntr[i]
+        if eta >= 0.0:
+            e = math.exp(-eta)
+            mu = 1.0 / (1.0 + e)
+            lin = -(n - y[i]) * eta
+        else:
+            e = math.exp(eta)
+            mu = e / (1.0 + e)
+            lin = y[i] * eta
+        wn = w[i] * n
+        if wn == 1.0:
+            prod *= 1.0 + e
+            count += 1
+            if count == 512:
+                total -= math.log(prod)
+                prod = 1.0
+                count = 0
+        else:
+            total -= wn * math.log1p(e)
+        total += w[i] * lin
+        d1 = w[i] * (y[i] - n * mu)
+        d1s[i - i0, kk] = d1
+        for c in range(q):
+            svk[kk, c] += d1 * gV[i - i0, c]
+    return total - math.log(prod)
+
+
+@numba.njit(cache=True)
+def _node_pass(y, ntr, w, i0, i1, geta, gV, uk, kk, fam, link, tau, d1s, svk):
+    """Any family (the family's row functions) at node ``uk[kk]``: ``(sum l_i,
+    sum dl_i/dtau)``, ``d1_i`` per row into ``d1s[:, kk]`` and ``sum_i d1_i v_i`` into
+    ``svk[kk]``."""
+    q = gV.shape[1]
+    G = 0.0
+    lt_node = 0.0
+    for c in range(q):
+        svk[kk, c] = 0.0
+    for i in range(i0, i1):
+        eta = geta[i - i0]
+        for c in range(q):
+            eta += gV[i - i0, c] * uk[kk, c]
+        l, d1, lt = row_l_d1(fam, link, y[i], ntr[i], w[i], eta, tau)
+        G += l
+        lt_node += lt
+        d1s[i - i0, kk] = d1
+        for c in range(q):
+            svk[kk, c] += d1 * gV[i - i0, c]
+    return G, lt_node
+
+
+@numba.njit(cache=True)
+def node_point(u, LHi, nodes, kk, uk):
+    """``uk[kk] = u + sqrt(2) LH^-T t_kk`` (a node of the adaptive rule); returns
+    ``|t_kk|^2``."""
+    q = u.shape[0]
+    sqrt2 = math.sqrt(2.0)
+    norm2 = 0.0
+    for c in range(q):
+        acc = u[c]
+        for d in range(q):
+            acc += sqrt2 * LHi[d, c] * nodes[kk, d]
+        uk[kk, c] = acc
+        norm2 += nodes[kk, c] * nodes[kk, c]
+    return norm2
+
+
+@numba.njit(cache=True)
+def exp_normalise(f):
+    """Replace log-weights ``f`` by the normalised weights ``exp(f) / sum exp(f)``
+    and return ``log sum exp(f)`` (computed without overflow)."""
+    fmax = -np.inf
+    for k in range(f.shape[0]):
+        fmax = max(fmax, f[k])
+    total = 0.0
+    for k in range(f.shape[0]):
+        f[k] = math.exp(f[k] - fmax)
+        total += f[k]
+    for k in range(f.shape[0]):
+        f[k] /= total
+    return fmax + math.log(total)
+
+
+@numba.njit(cache=True)
+def agq_dA(LHi, dH, tmp, dA):
+    """``dA/dpsi_k = -sqrt2 LH^-T (dLH_k)' LH^-T`` with ``dLH = LH Phi(LH^-1 dH LH^-T)``
+    (``Phi``: lower triangle, halved diagonal), i.e. ``dA = -sqrt2 LHi' Phi'``."""
+    q = LHi.shape[0]
+    sqrt2 = math.sqrt(2.0)
+    for k in range(dH.shape[0]):
+        for c in range(q):
+            for d in range(q):
+                acc = 0.0
+                for e in range(q):
+                    for f2 in range(q):
+                        acc += LHi[c, e] * dH[k, e, f2] * LHi[d, f2]
+                tmp[c, d] = acc
+        for c in range(q):
+            for d in range(q):
+                if d > c:
+                    tmp[c, d] = 0.0
+                elif d == c:
+                    tmp[c, d] *= 0.5
+        for c in range(q):
+            for d in range(q):
+                acc = 0.0
+                for e in range(q):
+                    acc += LHi[e, c] * tmp[d, e]
+                dA[k, c, d] = -sqrt2 * acc
+
+
+@numba.njit(cache=True)
+def trace_gradient(Hi, dH, grad):
+    """``grad -= 1/2 tr(H^-1 dH/dpsi)``: the gradient of ``log|det A|``."""
+    q = Hi.shape[0]
+    for k in range(grad.shape[0]):
+        acc = 0.0
+        for c in range(q):
+            for d in range(q):
+                acc += Hi[c, d] * dH[k, d, c]
+        grad[k] -= 0.5 * acc
+
+
+@numba.njit(cache=True)
+def agq_nodes(
+    y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes,
+    logw, k_centre, d1s, LHi, uk, fk, ltk, svk,
+):  # fmt: skip
+    """The group's AGQ log-likelihood term (returned).  Leaves ``LHi = LH^-1``, the nodes
+    ``uk``, their posterior weights ``fk``, ``d1`` per row and node in ``d1s``,
+    ``sum_i d1_ik v_i`` in ``svk`` and the tau-derivatives in ``ltk``."""
+    q = u.shape[0]
+    p = E.shape[1] - q
+    logit = fam == FAMILY_BINOMIAL and link == LINK_LOGIT
+    _invert_lower(LH, LHi)
+    log_det_A = 0.5 * q * math.log(2.0) - 0.5 * logdetH
+    for kk in range(nodes.shape[0]):
+        norm2 = node_point(u, LHi, nodes, kk, uk)
+        if kk == k_centre:  # the mode: its sums are known
+            Gk = hsum
+            lt_node = lts
+            for c in range(q):
+                acc = 0.0
+                for a in range(q):
+                    acc += E[c, p + a] * s1[p + a]
+                svk[kk, c] = acc
+        elif logit:
+            Gk = _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk)
+            lt_node = 0.0
+        else:
+            Gk, lt_node = _node_pass(y, ntr, w, i0, i1, geta, gV, uk, kk, fam, link, tau, d1s,
+                                     svk)  # fmt: skip
+        ltk[kk] = lt_node
+        f = logw[kk] + Gk + norm2
+        for c in range(q):
+            f -= 0.5 * uk[kk, c] * uk[kk, c]
+        fk[kk] = f
+    log_sum = exp_normalise(fk)  # fk now holds the posterior weights of the nodes
+    return log_det_A + log_sum - 0.5 * q * math.log(2.0 * math.pi)
+
+
+@numba.njit(cache=True)
+def node_gradient(
+    X, Z, i0, i1, pk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp, sx, szb,
+    dub, grad,
+):  # fmt: skip
+    """Adds ``sum_k pi_k [dg/dpsi(u_k) + g_u(u_k)' (du + dA t_k)]`` to ``grad`` (``pk``:
+    the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`)."""
+    p = X.shape[1]
+    q, P = du.shape
+    K = pk.shape[0]
+    # sum_k pi_k T(u_k) s_k from one pass: x-part sum_i x_i sum_k pi_k d1_ik,
+    # theta (a, b) part sum_i z_ia sum_k pi_k u_kb d1_ik
+    for a in range(p):
+        sx[a] = 0.0
+    for a in range(q):
+        for c in range(q):
+            szb[a, c] = 0.0
+    for i in range(i0, i1):
+        dbar = 0.0
+        for c in range(q):
+            dub[c] = 0.0
+        for kk in range(K):
+            wd = pk[kk] * d1s[i - i0, kk]
+            dbar += wd
+            for c in range(q):
+                dub[c] += wd * uk[kk, c]
+        for a in range(p):
+            sx[a] += dbar * X[i, a]
+        for a in range(q):
+            za = Z[i, a]
+            for c in range(q):
+                szb[a, c] += za * dub[c]
+    for k in range(p):
+        grad[k] += sx[k]
+    for j in range(pat_r.shape[0]):
+        grad[p + j] += szb[pat_r[j], pat_c[j]]
+    # sum_k pi_k g_u(u_k)' (du + dA t_k),  g_u(u_k) = sum_i d1_ik v_i - u_k
+    for kk in range(K):
+        if pk[kk] == 0.0:
+            continue
+        for k in range(P):
+            acc = 0.0
+            for c in range(q):
+                mv = du[c, k]
+                for d in range(q):
+                    mv += dA[k, c, d] * nodes[kk, d]
+                acc += (svk[kk, c] - uk[kk, c]) * mv
+            grad[k] += pk[kk] * acc
+        if has_disp:
+            grad[P - 1] += pk[kk] * ltk[kk]

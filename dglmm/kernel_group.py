@@ -1,0 +1,257 @@
+"""Per-group quantities at the conditional mode (compiled), shared by every integration rule.
+
+For one group with rows ``i0:i1`` (``r_i = [x_i, z_i]``, ``v_i = L' z_i``) and its mode
+``u_hat`` (:mod:`dglmm.kernel_mode`) these parts compute
+
+* :func:`group_predictor`: ``eta_i`` at ``u = 0`` and ``v_i``, in cache for all passes;
+* :func:`mode_sums`: one pass of the family's row functions at the mode: ``sum l_i``,
+  ``s1 = sum d1_i r_i``, the z-rows of ``Sw = sum w_i r_i r_i'`` (``w_i = -d2_i``), the
+  block's ``X'WX`` (Hessian only), the tau sums, and ``d3_i`` per row for the rule;
+* :func:`mode_slopes`: ``g_u,psi`` and ``du_hat/dpsi = H^-1 g_u,psi``;
+* :func:`dH_fixed`: the fixed-weight part of ``dH/dpsi`` (``W`` held fixed);
+* :func:`hessian_mode_term`, :func:`hessian_logdet_term`: the group's Newton Hessian
+  (the exact Hessian of ``h(u_hat(psi), psi)`` and that of ``-1/2 log det H`` with the
+  working weights fixed), the same for every rule.
+
+``d eta_i / d psi_k = tcoef[k] * r_i[tcol[k]]`` at fixed ``u`` (:func:`psi_map`):
+``beta_k -> x_ik``, ``L_ab -> z_ia u_b``, ``log sigma -> 0``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .families import row_derivatives
+
+
+@numba.njit(cache=True)
+def psi_map(p, q, P, L, pat_r):
+    """``(tcol, tcoef, E)``: the sparse ``d eta / d psi`` map (``tcoef`` of the theta
+    entries is set per group by :func:`set_theta_coef`) and ``E`` (q, p + q) with
+    ``E[c, p + a] = L[a, c]`` (``v = E r``)."""
+    nth = pat_r.shape[0]
+    E = np.zeros((q, p + q))
+    for c in range(q):
+        for a in range(q):
+            E[c, p + a] = L[a, c]
+    tcol = np.zeros(P, dtype=np.int64)
+    tcoef = np.zeros(P)
+    for k in range(p):
+        tcol[k] = k
+        tcoef[k] = 1.0
+    for j in range(nth):
+        tcol[p + j] = p + pat_r[j]
+    return tcol, tcoef, E
+
+
+@numba.njit(cache=True)
+def set_theta_coef(tcoef, p, pat_c, u):
+    """``d eta / d L_ab = z_a u_b``: the theta coefficients at the group's mode."""
+    for j in range(pat_c.shape[0]):
+        tcoef[p + j] = u[pat_c[j]]
+
+
+@numba.njit(cache=True)
+def group_work(p, q, P, max_rows):
+    """Scratch arrays of the per-group parts (allocated once per block)."""
+    m = p + q
+    return (np.empty(max_rows), np.empty((max_rows, q)), np.empty(max_rows), np.empty(q),
+            np.empty(m), np.empty((m, m)), np.empty((q, q)), np.empty((q, q)),
+            np.empty((q, q)), np.empty((q, P)), np.empty((q, P)), np.empty((q, q)),
+            np.empty((P, q, q)))  # fmt: skip
+
+
+@numba.njit(cache=True)
+def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
+    """The group's linear predictor at ``u = 0`` into ``geta`` and ``v_i = L' z_i`` into
+    ``gV`` (rows ``0 .. i1 - i0``)."""
+    p = X.shape[1]
+    q = Z.shape[1]
+    for i in range(i0, i1):
+        acc = off[i]
+        for a in range(p):
+            acc += X[i, a] * beta[a]
+        geta[i - i0] = acc
+        for c in range(q):
+            acc = 0.0
+            for a in range(c, q):
+                acc += Z[i, a] * L[a, c]
+            gV[i - i0, c] = acc
+
+
+@numba.njit(cache=True)
+def mode_sums(
+    X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, want_hess, XWX, s1, Sw, d3s,
+    d1s, k_centre,
+):  # fmt: skip
+    """Sums over the group's rows at the mode; returns ``(sum l, sum dl/dtau,
+    sum d2l/dtau2)``.
+
+    ``Sw`` holds only the rows/columns of z: the x-x block of ``sum_i w_i r_i r_i'`` is
+    needed only summed over the block (the beta-beta Hessian), accumulated in ``XWX``
+    when ``want_hess``.  ``d3s`` receives ``d3_i`` per row (the integration rule's
+    third-derivative sums), ``d1s[:, k_centre]`` ``d1_i`` when ``k_centre >= 0``.
+    """
+    p = X.shape[1]
+    q = Z.shape[1]
+    hsum = 0.0
+    lts = 0.0
+    ltts = 0.0
+    for a in range(p + q):
+        s1[a] = 0.0
+        for b in range(p + q):
+            Sw[a, b] = 0.0
+    for i in range(i0, i1):
+        eta = geta[i - i0]
+        for c in range(q):
+            eta += gV[i - i0, c] * u[c]
+        l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+        wi = -d2
+        if want_hess:
+            for a in range(p):
+                wxa = wi * X[i, a]
+                for b in range(a + 1):
+                    XWX[a, b] += wxa * X[i, b]
+        if k_centre >= 0:
+            d1s[i - i0, k_centre] = d1
+        d3s[i - i0] = d3
+        hsum += l
+        lts += lt
+        ltts += ltt
+        for a in range(p):
+            s1[a] += d1 * X[i, a]
+        for a in range(q):
+            za = Z[i, a]
+            s1[p + a] += d1 * za
+            wz = wi * za
+            for b in range(p):
+                Sw[p + a, b] += wz * X[i, b]
+            for b in range(a + 1):
+                Sw[p + a, p + b] += wz * Z[i, b]
+    for a in range(q):
+        for b in range(p):
+            Sw[b, p + a] = Sw[p + a, b]
+        for b in range(a):
+            Sw[p + b, p + a] = Sw[p + a, p + b]
+    return hsum, lts, ltts
+
+
+@numba.njit(cache=True)
+def mode_slopes(Sw, s1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
+    """``g_u,psi`` (q x P) into ``guPsi`` and ``du_hat/dpsi = H^-1 g_u,psi`` into ``du``."""
+    q, P = du.shape
+    m = E.shape[1]
+    p = m - q
+    nth = pat_r.shape[0]
+    itau = P - 1
+    for c in range(q):
+        for k in range(P):
+            acc = 0.0
+            for a in range(q):
+                acc += E[c, p + a] * Sw[p + a, tcol[k]]
+            guPsi[c, k] = -acc * tcoef[k]
+    for j in range(nth):
+        guPsi[pat_c[j], p + j] += s1[p + pat_r[j]]
+    if has_disp:
+        for c in range(q):
+            acc = 0.0
+            for a in range(m):
+                acc += E[c, a] * s1[a]
+            guPsi[c, itau] = -2.0 * acc
+    for c in range(q):
+        for k in range(P):
+            acc = 0.0
+            for d in range(q):
+                acc += Hi[c, d] * guPsi[d, k]
+            du[c, k] = acc
+
+
+@numba.njit(cache=True)
+def dH_fixed(Sw, L, Hm, p, pat_r, pat_c, has_disp, C, dHw):
+    """The fixed-weight part ``dHw`` (P, q, q) of ``dH/dpsi`` (``W`` held fixed); ``C``
+    receives ``C[a, :] = sum_i w_i z_ia v_i'``."""
+    q = L.shape[0]
+    nth = pat_r.shape[0]
+    itau = dHw.shape[0] - 1
+    for a in range(q):
+        for c in range(q):
+            acc = 0.0
+            for b in range(q):
+                acc += Sw[p + a, p + b] * L[b, c]
+            C[a, c] = acc
+    for k in range(dHw.shape[0]):
+        for c in range(q):
+            for d in range(q):
+                dHw[k, c, d] = 0.0
+    for j in range(nth):
+        a = pat_r[j]
+        b = pat_c[j]
+        for c in range(q):
+            dHw[p + j, b, c] += C[a, c]
+            dHw[p + j, c, b] += C[a, c]
+    if has_disp:
+        for c in range(q):
+            for d in range(q):
+                dHw[itau, c, d] = -2.0 * (Hm[c, d] - (1.0 if c == d else 0.0))
+
+
+@numba.njit(cache=True)
+def hessian_mode_term(Sw, s1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
+    """Adds the exact Hessian of ``h(u_hat(psi), psi)``, ``-T Sw T' + g_psi,u H^-1
+    g_u,psi`` (lower triangle; the x-x block of ``Sw`` is added by the caller from
+    ``XWX``), to ``hess``."""
+    q, P = du.shape
+    itau = P - 1
+    for k in range(P):
+        for k2 in range(k + 1):
+            acc = tcoef[k] * tcoef[k2] * Sw[tcol[k], tcol[k2]]
+            acc2 = 0.0
+            for c in range(q):
+                acc2 += guPsi[c, k] * du[c, k2]
+            hess[k, k2] += -acc + acc2
+    if has_disp:
+        hess[itau, itau] += ltts
+        for k in range(itau):
+            hess[itau, k] += -2.0 * tcoef[k] * s1[tcol[k]]
+
+
+@numba.njit(cache=True)
+def hessian_logdet_term(Sw, Hi, Hm, dHw, p, pat_r, pat_c, hess):
+    """Adds the Hessian of ``-1/2 log det H`` with the working weights fixed (lower
+    triangle of the theta / tau rows) to ``hess``."""
+    q = Hi.shape[0]
+    P = dHw.shape[0]
+    nth = pat_r.shape[0]
+    itau = P - 1
+    for k in range(p, P):
+        for k2 in range(p, k + 1):
+            acc = 0.0
+            for c in range(q):
+                for d in range(q):
+                    hd = 0.0
+                    for e in range(q):
+                        hd += Hi[c, e] * dHw[k2, e, d]
+                    acc2 = 0.0
+                    for e in range(q):
+                        acc2 += Hi[d, e] * dHw[k, e, c]
+                    acc += hd * acc2
+            val = 0.5 * acc
+            # second derivative of H
+            d2 = 0.0
+            if k < p + nth and k2 < p + nth:
+                a1 = pat_r[k - p]
+                b1 = pat_c[k - p]
+                a2 = pat_r[k2 - p]
+                b2 = pat_c[k2 - p]
+                d2 = 2.0 * Sw[p + a1, p + a2] * Hi[b1, b2]
+            elif k == itau and k2 == itau:
+                for c in range(q):
+                    for d in range(q):
+                        d2 += Hi[c, d] * 4.0 * (Hm[d, c] - (1.0 if c == d else 0.0))
+            else:
+                kt = k2 if k == itau else k
+                for c in range(q):
+                    for d in range(q):
+                        d2 += Hi[c, d] * (-2.0) * dHw[kt, d, c]
+            hess[k, k2] += val - 0.5 * d2

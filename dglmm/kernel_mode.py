@@ -1,0 +1,202 @@
+"""Conditional modes of the groups (compiled): the Newton iteration for ``u_hat`` and
+the small dense linear algebra (q x q Cholesky) that the kernel parts share.
+
+A part of the per-group quantities at the mode (with :mod:`dglmm.kernel_group`); see
+:mod:`dglmm.kernel_core` for how the parts compose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .families import row_d12, row_derivatives
+
+_MODE_DECREMENT_TOL = 1e-20
+_MODE_STEP_FLOOR = 1e-14
+_MODE_MAX_ITER = 100
+_FREE_STEP = 0.25  # Newton steps up to this size (in sd units of u) are not checked
+
+
+@numba.njit(cache=True)
+def _chol_solve_small(H, rhs, Lc):
+    """Cholesky ``H = Lc Lc'`` into ``Lc`` and return ``H^-1 rhs``; False if not PD."""
+    q = H.shape[0]
+    for i in range(q):
+        for j in range(i + 1):
+            s = H[i, j]
+            for k in range(j):
+                s -= Lc[i, k] * Lc[j, k]
+            if i == j:
+                if s <= 0.0:
+                    return False
+                Lc[i, i] = math.sqrt(s)
+            else:
+                Lc[i, j] = s / Lc[j, j]
+        for j in range(i + 1, q):
+            Lc[i, j] = 0.0
+    # forward / back substitution, column by column
+    for c in range(rhs.shape[1]):
+        for i in range(q):
+            s = rhs[i, c]
+            for k in range(i):
+                s -= Lc[i, k] * rhs[k, c]
+            rhs[i, c] = s / Lc[i, i]
+        for i in range(q - 1, -1, -1):
+            s = rhs[i, c]
+            for k in range(i + 1, q):
+                s -= Lc[k, i] * rhs[k, c]
+            rhs[i, c] = s / Lc[i, i]
+    return True
+
+
+@numba.njit(cache=True)
+def _invert_lower(Lc, out):
+    """Inverse of the lower-triangular ``Lc`` into ``out`` (forward substitution)."""
+    q = Lc.shape[0]
+    for c in range(q):
+        for d in range(q):
+            out[c, d] = 0.0
+        out[c, c] = 1.0 / Lc[c, c]
+        for d in range(c):
+            acc = 0.0
+            for e in range(d, c):
+                acc += Lc[c, e] * out[e, d]
+            out[c, d] = -acc / Lc[c, c]
+
+
+@numba.njit(cache=True)
+def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_out):
+    """For one group at ``u``: the u-gradient and negative u-Hessian of
+    ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
+    ``want_h`` (otherwise 0; the log-density is then not computed)."""
+    q = V.shape[1]
+    h = 0.0
+    for c in range(q):
+        g_out[c] = -u[c]
+        for d in range(q):
+            H_out[c, d] = 1.0 if c == d else 0.0
+        h -= 0.5 * u[c] * u[c]
+    for i in range(i0, i1):
+        eta = eta0[i]
+        for c in range(q):
+            eta += V[i, c] * u[c]
+        if want_h:
+            l, d1, d2, _d3, _lt, _ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+            h += l
+        else:
+            d1, d2 = row_d12(fam, link, y[i], ntr[i], w[i], eta, tau)
+        for c in range(q):
+            g_out[c] += d1 * V[i, c]
+            for d in range(c + 1):
+                H_out[c, d] -= d2 * V[i, c] * V[i, d]
+    for c in range(q):
+        for d in range(c):
+            H_out[d, c] = H_out[c, d]
+    return h
+
+
+@numba.njit(cache=True)
+def _mode_work(q):
+    """Scratch arrays of :func:`_find_mode` (allocated once per block)."""
+    return (np.empty(q), np.empty((q, q)), np.empty((q, 1)), np.empty(q), np.empty(q),
+            np.empty((q, q)))  # fmt: skip
+
+
+@numba.njit(cache=True)
+def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
+    """Newton iteration with step halving for the conditional mode.
+
+    Updates ``u`` in place and leaves in ``H`` the negative Hessian at the final ``u``
+    (the iteration stops at a Newton step below the tolerance without taking it, so
+    ``u`` and ``H`` agree exactly).  Small steps (quadratic regime of a concave
+    function) are taken without evaluating the log-density; steps longer than
+    ``_FREE_STEP`` are checked for ascent and halved if needed.  ``work`` holds
+    scratch arrays from :func:`_mode_work`.  Returns the number of passes over the
+    group's rows, negative when the iteration did not converge.
+    """
+    q = V.shape[1]
+    g, Lc, step, u_new, g_new, H_new = work
+    _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
+    h = np.nan
+    n_pass = 1
+    for _ in range(_MODE_MAX_ITER):
+        for c in range(q):
+            step[c, 0] = g[c]
+        if not _chol_solve_small(H, step, Lc):
+            # H >= I for log-concave families: only overflow (a wild start) gets here
+            return -n_pass
+        size = 0.0
+        umax = 0.0
+        decrement = 0.0
+        for c in range(q):
+            size = max(size, abs(step[c, 0]))
+            umax = max(umax, abs(u[c]))
+            decrement += g[c] * step[c, 0]
+        # The Newton decrement g' H^-1 g bounds the error that a residual gradient at
+        # the mode leaves in the exact gradient of the objective, whatever the scale
+        # of H; the step-size floor stops at rounding level.
+        if decrement < _MODE_DECREMENT_TOL or size < _MODE_STEP_FLOOR * (1.0 + umax):
+            break
+        if size <= _FREE_STEP:
+            for c in range(q):
+                u[c] += step[c, 0]
+            _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
+            n_pass += 1
+            h = np.nan
+            continue
+        if np.isnan(h):
+            h = _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, True, g_new, H_new)
+            n_pass += 1
+        t = 1.0
+        while True:
+            for c in range(q):
+                u_new[c] = u[c] + t * step[c, 0]
+            h_new = _mode_pass(
+                eta0, V, y, ntr, w, i0, i1, u_new, fam, link, tau, True, g_new, H_new
+            )
+            n_pass += 1
+            if h_new >= h - 1e-12 * (1.0 + abs(h)) or t < 1e-8:
+                break
+            t *= 0.5
+        for c in range(q):
+            u[c] = u_new[c]
+            g[c] = g_new[c]
+            for d in range(q):
+                H[c, d] = H_new[c, d]
+        h = h_new
+    else:
+        return -n_pass  # not converged within _MODE_MAX_ITER Newton steps
+    return n_pass
+
+
+@numba.njit(cache=True)
+def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
+    """:func:`_find_mode` from ``u``; if that does not converge (a warm start far from
+    the mode, e.g. after a wild trial step), again from ``u = 0``."""
+    n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+    finite = True
+    for c in range(u.shape[0]):
+        finite = finite and math.isfinite(u[c])  # (no temporary array per group)
+    if n < 0 or not finite:
+        for c in range(u.shape[0]):
+            u[c] = 0.0
+        n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+    return n
+
+
+@numba.njit(cache=True)
+def _mode_factor(Hm, Hi, LH):
+    """Cholesky factor ``LH`` and inverse ``Hi`` of the negative Hessian ``Hm`` at the mode;
+    returns ``log det Hm``."""
+    q = Hm.shape[0]
+    for c in range(q):
+        for d in range(q):
+            Hi[c, d] = 1.0 if c == d else 0.0
+    _chol_solve_small(Hm, Hi, LH)
+    logdetH = 0.0
+    for c in range(q):
+        logdetH += 2.0 * math.log(LH[c, c])
+    return logdetH
