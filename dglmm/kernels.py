@@ -338,6 +338,11 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     ``mean`` / ``sd`` (G, q), the posterior mean and standard deviation computed
     with the model's quadrature rule (equal to the mode values for Laplace).
     """
+    if model.inner:  # nested: the top level's predictions with every level integrated
+        from .nested import nested_random_effects
+
+        top = nested_random_effects(block, params, model, u_init=u_init)[0]
+        return {"group_keys": np.asarray(block.group_keys), **top}
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
     eta0 = np.asarray(block.X, dtype=np.float64) @ beta + block.offset
