@@ -53,3 +53,12 @@ def test_real_cluster_equals_in_process(in_process, four_levels, process_cluster
     assert got.n_workers == 2 and got.n_groups == in_process.n_groups
     np.testing.assert_allclose(got.loglik, in_process.loglik, rtol=1e-8, atol=0)
     np.testing.assert_allclose(got.params, in_process.params, rtol=1e-8, atol=1e-8)
+
+
+def test_top_level_predictions_integrate_every_level(in_process, four_levels):
+    table = in_process.random_effects_table(str(four_levels), client="in-process")
+    assert len(table) == 6 and set(table.columns) >= {"region", "Intercept_mode", "Intercept_sd"}
+    assert np.all(np.isfinite(table["Intercept_mode"])) and np.all(table["Intercept_mode_sd"] > 0)
+    # the region sd of the fit bounds how far the predicted region effects spread
+    sd = in_process.random_effects["region"]["sd"][0]
+    assert np.all(np.abs(table["Intercept_mode"]) <= 4 * sd + 1e-12)
