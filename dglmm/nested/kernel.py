@@ -95,6 +95,15 @@ def _arrays(block):
             np.asarray(block.offset, dtype=f))  # fmt: skip
 
 
+def _node_eta(tree: Tree, eta0, V, pos) -> np.ndarray:
+    """(n, C) linear predictor of every row at every combination of its units' nodes."""
+    leaf = tree.D - 1
+    eta = eta0[:, None].copy()
+    for lev in range(tree.D):
+        eta = eta + np.einsum("ia,ica->ic", V[lev], pos[leaf][lev][tree.ru[leaf]])
+    return eta
+
+
 def _gradient(tree, X, V, R_nodes, pos, dpos, Pi, tr, layout: Layout) -> np.ndarray:
     """Exact gradient of the nested rule (see :mod:`dglmm.nested.rule`)."""
     grad = np.zeros(layout.P)
@@ -177,10 +186,7 @@ def _evaluate(block, params, model, hessian, u_init):
     tr = transforms(el, model.n_agq, q_levels)
     pos, dpos = positions(tree, u, mt.du, el, tr)
     leaf = tree.D - 1
-    eta = eta0[:, None].copy()
-    for lev in range(tree.D):
-        eta = eta + np.einsum("ia,ica->ic", V[lev], pos[leaf][lev][tree.ru[leaf]])
-    R_nodes = row_arrays(fam, link, y, ntr, w, eta, tau)
+    R_nodes = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau)
     log_i, pis = integrate(tree, pos, tree.rows_to(leaf, R_nodes[0]), tr)
     Pi = joint_weights(tree, pis)
     grad = _gradient(tree, X, V, R_nodes, pos, dpos, Pi, tr, layout)
@@ -213,10 +219,7 @@ def nested_random_effects(block, params, model, u_init=None) -> list[dict[str, n
     tr = transforms(el_t, model.n_agq, q_levels)
     pos, _ = positions(tree, u, [np.zeros(x.shape + (1,)) for x in u], el_t, tr, tangents=False)
     leaf = tree.D - 1
-    eta = eta0[:, None].copy()
-    for lev in range(tree.D):
-        eta = eta + np.einsum("ia,ica->ic", V[lev], pos[leaf][lev][tree.ru[leaf]])
-    l_rows = row_arrays(fam, link, y, ntr, w, eta, tau)[0]
+    l_rows = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau)[0]
     _, pis = integrate(tree, pos, tree.rows_to(leaf, l_rows), tr)
     Pi = joint_weights(tree, pis)
     out = []
