@@ -1695,7 +1695,8 @@ def build_design(
     if good.any():
         sub = frame.loc[good] if bad.any() else frame
         Xg, fixed_names = _design(parsed.fixed, sub, spec.allow_python)
-        Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python)
+        top = spec.group if spec.inner else None  # nested: the top level's terms only
+        Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python, top)
         if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
             raise DataError(
                 f"design columns {fixed_names} / {random_names} differ from the model spec "
@@ -1716,3 +1717,53 @@ def build_design(
     else:
         keys = np.full(n, None, dtype=object)
     return np.ascontiguousarray(X), np.ascontiguousarray(Z), offset, keys
+
+
+def build_inner_design(spec: ModelSpec, df: pd.DataFrame, *,
+                       missing: str = "error") -> list[tuple[np.ndarray, pd.DataFrame | None]]:  # fmt: skip
+    """Random designs of the inner levels of a nested model for prediction, rows in input
+    order (the top level's comes from :func:`build_design`).
+
+    Args:
+        spec: the model spec of a fit (``spec.inner`` may be empty: then ``[]``).
+        df: the rows to predict.
+        missing: as in :func:`build_design` (``"nan"``: rows with missing or non-finite
+            values in a level's design columns get NaN rows).
+
+    Returns:
+        Per inner level, outer first: ``(Z_l, keys_l)`` with Z_l (n, q_l) float64 in the
+        level's column order and ``keys_l`` the level's factor columns of ``df`` (one
+        column per factor, original values; None when ``df`` lacks one of them: every row
+        is then a new unit of that level).
+
+    Raises:
+        DataError: as :func:`build_design`.
+        SpecificationError: invalid ``missing``.
+    """
+    if missing not in ("error", "nan"):
+        raise SpecificationError(f'missing must be "error" or "nan", got {missing!r}')
+    out: list[tuple[np.ndarray, pd.DataFrame | None]] = []
+    if not spec.inner:
+        return out
+    used = {c for level in spec.inner for expr, _ in level.terms
+            for c in expression_variables(expr)}  # fmt: skip
+    needed = [c for c in spec.columns if c in used]
+    _check_columns(df, needed)
+    frame = _prepare(spec.levels, df[needed], [c for c in needed if c not in spec.levels])
+    bad = np.zeros(len(df), dtype=bool)
+    for name in needed:
+        bad |= _bad_mask(df[name] if name in spec.levels else frame[name])
+    if missing == "error" and bad.any():
+        raise DataError(f"{int(bad.sum())} rows (of {len(df)}) have missing or infinite "
+                        'values in the random-effects design; clean them or pass missing="nan"')  # fmt: skip
+    for level in spec.inner:
+        z = np.full((len(df), level.q), np.nan)
+        if (~bad).any():
+            z[~bad] = _inner_design(level, frame.loc[~bad] if bad.any() else frame,
+                                    spec.allow_python)  # fmt: skip
+        if missing == "error" and not np.isfinite(z).all():
+            raise DataError(f"the random design of {level.name!r} has non-finite values "
+                            '(e.g. np.log of 0); clean them or pass missing="nan"')  # fmt: skip
+        keys = df[list(level.factors)] if set(level.factors) <= set(df.columns) else None
+        out.append((np.ascontiguousarray(z), keys))
+    return out

@@ -10,7 +10,9 @@ This module imports neither :mod:`dglmm.api` nor :mod:`dglmm.results` nor dask.
 
 from __future__ import annotations
 
+import os
 import time
+import urllib.parse
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +38,7 @@ class InProcessEvaluator:
         self.blocks = list(blocks)
         self.sources = list(sources or [])
         self.model = model
+        self.spec = spec
         self.random_columns = list(spec.random_columns) if spec is not None else []
         self.group = spec.group if spec is not None else "group"
         self._modes: list[np.ndarray | None] = [None] * len(self.blocks)
@@ -88,14 +91,29 @@ class InProcessEvaluator:
     def fingerprint(self) -> dict:
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self.sources}
 
-    def random_effects(self, params: np.ndarray, output: str | None = None) -> pd.DataFrame:
-        """Per-group random-effect predictions (see :func:`random_effects_frame`)."""
-        frames = [
-            random_effects_frame(block, params, self.model, self.random_columns, self.group,
-                                 u_init=self._modes[i])
-            for i, block in enumerate(self.blocks)
-        ]  # fmt: skip
-        table = pd.concat(frames, ignore_index=True)
+    def random_effects(self, params: np.ndarray,
+                       output: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:  # fmt: skip
+        """Per-group random-effect predictions (see :func:`random_effects_frame`); for a
+        nested model a dict of one table per level (:func:`random_effects_frames`).
+
+        With ``output`` the tables are also written in the layout of the Dask driver: one
+        Parquet dataset ``output`` (one grouping level), or ``output/<level>/`` per level
+        (:func:`level_directory`), swapped in whole.
+        """
+        nested = self.spec is not None and bool(self.spec.inner)
+        if nested:
+            per_block = [random_effects_frames(block, params, self.model, self.spec,
+                                               u_init=self._modes[i])
+                         for i, block in enumerate(self.blocks)]  # fmt: skip
+            tables = {name: pd.concat([b[name] for b in per_block], ignore_index=True)
+                      for name in per_block[0]}  # fmt: skip
+        else:
+            frames = [
+                random_effects_frame(block, params, self.model, self.random_columns,
+                                     self.group, u_init=self._modes[i])
+                for i, block in enumerate(self.blocks)
+            ]  # fmt: skip
+            tables = {self.group: pd.concat(frames, ignore_index=True)}
         if output is not None:  # the same layout as the Dask driver writes: a directory
             # the kind of directory (not a link or file, parent present) is checked here;
             # inputs and foreign contents by the caller (fit, random_effects_table)
@@ -103,8 +121,11 @@ class InProcessEvaluator:
             # written into a temporary sibling directory, then swapped in (the old one
             # stays intact if anything fails); refused if it is not ours (checked in fit)
             with atomic_dataset(output, kind="random-effects") as tmp:
-                table.to_parquet(f"{tmp}/part-00000.parquet", index=False)
-        return table
+                for name, table in tables.items():
+                    where = os.path.join(tmp, level_directory(name)) if nested else tmp
+                    os.makedirs(where, exist_ok=True)
+                    table.to_parquet(os.path.join(where, "part-00000.parquet"), index=False)
+        return tables if nested else tables[self.group]
 
 
 def kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
@@ -133,15 +154,63 @@ def random_effects_frame(block, params, model: KernelModel, terms: Sequence[str]
     quadrature rule; equal to the mode values for the Laplace approximation).
     """
     pred = random_effects_block(block, params, model, u_init=u_init)
-    out = {group: pred["group_keys"]}
-    for a, term in enumerate(terms):
-        out[f"{term}_mode"] = pred["mode"][:, a]
-        out[f"{term}_mode_sd"] = pred["mode_sd"][:, a]
-        out[f"{term}_mean"] = pred["mean"][:, a]
-        out[f"{term}_sd"] = pred["sd"][:, a]
-    return pd.DataFrame(out)
+    return pd.DataFrame({group: pred["group_keys"], **_term_columns(pred, terms)})
 
 
 def evaluator_for(blocks: Sequence[Block], spec: ModelSpec, fam: Family, n_agq: int):
     """In-process evaluator for prebuilt blocks (a step of :func:`fit` users can call)."""
     return InProcessEvaluator(blocks, kernel_model(spec, fam, n_agq), spec)
+
+
+def level_directory(name: str) -> str:
+    """The directory of a grouping level's table in a nested random-effects output: the
+    level's lme4 name (``subscriber:account:region``), characters other than letters,
+    digits, ``:``, ``_``, ``.``, ``-`` and ``~`` (and a leading ``.`` or ``_``, which readers
+    skip) percent-encoded; :func:`urllib.parse.unquote` gives the name back."""
+    out = urllib.parse.quote(name, safe=":")
+    if out[:1] in (".", "_"):
+        out = f"%{ord(out[0]):02X}{out[1:]}"
+    return out
+
+
+def level_key_columns(spec: ModelSpec) -> list[list[tuple[str, int, int]]]:
+    """Per level (top first) the key columns of its table: ``(column, m, j)`` for the
+    top column and each enclosing level's new factor columns, outer first; the values are
+    factor ``j`` of the level-``m`` ancestor (``random_effects_block(...)["levels"]``)."""
+    seen = [(spec.group, 0, 0)]
+    out = [list(seen)]
+    for m, level in enumerate(spec.inner, start=1):
+        names = {c for c, _, _ in seen}
+        seen += [(c, m, j) for j, c in enumerate(level.factors) if c not in names]
+        out.append(list(seen))
+    return out
+
+
+def random_effects_frames(block, params, model: KernelModel, spec: ModelSpec,
+                          u_init=None) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """One table per grouping level of ``block`` (a nested model), keyed by the lme4 names
+    innermost first (as :attr:`FitResult.random_effects`): one row per unit of the level,
+    the key columns of the level and all enclosing levels (:func:`level_key_columns`, the
+    original labels) and the columns of :func:`random_effects_frame` per term of the level.
+    For a model with one grouping level ``{group: random_effects_frame(...)}``."""
+    if not spec.inner:
+        return {spec.group: random_effects_frame(block, params, model, spec.random_columns,
+                                                 spec.group, u_init=u_init)}  # fmt: skip
+    pred = random_effects_block(block, params, model, u_init=u_init)
+    terms = [spec.random_columns] + [level.random_columns for level in spec.inner]
+    names = [spec.group] + [level.name for level in spec.inner]
+    out = {}
+    for lev, keys in enumerate(level_key_columns(spec)):
+        level = pred["levels"][lev]
+        columns = {c: level["keys"][m][j] for c, m, j in keys}
+        out[names[lev]] = pd.DataFrame({**columns, **_term_columns(level, terms[lev])})
+    return dict(reversed(list(out.items())))
+
+
+def _term_columns(pred: dict, terms: Sequence[str]) -> dict[str, np.ndarray]:
+    """``<term>_mode``, ``<term>_mode_sd``, ``<term>_mean``, ``<term>_sd`` per term."""
+    out = {}
+    for a, term in enumerate(terms):
+        for what in ("mode", "mode_sd", "mean", "sd"):
+            out[f"{term}_{what}"] = pred[what][:, a]
+    return out

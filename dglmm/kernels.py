@@ -337,12 +337,14 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     mode, ``mode_sd`` (G, q) from the curvature there (``diag(L H^-1 L')``), and
     ``mean`` / ``sd`` (G, q), the posterior mean and standard deviation computed
     with the model's quadrature rule (equal to the mode values for Laplace).
-    """
-    if model.inner:  # nested: the top level's predictions with every level integrated
-        from .nested import nested_random_effects
 
-        top = nested_random_effects(block, params, model, u_init=u_init)[0]
-        return {"group_keys": np.asarray(block.group_keys), **top}
+    For a nested model (``model.inner``) these are the top level's, and ``levels`` holds
+    one such dict per level, top first: ``mode``, ``mode_sd``, ``mean``, ``sd``
+    (G_l, q_l) and ``keys``, per enclosing level ``m = 0 .. l`` the tuple of that level's
+    key arrays (``block.group_keys``, then ``InnerLevel.keys``) at each level-l unit.
+    """
+    if model.inner:  # nested: every level's predictions, all levels integrated jointly
+        return _nested_random_effects_block(block, params, model, u_init)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
     eta0 = np.asarray(block.X, dtype=np.float64) @ beta + block.offset
@@ -371,3 +373,22 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
         "mean": b_mean,
         "sd": np.sqrt(np.maximum(np.einsum("gaa->ga", cov_post), 0.0)),
     }
+
+
+def _nested_random_effects_block(block, params, model: KernelModel, u_init) -> dict:
+    """:func:`random_effects_block` of a nested block: every level's predictions."""
+    from .nested import nested_random_effects
+
+    per_level = nested_random_effects(block, params, model, u_init=u_init)
+    own = [(np.asarray(block.group_keys),)]
+    own += [tuple(np.asarray(k) for k in level.keys) for level in block.inner]
+    parents = [np.asarray(level.parent, dtype=np.int64) for level in block.inner]
+    levels = []
+    for lev, pred in enumerate(per_level):
+        anc = np.arange(len(pred["mode"]))  # index of each unit's ancestor at level m
+        keys = [tuple(k[anc] for k in own[lev])]
+        for m in range(lev - 1, -1, -1):
+            anc = parents[m][anc]
+            keys.append(tuple(k[anc] for k in own[m]))
+        levels.append({"keys": keys[::-1], **pred})
+    return {"group_keys": own[0][0], **per_level[0], "levels": levels}

@@ -169,30 +169,57 @@ def _merge_timing(a: dict, b: dict) -> dict:
 
 def _random_effects_task(
     entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any
-) -> pd.DataFrame:
-    from dglmm.evaluator import random_effects_frame
+) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    """One block's random-effects table; for a nested model one table per level
+    (``dglmm.evaluator.random_effects_frames``)."""
+    from dglmm.evaluator import random_effects_frame, random_effects_frames
 
     block = entry[0]
     u_init = _stored_modes(block)
+    if spec.inner:
+        return random_effects_frames(block, params, model, spec, u_init=u_init)
     return random_effects_frame(block, params, model, spec.random_columns, spec.group,
                                 u_init=u_init)  # fmt: skip
 
 
 def _random_effects_write_task(
-    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any, path: str,
-    storage_options: dict | None,
+    entry: tuple[Any, int], params: np.ndarray, model: Any, spec: Any, directory: str,
+    part: str, storage_options: dict | None,
 ) -> int:  # fmt: skip
-    """Write one block's random-effects rows as one Parquet file; return the row count."""
+    """Write one block's random-effects rows as ``directory/part`` (nested models: one file
+    ``directory/<level>/part`` per level); return the row count (of all levels)."""
+    from dglmm.evaluator import level_directory
+
+    tables = _random_effects_task(entry, params, model, spec)
+    if not isinstance(tables, dict):
+        tables = {None: tables}
+    for name, table in tables.items():
+        where = directory if name is None else f"{directory}/{level_directory(name)}"
+        _write_part(table, f"{where}/{part}", storage_options)
+    return sum(len(t) for t in tables.values())
+
+
+def _write_part(table: pd.DataFrame, path: str, storage_options: dict | None) -> None:
+    """One Parquet part file, fsynced (on disk before the client swaps the directory in)."""
     from dglmm.outputs import fsync_file
 
-    table = _random_effects_task(entry, params, model, spec)
     if not _is_url(path):
         # the client made the (temporary) directory; a worker on another host with a
         # shared filesystem may not see it yet under its own mount: make sure it exists
         os.makedirs(os.path.dirname(path.removeprefix("file://")) or ".", exist_ok=True)
     table.to_parquet(path, index=False, storage_options=storage_options if _is_url(path) else None)
-    fsync_file(path)  # on disk before the client swaps the directory in
-    return len(table)
+    fsync_file(path)
+
+
+def _remove_level_parts(out: str, directories: list[str], storage_options: dict | None) -> None:
+    """Remove the old ``part-*`` files of the level directories of a URL output (an object
+    store has no rename: the dataset is rewritten in place)."""
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(out, storage_options=storage_options)
+    for directory in directories:
+        for f in fs.glob(f"{root.rstrip('/')}/{directory}/part-*"):
+            fs.rm(f)
 
 
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
@@ -430,15 +457,22 @@ class DaskEvaluator:
 
     def random_effects(
         self, params: np.ndarray, output: str | None = None, storage_options: dict | None = None
-    ) -> pd.DataFrame | dd.DataFrame:
-        """Per-group random-effect predictions (``dglmm.evaluator.random_effects_frame``).
+    ) -> pd.DataFrame | dd.DataFrame | dict:
+        """Per-group random-effect predictions (``dglmm.evaluator.random_effects_frame``);
+        for a nested model a dict of one table per level, innermost first
+        (``dglmm.evaluator.random_effects_frames``).
 
         With ``output`` (a directory path or URL the workers can write to) each worker
-        writes its blocks' rows as ``output/part-NNNNN.parquet``, nothing is collected
-        here, and a lazy dask DataFrame over the written files is returned.  Without
-        ``output`` the table (one row per group) is gathered and returned as pandas.
+        writes its blocks' rows as ``output/part-NNNNN.parquet`` (nested:
+        ``output/<level>/part-NNNNN.parquet``, ``dglmm.evaluator.level_directory``),
+        nothing is collected here, and lazy dask DataFrames over the written files are
+        returned.  Without ``output`` the tables (one row per unit) are gathered and
+        returned as pandas.
         """
+        from dglmm.evaluator import level_directory
+
         params = np.array(params, dtype=np.float64, copy=True)
+        names = [name for name, _ in self.spec.level_columns][::-1] if self.spec.inner else []
         if output is not None:
             from dglmm.outputs import atomic_dataset, check_output_dataset
 
@@ -451,22 +485,32 @@ class DaskEvaluator:
             # client swaps it in only when all are written (a failure keeps the old one)
             with atomic_dataset(out, kind="random-effects",
                                 storage_options=storage_options) as tmp:  # fmt: skip
+                if _is_url(out):  # written in place: old part files of the levels go first
+                    _remove_level_parts(out, [level_directory(n) for n in names],
+                                        storage_options)  # fmt: skip
                 writes = [
                     self.client.submit(
                         _random_effects_write_task, entry, params, self.model, self.spec,
-                        f"{tmp}/part-{i:05d}.parquet", storage_options, pure=False,
+                        tmp, f"part-{i:05d}.parquet", storage_options, pure=False,
                         retries=self.retries,
                     )
                     for i, entry in enumerate(self._blocks)
                 ]  # fmt: skip
                 self.client.gather(writes)
-            return dd.read_parquet(out, storage_options=storage_options)
+            if not names:
+                return dd.read_parquet(out, storage_options=storage_options)
+            return {name: dd.read_parquet(f"{out}/{level_directory(name)}",
+                                          storage_options=storage_options)
+                    for name in names}  # fmt: skip
         tasks = [
             self.client.submit(_random_effects_task, entry, params, self.model, self.spec,
                                pure=False, retries=self.retries)
             for entry in self._blocks
         ]  # fmt: skip
-        return pd.concat(self.client.gather(tasks), ignore_index=True)
+        parts = self.client.gather(tasks)
+        if not names:
+            return pd.concat(parts, ignore_index=True)
+        return {name: pd.concat([p[name] for p in parts], ignore_index=True) for name in names}
 
     # -- evaluation ------------------------------------------------------------------------
 
