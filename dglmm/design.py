@@ -1719,8 +1719,9 @@ def build_design(
     return np.ascontiguousarray(X), np.ascontiguousarray(Z), offset, keys
 
 
-def build_inner_design(spec: ModelSpec, df: pd.DataFrame, *,
-                       missing: str = "error") -> list[tuple[np.ndarray, pd.DataFrame | None]]:  # fmt: skip
+def build_inner_design(
+    spec: ModelSpec, df: pd.DataFrame, *, missing: str = "error"
+) -> list[tuple[np.ndarray, pd.DataFrame | None]]:
     """Random designs of the inner levels of a nested model for prediction, rows in input
     order (the top level's comes from :func:`build_design`).
 
@@ -1754,8 +1755,10 @@ def build_inner_design(spec: ModelSpec, df: pd.DataFrame, *,
     for name in needed:
         bad |= _bad_mask(df[name] if name in spec.levels else frame[name])
     if missing == "error" and bad.any():
-        raise DataError(f"{int(bad.sum())} rows (of {len(df)}) have missing or infinite "
-                        'values in the random-effects design; clean them or pass missing="nan"')  # fmt: skip
+        raise DataError(
+            f"{int(bad.sum())} rows (of {len(df)}) have missing or infinite values in the "
+            'random-effects design; clean them or pass missing="nan"'
+        )
     for level in spec.inner:
         z = np.full((len(df), level.q), np.nan)
         if (~bad).any():

@@ -91,8 +91,9 @@ class InProcessEvaluator:
     def fingerprint(self) -> dict:
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self.sources}
 
-    def random_effects(self, params: np.ndarray,
-                       output: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:  # fmt: skip
+    def random_effects(
+        self, params: np.ndarray, output: str | None = None
+    ) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """Per-group random-effect predictions (see :func:`random_effects_frame`); for a
         nested model a dict of one table per level (:func:`random_effects_frames`).
 
