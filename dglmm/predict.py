@@ -9,7 +9,8 @@ For each input row, with ``x`` and ``z`` its fixed and random design rows::
 
 ``b_j`` is the posterior mean of group j's random effects (``<term>_mean``; the
 conditional mode ``<term>_mode`` when the table has no means) from a random-effects
-table written by ``dglmm fit --random-effects`` / ``dglmm.fit(random_effects=)`` /
+table (nested models: one per level, ``z'b_j`` summed over the levels) written by
+``dglmm fit --random-effects`` / ``dglmm.fit(random_effects=)`` /
 :meth:`FitResult.random_effects_table`.  Groups not in the table (new subscribers)
 are predicted at the population level (or marginally, ``new_groups="marginal"``)
 and flagged in the boolean column ``new_group``.
@@ -30,20 +31,29 @@ import dataclasses
 import glob as _glob
 import math
 import os
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .design import ModelSpec, build_design
+from .design import ModelSpec, build_design, build_inner_design, spec_group_columns
 from .errors import DataError, SpecificationError
 from .families import get_link
 from .formula_safety import check_formula
 from .results import FitResult
 from .sources import read_frame
 
-__all__ = ["GH_NODES", "load_random_effects", "marginal_mean", "predict", "predict_to_parquet"]
+__all__ = [
+    "GH_NODES",
+    "load_level_effects",
+    "load_random_effects",
+    "marginal_mean",
+    "predict",
+    "predict_to_parquet",
+    "read_level_tables",
+]
 
 #: Gauss-Hermite nodes of the marginal mean for the logit and cloglog links (relative
 #: error below 1e-6 up to a random-effect sd of 2 on the linear-predictor scale).
@@ -83,8 +93,49 @@ def _is_partitioned_path(data: Any) -> bool:
     return _glob.has_magic(path) or os.path.isdir(path)
 
 
+def _read_table(path: str, what: str = "random-effects table") -> pd.DataFrame:
+    if "://" not in path and not os.path.exists(path):
+        raise DataError(f"{what} {path!r} does not exist")
+    try:
+        return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot read the {what} {path!r}: {exc}") from exc
+
+
+def _effects(table: pd.DataFrame, keys: Sequence[str], terms: Sequence[str], what: str):
+    """``(key frame (G, len(keys)), effects (G, q))`` of one level's table."""
+    for name in keys:
+        if name not in table.columns:
+            raise DataError(
+                f"the random-effects table{what} has no column {name!r} (a key of the "
+                f"model's grouping level); its columns are {list(table.columns)[:8]}"
+            )
+    cols = []
+    for term in terms:
+        for suffix in ("_mean", "_mode"):
+            if term + suffix in table.columns:
+                cols.append(term + suffix)
+                break
+        else:
+            raise DataError(
+                f"the random-effects table{what} has neither {term + '_mean'!r} nor "
+                f"{term + '_mode'!r} for the model's random term {term!r}"
+            )
+    unit = table[list(keys)]
+    dup = unit.duplicated()
+    if dup.any():
+        first = unit[dup].iloc[0]
+        shown = first.iloc[0] if len(keys) == 1 else tuple(first)
+        raise DataError(
+            f"the random-effects table{what} lists group {shown!r} more than once "
+            f"({int(dup.sum())} duplicate rows)"
+        )
+    return unit, table[cols].to_numpy(dtype=np.float64)
+
+
 def load_random_effects(table: pd.DataFrame | str | os.PathLike, spec: ModelSpec):
-    """Group keys (G,) and random effects (G, q) from a random-effects table.
+    """Group keys (G,) and random effects (G, q) from a random-effects table (of the top
+    level of a nested model).
 
     Uses the ``<term>_mean`` columns (posterior means), or ``<term>_mode`` when a
     term has no mean column.
@@ -94,37 +145,78 @@ def load_random_effects(table: pd.DataFrame | str | os.PathLike, spec: ModelSpec
             lists a group twice.
     """
     if not isinstance(table, pd.DataFrame):
-        path = os.fspath(table)
-        if "://" not in path and not os.path.exists(path):
-            raise DataError(f"random-effects table {path!r} does not exist")
+        table = _read_table(os.fspath(table))
+    unit, b = _effects(table, [spec.group], spec.random_columns, "")
+    return unit[spec.group].to_numpy(), b
+
+
+def _level_terms(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """``(lme4 name, unit columns, random columns)`` per grouping level, top first."""
+    out = [(spec.group, (spec.group,), tuple(spec.random_columns))]
+    return out + [(lv.name, tuple(lv.factors), tuple(lv.random_columns)) for lv in spec.inner]
+
+
+def read_level_tables(tables: Any) -> dict[str, pd.DataFrame] | None:
+    """The per-level random-effects tables of a nested model: a dict ``{level: DataFrame
+    or path}`` as given, or read from the directory ``dglmm fit --random-effects`` writes
+    (one Parquet dataset per level, ``<level>/part-NNNNN.parquet``).  None for one table
+    (a DataFrame, a file or a dataset without level directories)."""
+    if isinstance(tables, dict):
+        return {str(k): v if isinstance(v, pd.DataFrame) else _read_table(os.fspath(v))
+                for k, v in tables.items()}  # fmt: skip
+    if isinstance(tables, pd.DataFrame):
+        return None
+    path = os.fspath(tables).rstrip("/")
+    subdirs = _level_directories(path)
+    if not subdirs:
+        return None
+    return {urllib.parse.unquote(d): _read_table(f"{path}/{d}") for d in subdirs}
+
+
+def _level_directories(path: str) -> list[str]:
+    """Names of the (not hidden) subdirectories of a dataset directory or URL prefix."""
+    if "://" in path:
         try:
-            table = pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"cannot read the random-effects table {path!r}: {exc}") from exc
-    if spec.group not in table.columns:
+            import fsspec
+
+            fs, _, (root,) = fsspec.get_fs_token_paths(path)
+            entries = [e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory"]
+        except Exception:  # noqa: BLE001 - not listable: read as one table, which reports
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    elif os.path.isdir(path):
+        names = [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    else:
+        return []
+    return sorted(n for n in names if not n.startswith((".", "_")))
+
+
+def load_level_effects(tables: Any, spec: ModelSpec) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    """Per grouping level, top first: the unit keys (a frame of the level's factor
+    columns) and the random effects (G_l, q_l) from the per-level tables of a nested
+    model (a dict ``{lme4 name: DataFrame or path}`` or the directory written by
+    ``dglmm fit --random-effects``; see :func:`read_level_tables`).
+
+    Raises:
+        DataError: a level's table is missing, cannot be read, lacks a key column or a
+            term, or lists a unit twice.
+    """
+    found = read_level_tables(tables)
+    if found is None:
         raise DataError(
-            f"the random-effects table has no column {spec.group!r} (the model's group); "
-            f"its columns are {list(table.columns)[:8]}"
+            "the model has nested grouping levels and conditional predictions need the "
+            "random effects of every level: give the directory dglmm fit --random-effects "
+            "wrote (one table per level) or a dict {level name: table}"
         )
-    cols = []
-    for term in spec.random_columns:
-        for suffix in ("_mean", "_mode"):
-            if term + suffix in table.columns:
-                cols.append(term + suffix)
-                break
-        else:
+    out = []
+    for name, keys, terms in _level_terms(spec):
+        if name not in found:
             raise DataError(
-                f"the random-effects table has neither {term + '_mean'!r} nor "
-                f"{term + '_mode'!r} for the model's random term {term!r}"
+                f"the random-effects tables have no level {name!r} (they have "
+                f"{sorted(found)}); give the tables of every level of the model"
             )
-    keys = table[spec.group]
-    if keys.duplicated().any():
-        dup = keys[keys.duplicated()].iloc[0]
-        raise DataError(
-            f"the random-effects table lists group {dup!r} more than once "
-            f"({int(keys.duplicated().sum())} duplicate rows)"
-        )
-    return keys.to_numpy(), table[cols].to_numpy(dtype=np.float64)
+        out.append(_effects(found[name], keys, terms, f" of {name!r}"))
+    return out
 
 
 def _check_options(type: str, re_form: str, new_groups: str) -> None:
@@ -137,6 +229,24 @@ def _check_options(type: str, re_form: str, new_groups: str) -> None:
             raise SpecificationError(
                 f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
             )
+
+
+def _unit_index(unit: pd.DataFrame) -> pd.Index:
+    """Index of the units of a level table (one column: a plain Index; several: a
+    MultiIndex)."""
+    if unit.shape[1] == 1:
+        return pd.Index(unit.iloc[:, 0].to_numpy())
+    return pd.MultiIndex.from_frame(unit)
+
+
+def _positions(index: pd.Index, unit: pd.DataFrame | None, n: int) -> np.ndarray:
+    """(n,) row of each data row's unit in a level table, -1 for a new unit (every row
+    when the data lack the level's columns)."""
+    if unit is None or n == 0:
+        return np.full(n, -1, dtype=np.int64)
+    if isinstance(index, pd.MultiIndex):
+        return index.get_indexer(pd.MultiIndex.from_frame(unit))
+    return index.get_indexer(unit.iloc[:, 0].to_numpy())
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -182,18 +292,11 @@ class _Predictor:
                 f"{spec.p + spec.n_theta}; it is not a dglmm result of this model"
             )
         self.beta = params[: spec.p]
-        re = result.random_effects.get(spec.group) if isinstance(result.random_effects,
-                                                                  dict) else None  # fmt: skip
-        try:
-            self.sigma = np.asarray(re["covariance"], dtype=np.float64)  # type: ignore[index]
-        except (TypeError, KeyError, ValueError):
-            self.sigma = np.zeros(0)
-        if self.sigma.shape != (spec.q, spec.q):
-            raise DataError(
-                f"the result's random-effects covariance of {spec.group!r} is not a "
-                f"{spec.q} x {spec.q} matrix of numbers"
-            )
-        if not (np.all(np.isfinite(self.beta)) and np.all(np.isfinite(self.sigma))):
+        self.sigmas = [self._covariance(result, name, len(terms))
+                       for name, _, terms in _level_terms(spec)]  # fmt: skip
+        self.sigma = self.sigmas[0]
+        finite = [np.isfinite(self.beta).all(), *(np.isfinite(x).all() for x in self.sigmas)]
+        if not all(finite):
             raise DataError(
                 "the result has missing or non-finite fixed effects or random-effects "
                 "covariance; predictions need finite estimates"
@@ -201,7 +304,7 @@ class _Predictor:
         self.link = result.link
         self.type, self.re_form, self.new_groups = type, re_form, new_groups
         self.keep, self.missing = list(keep), missing
-        self.keys = self.b = None
+        self.effects: list[tuple[pd.Index, np.ndarray]] = []
         if re_form == "conditional":
             if random_effects is None:
                 raise SpecificationError(
@@ -209,8 +312,27 @@ class _Predictor:
                     "(random_effects=, written by dglmm fit --random-effects); or use "
                     're_form="population" or "marginal"'
                 )
-            self.keys, self.b = load_random_effects(random_effects, self.spec)
-            self.index = pd.Index(self.keys)
+            if spec.inner:
+                levels = load_level_effects(random_effects, spec)
+            else:
+                keys, b = load_random_effects(random_effects, spec)
+                levels = [(pd.DataFrame({spec.group: keys}), b)]
+            self.effects = [(_unit_index(unit), b) for unit, b in levels]
+
+    @staticmethod
+    def _covariance(result: FitResult, name: str, q: int) -> np.ndarray:
+        re = result.random_effects.get(name) if isinstance(result.random_effects,
+                                                           dict) else None  # fmt: skip
+        try:
+            sigma = np.asarray(re["covariance"], dtype=np.float64)  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            sigma = np.zeros(0)
+        if sigma.shape != (q, q):
+            raise DataError(
+                f"the result's random-effects covariance of {name!r} is not a "
+                f"{q} x {q} matrix of numbers"
+            )
+        return sigma
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         spec = self.spec
@@ -219,47 +341,62 @@ class _Predictor:
             raise DataError(f"column {missing_keep[0]!r} (keep=) not found in the data")
         n = len(df)
         out: dict[str, Any] = {c: df[c].to_numpy() for c in self.keep}
-        if spec.group in df.columns and spec.group not in out:
-            out[spec.group] = df[spec.group].to_numpy()
+        groups = self._group_columns(df.columns)
+        for name in groups:
+            out.setdefault(name, df[name].to_numpy())
         if n == 0:
-            X = np.zeros((0, spec.p))
-            Z = np.zeros((0, spec.q))
-            offset = np.zeros(0)
-            keys = np.zeros(0, dtype=object)
+            X, offset = np.zeros((0, spec.p)), np.zeros(0)
+            Zs = [np.zeros((0, q)) for q in (len(x) for x in self.sigmas)]
+            units: list = [None] * len(Zs)
         else:
             X, Z, offset, keys = build_design(spec, df, missing=self.missing)
+            inner = build_inner_design(spec, df, missing=self.missing)
+            Zs = [Z] + [z for z, _ in inner]
+            top = None if spec.group not in df.columns else pd.DataFrame({spec.group: keys})
+            units = [top] + [k for _, k in inner]
         eta_pop = X @ self.beta + offset
         inv = get_link(self.link).inverse
         if self.re_form == "population":
             eta, mu = eta_pop, inv(eta_pop)
         elif self.re_form == "marginal":
-            eta, mu = eta_pop, marginal_mean(eta_pop, self._var(Z), self.link)
+            eta = eta_pop
+            mu = marginal_mean(eta_pop, sum(self._var(Z, lev) for lev, Z in enumerate(Zs)),
+                               self.link)  # fmt: skip
         else:
-            pos = self.index.get_indexer(keys) if n else np.zeros(0, dtype=np.int64)
-            known = pos >= 0
-            eta = eta_pop.copy()
-            eta[known] += np.einsum("ia,ia->i", Z[known], self.b[pos[known]])
+            eta, new, var_new = eta_pop.copy(), np.zeros(n, dtype=bool), np.zeros(n)
+            for lev, (Z, unit, (index, b)) in enumerate(zip(Zs, units, self.effects,
+                                                            strict=True)):  # fmt: skip
+                pos = _positions(index, unit, n)
+                known = pos >= 0
+                eta[known] += np.einsum("ia,ia->i", Z[known], b[pos[known]])
+                if (~known).any():
+                    new |= ~known
+                    if self.new_groups == "marginal":
+                        var_new[~known] += self._var(Z[~known], lev)
             mu = inv(eta)
-            new = ~known
             if self.new_groups == "marginal" and new.any():
-                mu[new] = marginal_mean(eta_pop[new], self._var(Z[new]), self.link)
+                mu[new] = marginal_mean(eta[new], var_new[new], self.link)
             out["new_group"] = new
         out["eta"] = eta
         out["mu"] = mu
         out["prediction"] = mu if self.type == "response" else eta
         frame = pd.DataFrame(out, index=df.index)
-        cols = [*dict.fromkeys([*self.keep, *([spec.group] if spec.group in out else [])])]
+        cols = [*dict.fromkeys([*self.keep, *groups])]
         rest = ["eta", "mu", "prediction"] + (["new_group"] if "new_group" in out else [])
         return frame[cols + rest]
 
-    def _var(self, Z: np.ndarray) -> np.ndarray:
-        return np.einsum("ia,ab,ib->i", Z, self.sigma, Z)
+    def _group_columns(self, columns) -> list[str]:
+        """The grouping columns of the model that the data have (copied to the output)."""
+        return [c for c in spec_group_columns(self.spec) if c in columns]
+
+    def _var(self, Z: np.ndarray, level: int = 0) -> np.ndarray:
+        return np.einsum("ia,ab,ib->i", Z, self.sigmas[level], Z)
 
     def meta(self, df_meta: pd.DataFrame) -> pd.DataFrame:
         """Empty frame with the output columns and dtypes (for Dask)."""
         out: dict[str, Any] = {c: df_meta[c] for c in self.keep}
-        if self.spec.group in df_meta.columns and self.spec.group not in out:
-            out[self.spec.group] = df_meta[self.spec.group]
+        for name in self._group_columns(df_meta.columns):
+            out.setdefault(name, df_meta[name])
         frame = pd.DataFrame(out, index=df_meta.index[:0])
         frame = frame.iloc[:0]
         for c in ("eta", "mu", "prediction"):
@@ -278,7 +415,7 @@ def predict(
     *,
     type: str = "response",
     re_form: str = "conditional",
-    random_effects: pd.DataFrame | str | os.PathLike | None = None,
+    random_effects: pd.DataFrame | dict | str | os.PathLike | None = None,
     client: Any = "in-process",
     new_groups: str = "population",
     keep: Sequence[str] = (),
@@ -301,13 +438,21 @@ def predict(
         Conditional on the groups' predicted random effects (needs
         ``random_effects``), at the random effects' mean zero, or averaged over
         the random-effects distribution.
-    random_effects : DataFrame or str
-        The random-effects table of the fit (DataFrame or Parquet/CSV path).
+    random_effects : DataFrame, dict or str
+        The random-effects table of the fit (DataFrame or Parquet/CSV path).  For a
+        model with nested grouping levels the tables of every level: the directory
+        ``dglmm fit --random-effects`` wrote (one Parquet dataset per level) or a dict
+        ``{lme4 level name: DataFrame or path}`` (what
+        :meth:`FitResult.random_effects_table` returns); each row is then conditional on
+        the effects of its unit at every level, and a unit not in its level's table (at
+        any level) contributes nothing (``new_groups="population"``) or is averaged over
+        (``"marginal"``, the variances of all such levels added).
     client :
         Unused for pandas input; for Dask input kept for symmetry with
         :func:`predict_to_parquet`, which computes there.
     new_groups : {"population", "marginal"}
-        How rows of groups missing from the table are predicted (conditional only).
+        How rows of groups missing from the table are predicted (conditional only);
+        nested models: per level, as above.
     keep : sequence of str
         Input columns copied to the output (e.g. a call id).
     missing : {"error", "nan"}
@@ -320,9 +465,10 @@ def predict(
     Returns
     -------
     DataFrame (dask DataFrame for Dask input)
-        Rows in input order with the input's index: the ``keep`` columns, the group
-        column (when the data have it), ``eta``, ``mu``, ``prediction`` and, for
-        conditional predictions, the boolean ``new_group``.
+        Rows in input order with the input's index: the ``keep`` columns, the grouping
+        columns (those the data have), ``eta``, ``mu``, ``prediction`` and, for
+        conditional predictions, the boolean ``new_group`` (the row's unit of some level
+        is not in the tables).
 
     Raises
     ------
@@ -389,8 +535,9 @@ def predict_to_parquet(
     output = os.fspath(output)
     # the output checked before any work: a file for a frame or one file, a dataset
     # directory (with dglmm's marker file) for Dask frames, directories and globs
-    inputs = [x for x in (result, data, random_effects) if isinstance(x, (str, os.PathLike,
-                                                                           list, tuple))]
+    given = [result, data, *(random_effects.values() if isinstance(random_effects, dict)
+                             else [random_effects])]  # fmt: skip
+    inputs = [x for x in given if isinstance(x, (str, os.PathLike, list, tuple))]
     as_dataset = _is_dask(data) or _is_partitioned_path(data)
     if as_dataset:
         check_output_dataset(output, kind="predictions", overwrite=overwrite, inputs=inputs)
