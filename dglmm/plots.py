@@ -18,7 +18,7 @@ import pandas as pd
 from .errors import DataError, DglmmError
 from .results import FitResult
 
-__all__ = ["caterpillar_plot", "convergence_plot", "plot_result"]
+__all__ = ["caterpillar_plot", "convergence_plot", "level_caterpillar_plot", "plot_result"]
 
 _STAGE_COLOURS = {"glm": "tab:orange", "full": "tab:blue"}
 
@@ -35,12 +35,12 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def _new_axes(width: float, height: float, nrows: int = 1):
+def _new_axes(width: float, height: float, nrows: int = 1, ncols: int = 1):
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, 1, sharex=nrows > 1)
-    return fig, axes
+    axes = fig.subplots(nrows, ncols, sharex=nrows > 1, squeeze=ncols == 1)
+    return fig, axes[0] if ncols > 1 else axes
 
 
 def _as_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -74,14 +74,23 @@ def table_terms(table: pd.DataFrame) -> list[str]:
     return terms
 
 
-def _group_column(table: pd.DataFrame) -> str:
+def _key_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that are not measures (``<term>_mode`` ...): the unit's keys."""
     measured = set()
     for term in table_terms(table):
         measured |= {f"{term}_{s}" for s in ("mode", "mode_sd", "mean", "sd")}
-    rest = [c for c in table.columns if c not in measured]
+    rest = [str(c) for c in table.columns if c not in measured]
     if not rest:
         raise DataError("the random-effects table has no group column")
-    return str(rest[0])
+    return rest
+
+
+def _group_column(table: pd.DataFrame) -> str:
+    return _key_columns(table)[0]
+
+
+def _height(n_units: int, max_groups: int) -> float:
+    return min(max(3.0, 0.13 * min(n_units, max_groups) + 1.3), 40.0)
 
 
 def caterpillar_plot(
@@ -91,9 +100,15 @@ def caterpillar_plot(
     max_groups: int = 200,
     *,
     seed: int | None = None,
+    level: str | None = None,
 ):
     """Caterpillar plot of one random-effect term: each group's prediction with a
     +-1.96 sd interval, sorted by value.
+
+    ``level`` (a grouping level of a nested model, e.g. ``"subscriber:account:region"``):
+    the table is that level's (its key columns those of the level and all enclosing
+    levels); a unit is labelled by all its keys, outer first, joined by ``/``, and the
+    title names the level.
 
     Uses the posterior mean and sd (``<term>_mean``, ``<term>_sd``), or the
     conditional mode and its sd when the table has no means.  With more than
@@ -113,7 +128,7 @@ def caterpillar_plot(
         )
     if max_groups < 1:
         raise DataError(f"max_groups must be positive, got {max_groups}")
-    group = _group_column(table)
+    group = _group_column(table) if level is None else level
     order = np.argsort(table[value].to_numpy(), kind="stable")
     n = len(order)
     if n > max_groups:
@@ -126,7 +141,7 @@ def caterpillar_plot(
     shown = table.iloc[order]
     k = len(shown)
     if ax is None:
-        _, ax = _new_axes(7.0, min(max(3.0, 0.13 * k + 1.3), 40.0))
+        _, ax = _new_axes(7.0, _height(k, k))
     y = np.arange(k)
     est = shown[value].to_numpy(dtype=float)
     err = 1.96 * shown[sd].to_numpy(dtype=float) if sd in shown.columns else None
@@ -136,7 +151,7 @@ def caterpillar_plot(
     ax.set_ylim(-1, k)
     if k <= 150:
         ax.set_yticks(y)
-        ax.set_yticklabels([str(v) for v in shown[group]], fontsize=6 if k > 40 else 8)
+        ax.set_yticklabels(_labels(shown, level), fontsize=6 if k > 40 else 8)
     else:
         ax.set_yticks([])
     ax.set_ylabel(group)
@@ -150,6 +165,30 @@ def caterpillar_plot(
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return ax
+
+
+def _labels(shown: pd.DataFrame, level: str | None) -> list[str]:
+    """Tick labels: the group key, or (``level`` given) every key column joined by ``/``."""
+    keys = _key_columns(shown)
+    if level is None:
+        return [str(v) for v in shown[keys[0]]]
+    return ["/".join(map(str, row)) for row in shown[keys].itertuples(index=False)]
+
+
+def level_caterpillar_plot(table: pd.DataFrame, level: str, terms: list[str] | None = None,
+                           max_groups: int = 200, *, seed: int | None = None):  # fmt: skip
+    """One figure for a grouping level of a nested model: a caterpillar plot
+    (:func:`caterpillar_plot`) per random-effect term of the level, side by side.
+
+    Returns the matplotlib Figure.
+    """
+    terms = list(terms or table_terms(table))
+    if not terms:
+        raise DataError(f"the random-effects table of {level!r} has no terms")
+    fig, axes = _new_axes(7.0 * len(terms), _height(len(table), max_groups), ncols=len(terms))
+    for ax, term in zip(np.atleast_1d(axes), terms, strict=True):
+        caterpillar_plot(table, term, ax=ax, max_groups=max_groups, seed=seed, level=level)
+    return fig
 
 
 def convergence_plot(result: FitResult | str | os.PathLike, axes: Any = None):
@@ -206,6 +245,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "term"
 
 
+def _unique_slugs(names: list[str]) -> list[str]:
+    """:func:`_slug` of each name, ``_2``, ``_3`` ... appended to repeats."""
+    out: list[str] = []
+    for name in names:
+        slug, k = _slug(name), 2
+        while slug in out:
+            slug, k = f"{_slug(name)}_{k}", k + 1
+        out.append(slug)
+    return out
+
+
+def _level_tables(random_effects: Any) -> dict[str, pd.DataFrame] | None:
+    """The per-level tables of a nested model's random effects (a dict, or the directory
+    ``dglmm fit --random-effects`` writes), or None for one table."""
+    if random_effects is None or isinstance(random_effects, pd.DataFrame):
+        return None
+    from .predict import read_level_tables
+
+    return read_level_tables(random_effects)
+
+
 def plot_result(
     result_path: FitResult | str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -217,6 +277,11 @@ def plot_result(
 ) -> list[str]:
     """Write ``convergence.png`` and, given the random-effects table, one
     ``caterpillar_<term>.png`` per random-effect term into ``output_dir``.
+
+    For a model with nested grouping levels ``random_effects`` is the directory
+    ``dglmm fit --random-effects`` wrote (or a dict ``{level name: table}``): one
+    ``caterpillar_<level>.png`` per level (``<level>`` a slug of its lme4 name, e.g.
+    ``caterpillar_subscriber_account_region.png``), a panel per term of the level.
 
     Returns the paths written (``dglmm plot``).
 
@@ -230,14 +295,24 @@ def plot_result(
     from .outputs import check_output_directory, check_output_file, write_bytes_atomic
 
     out = os.fspath(output_dir)
-    inputs = [x for x in (result_path, random_effects) if isinstance(x, (str, os.PathLike))]
+    given = [result_path, *(random_effects.values() if isinstance(random_effects, dict)
+                            else [random_effects])]  # fmt: skip
+    inputs = [x for x in given if isinstance(x, (str, os.PathLike))]
     exists = check_output_directory(out, what="plot directory", inputs=inputs)
     res = _as_result(result_path)
-    table = _as_table(random_effects) if random_effects is not None else None
+    levels = _level_tables(random_effects)
+    table = None
+    if random_effects is not None and levels is None:
+        table = _as_table(random_effects)
     plots: list[tuple[str, Any]] = [("convergence.png", None)]
     if table is not None:
         terms = res.random_effects[res.group]["terms"] if res.random_effects else []
         plots += [(f"caterpillar_{_slug(term)}.png", term) for term in terms or table_terms(table)]
+    if levels is not None:  # nested: one figure per grouping level, innermost first
+        names = [n for n in res.random_effects if n in levels]
+        names += [n for n in levels if n not in res.random_effects]
+        for name, slug in zip(names, _unique_slugs(names), strict=True):
+            plots.append((f"caterpillar_{slug}.png", ("level", name)))
     paths = [os.path.join(out, name) for name, _ in plots]
     if exists:  # all checked before the first is written
         for path in paths:
@@ -248,6 +323,10 @@ def plot_result(
     for path, (_name, term) in zip(paths, plots, strict=True):
         if term is None:
             fig = convergence_plot(res)
+        elif isinstance(term, tuple):
+            name = term[1]
+            terms = (res.random_effects.get(name) or {}).get("terms")
+            fig = level_caterpillar_plot(levels[name], name, terms, max_groups=max_groups)
         else:
             fig = caterpillar_plot(table, term, max_groups=max_groups).figure
         buf = io.BytesIO()
