@@ -56,7 +56,9 @@ def test_real_cluster_equals_in_process(in_process, four_levels, process_cluster
 
 
 def test_top_level_predictions_integrate_every_level(in_process, four_levels):
-    table = in_process.random_effects_table(str(four_levels), client="in-process")
+    tables = in_process.random_effects_table(str(four_levels), client="in-process")
+    assert list(tables) == list(in_process.n_groups)  # one table per level, innermost first
+    table = tables["region"]
     assert len(table) == 6 and set(table.columns) >= {"region", "Intercept_mode", "Intercept_sd"}
     assert np.all(np.isfinite(table["Intercept_mode"])) and np.all(table["Intercept_mode_sd"] > 0)
     # the region sd of the fit bounds how far the predicted region effects spread
