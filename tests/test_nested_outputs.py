@@ -187,8 +187,9 @@ def test_predict_the_fitted_data_is_x_beta_plus_every_level(fitted, calls):
     np.testing.assert_allclose(same["eta"], got["eta"], rtol=1e-8, atol=1e-8)
     population = predict(res, df, re_form="population", type="link")
     beta = res.fixed_effects["estimate"]
-    np.testing.assert_allclose(population["eta"],
-                               beta["Intercept"] + beta["duration"] * df["duration"], rtol=1e-12)
+    np.testing.assert_allclose(
+        population["eta"], beta["Intercept"] + beta["duration"] * df["duration"], rtol=1e-12
+    )
 
 
 def test_predict_unseen_inner_units(fitted, calls):
