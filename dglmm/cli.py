@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows with missing values: stop with an error (default) or drop them")
     f.add_argument("--output", default=None, help="write the result as JSON here")
     f.add_argument("--random-effects", default=None,
-                   help="write per-group random-effect predictions as Parquet here")
+                   help="write per-group random-effect predictions as Parquet here (nested "
+                   "levels: one dataset per level, DIR/<level>/)")
     f.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
     f.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
     f.add_argument("--workers", type=int, default=None, help="size of the local cluster")
@@ -95,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("data")
     pr.add_argument("--output", required=True, help="Parquet file to write")
     pr.add_argument("--random-effects", default=None,
-                    help="random-effects Parquet (from fit --random-effects) for conditional "
-                    "predictions of known groups")
+                    help="random-effects Parquet (from fit --random-effects; nested levels: its "
+                    "directory) for conditional predictions of known groups")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace an existing output even if it is not a dglmm output")
     pr.add_argument("--allow-python-formulas", action="store_true",

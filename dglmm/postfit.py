@@ -28,10 +28,17 @@ FIT_KWARGS = frozenset({"missing", "storage_options", "scheduler", "scheduler_fi
 
 def random_effects_table(
     result: Any, data, *, output: str | None = None, client="in-process", **fit_kwargs
-) -> pd.DataFrame:
+) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Per-group random-effect predictions of ``result`` (a :class:`~dglmm.results.FitResult`
     or anything with its ``spec``, ``family``, ``link``, ``n_agq`` and ``params``) recomputed
     from ``data``; the parameters are those of :meth:`FitResult.random_effects_table`.
+
+    Returns one DataFrame (one row per group); for a model with nested grouping levels a
+    dict ``{lme4 level name: DataFrame}``, innermost level first as in
+    ``result.random_effects``, each table keyed by the columns of its level and all
+    enclosing levels (``docs/nested.md``); ``output`` then holds one Parquet dataset per
+    level (``output/<level>/part-NNNNN.parquet``).  With a Dask client and ``output`` the
+    tables are lazy Dask DataFrames over the written files.
 
     Raises
     ------
