@@ -127,7 +127,9 @@ def fit(
         Seconds to wait for a remote scheduler before raising ClusterError.
     random_effects : str, optional
         Write per-group random-effect predictions (conditional modes, posterior means
-        and standard deviations) as Parquet here, computed where the data lives.
+        and standard deviations) as Parquet here, computed where the data lives.  With
+        nested grouping levels a directory of one dataset per level,
+        ``random_effects/<level name>/part-NNNNN.parquet`` (``docs/nested.md``).
     overwrite : bool
         Replace existing outputs (``random_effects``, ``checkpoint``) even when they are
         not dglmm artefacts of the same kind.  Inputs are never overwritten.
