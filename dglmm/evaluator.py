@@ -122,10 +122,14 @@ class InProcessEvaluator:
             # written into a temporary sibling directory, then swapped in (the old one
             # stays intact if anything fails); refused if it is not ours (checked in fit)
             with atomic_dataset(output, kind="random-effects") as tmp:
+                url = "://" in os.fspath(output)
+                if url and nested:  # written in place: old part files of the levels go first
+                    remove_level_parts(os.fspath(output), list(tables), None)
                 for name, table in tables.items():
-                    where = os.path.join(tmp, level_directory(name)) if nested else tmp
-                    os.makedirs(where, exist_ok=True)
-                    table.to_parquet(os.path.join(where, "part-00000.parquet"), index=False)
+                    where = f"{tmp}/{level_directory(name)}" if nested else tmp
+                    if not url:
+                        os.makedirs(where, exist_ok=True)
+                    table.to_parquet(f"{where}/part-00000.parquet", index=False)
         return tables if nested else tables[self.group]
 
 
@@ -215,3 +219,14 @@ def _term_columns(pred: dict, terms: Sequence[str]) -> dict[str, np.ndarray]:
         for what in ("mode", "mode_sd", "mean", "sd"):
             out[f"{term}_{what}"] = pred[what][:, a]
     return out
+
+
+def remove_level_parts(out: str, names: Sequence[str], storage_options: dict | None) -> None:
+    """Remove the old ``part-*`` files of the level directories of a URL output (an object
+    store has no rename: a nested random-effects dataset is rewritten in place)."""
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(out, storage_options=storage_options)
+    for name in names:
+        for f in fs.glob(f"{root.rstrip('/')}/{level_directory(name)}/part-*"):
+            fs.rm(f)

@@ -211,17 +211,6 @@ def _write_part(table: pd.DataFrame, path: str, storage_options: dict | None) ->
     fsync_file(path)
 
 
-def _remove_level_parts(out: str, directories: list[str], storage_options: dict | None) -> None:
-    """Remove the old ``part-*`` files of the level directories of a URL output (an object
-    store has no rename: the dataset is rewritten in place)."""
-    import fsspec
-
-    fs, _, (root,) = fsspec.get_fs_token_paths(out, storage_options=storage_options)
-    for directory in directories:
-        for f in fs.glob(f"{root.rstrip('/')}/{directory}/part-*"):
-            fs.rm(f)
-
-
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
     total, timing = list(parts[0][0]), parts[0][1]
     for other, other_timing in parts[1:]:
@@ -469,7 +458,7 @@ class DaskEvaluator:
         returned.  Without ``output`` the tables (one row per unit) are gathered and
         returned as pandas.
         """
-        from dglmm.evaluator import level_directory
+        from dglmm.evaluator import level_directory, remove_level_parts
 
         params = np.array(params, dtype=np.float64, copy=True)
         names = [name for name, _ in self.spec.level_columns][::-1] if self.spec.inner else []
@@ -486,8 +475,7 @@ class DaskEvaluator:
             with atomic_dataset(out, kind="random-effects",
                                 storage_options=storage_options) as tmp:  # fmt: skip
                 if _is_url(out):  # written in place: old part files of the levels go first
-                    _remove_level_parts(out, [level_directory(n) for n in names],
-                                        storage_options)  # fmt: skip
+                    remove_level_parts(out, names, storage_options)
                 writes = [
                     self.client.submit(
                         _random_effects_write_task, entry, params, self.model, self.spec,
