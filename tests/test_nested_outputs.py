@@ -287,3 +287,23 @@ def test_workers_write_the_same_tables(fitted, calls, process_cluster, tmp_path)
             got = _sorted(got, KEYS[name])
             assert got[KEYS[name]].astype(str).equals(want[KEYS[name]].astype(str))
             np.testing.assert_allclose(got[MEASURES], want[MEASURES], rtol=1e-8, atol=1e-10)
+
+
+def test_url_output_replaces_the_level_parts_in_place(fitted, calls):
+    fsspec = pytest.importorskip("fsspec")
+    res, _ = fitted
+    df, _ = calls
+    fs = fsspec.filesystem("memory")
+    root = "memory://nested-outputs-test"
+    try:
+        res.random_effects_table(df, output=root)
+        fs.pipe("/nested-outputs-test/region/part-00007.parquet", b"stale")
+        tables = res.random_effects_table(df, output=root)
+        assert fs.ls("/nested-outputs-test/region", detail=False) == [
+            "/nested-outputs-test/region/part-00000.parquet"
+        ]
+        for name in LEVELS:
+            got = pd.read_parquet(f"{root}/{level_directory(name)}")
+            np.testing.assert_allclose(got[MEASURES], tables[name][MEASURES], rtol=0, atol=0)
+    finally:
+        fs.rm("/nested-outputs-test", recursive=True)
