@@ -1,0 +1,81 @@
+"""The compiled special functions and the row functions of the families with a parameter of
+their own, against scipy (log-densities, polygamma) and central differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from dglmm import family_rows as fr
+from dglmm.special import digamma, tetragamma, trigamma
+
+X = np.concatenate([np.geomspace(1e-6, 1e3, 60), [0.5, 1.0, 9.999, 10.0, 10.001, 1e6]])
+
+
+@pytest.mark.parametrize("func, m", [(digamma, 0), (trigamma, 1), (tetragamma, 2)])
+def test_polygamma_matches_scipy(func, m):
+    got = np.array([func(x) for x in X])
+    want = special.polygamma(m, X)
+    np.testing.assert_allclose(got, want, rtol=5e-12)
+
+
+def _scipy_logpdf(name, y, eta, tau):
+    if name == "nbinom2":
+        k, mu = np.exp(tau), np.exp(eta)
+        return stats.nbinom.logpmf(y, k, k / (k + mu))
+    if name == "nbinom1":
+        phi, mu = np.exp(tau), np.exp(eta)
+        k = mu / phi
+        return stats.nbinom.logpmf(y, k, 1.0 / (1.0 + phi))
+    if name == "gamma_log":
+        a, mu = np.exp(tau), np.exp(eta)
+        return stats.gamma.logpdf(y, a, scale=mu / a)
+    if name == "gamma_inverse":
+        a, mu = np.exp(tau), 1.0 / eta
+        return stats.gamma.logpdf(y, a, scale=mu / a)
+    phi, mu = np.exp(tau), special.expit(eta)
+    return stats.beta.logpdf(y, mu * phi, (1 - mu) * phi)
+
+
+ROWS = {"nbinom2": fr.nbinom2_row, "nbinom1": fr.nbinom1_row, "gamma_log": fr.gamma_log_row,
+        "gamma_inverse": fr.gamma_inverse_row, "beta": fr.beta_row}  # fmt: skip
+CASES = {
+    "nbinom2": [(0.0, 0.3, 0.5), (3.0, 1.2, -0.7), (17.0, 2.5, 1.9), (1.0, -3.0, 4.0)],
+    "nbinom1": [(0.0, 0.3, 0.5), (3.0, 1.2, -0.7), (17.0, 2.5, 1.9), (2.0, -1.0, -2.0)],
+    "gamma_log": [(0.7, 0.3, 0.5), (3.0, 1.2, -0.7), (0.01, -2.5, 1.9), (50.0, 3.0, 3.0)],
+    "gamma_inverse": [(0.7, 1.3, 0.5), (3.0, 0.2, -0.7), (0.05, 9.0, 1.9)],
+    "beta": [(0.3, 0.2, 1.5), (0.9, 1.7, 0.2), (0.02, -2.5, 3.0), (0.5, 0.0, -0.5)],
+}
+
+
+def _params():
+    return [pytest.param(n, *c, id=f"{n}-{i}") for n, cs in CASES.items() for i, c in enumerate(cs)]
+
+
+@pytest.mark.parametrize("name, y, eta, tau", _params())
+def test_row_log_density_matches_scipy(name, y, eta, tau):
+    l = ROWS[name](y, 1.0, eta, tau)[0]
+    assert l == pytest.approx(_scipy_logpdf(name, y, eta, tau), rel=1e-12, abs=1e-12)
+    l2 = ROWS[name](y, 2.5, eta, tau)[0]
+    assert l2 == pytest.approx(2.5 * l, rel=1e-14)
+
+
+@pytest.mark.parametrize("name, y, eta, tau", _params())
+def test_row_derivatives_match_differences(name, y, eta, tau):
+    f = ROWS[name]
+    l, d1, d2, d3, lt, ltt, d1t, d2t = f(y, 1.0, eta, tau)
+    h = 1e-5
+
+    def diff(i, de, dt):
+        up, dn = f(y, 1.0, eta + de, tau + dt), f(y, 1.0, eta - de, tau - dt)
+        return (up[i] - dn[i]) / (2 * max(de, dt))
+
+    for got, want in [(d1, diff(0, h, 0)), (d2, diff(1, h, 0)), (d3, diff(2, h, 0)),
+                      (lt, diff(0, 0, h)), (ltt, diff(4, 0, h)), (d1t, diff(1, 0, h)),
+                      (d2t, diff(2, 0, h))]:  # fmt: skip
+        assert got == pytest.approx(want, rel=2e-6, abs=1e-7 * (1 + abs(l)))
+
+
+def test_inverse_gamma_outside_the_support_is_a_failed_value():
+    assert fr.gamma_inverse_row(1.0, 1.0, -0.1, 0.0)[0] < -1e299
