@@ -156,6 +156,10 @@ def beta_row(y, w, eta, tau):
     lt = phi * dphi
     ltt = lt + phi * phi * d2phi
     d1t = d1 - phi * phi * v * m1
-    d2t = phi * v * c * dev - phi * phi * v * c * m1 - 2.0 * phi * phi * v * v * t1 \
+    d2t = (
+        phi * v * c * dev
+        - phi * phi * v * c * m1
+        - 2.0 * phi * phi * v * v * t1
         - phi * phi * phi * v * v * m2
+    )
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t

@@ -3,7 +3,8 @@ derivatives (trigamma, tetragamma), for real arguments ``x > 0``.
 
 Each uses the recurrence ``psi^(m)(x) = psi^(m)(x + 1) - (-1)^m m! / x^(m+1)`` to move the
 argument to ``x >= 10`` and then the asymptotic (Bernoulli) series, accurate to about
-1e-13 relative (psi'' 3e-12 at x = 10).  :mod:`scipy.special` is the test oracle (``tests/test_special.py``).
+1e-13 relative (psi'' 3e-12 at x = 10).  :mod:`scipy.special` is the test oracle
+(``tests/test_family_rows.py``).
 """
 
 from __future__ import annotations
