@@ -32,7 +32,16 @@ from .errors import (
     check_npartitions,
 )
 from .evaluator import IN_PROCESS, InProcessEvaluator, kernel_model
-from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_POISSON, Family, get_family
+from .families import (
+    FAMILY_BETA,
+    FAMILY_BINOMIAL,
+    FAMILY_GAMMA,
+    FAMILY_GAUSSIAN,
+    FAMILY_NBINOM2,
+    FAMILY_POISSON,
+    Family,
+    get_family,
+)
 from .formula import parse_formula
 from .kernels import KernelModel
 from .optimizer import (
@@ -363,7 +372,7 @@ def fit_model(
 
     # ---- observed information by central differences of the exact gradient, on the
     # scale of each parameter's design column (scale-free standard errors)
-    sigma = math.exp(params[-1]) if layout.has_dispersion else 1.0
+    sigma = _eta_unit(fam, params)
     rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
     unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
     hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
@@ -564,6 +573,8 @@ def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> tuple[np.ndarr
     used for the rank check and to scale the columns).
     """
     x0 = np.zeros(P)
+    if fam.code == FAMILY_GAMMA and fam.link.name == "inverse" and layout.p:
+        x0[0] = 1.0  # eta = 0 is outside the inverse link's range: start at mu = 1
     (res,) = evaluate([x0], True)
     g, h = res.gradient, res.hessian
     n = res.n_obs
@@ -585,14 +596,40 @@ def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> tuple[np.ndarr
         ey2 = (g[-1] + n) / wsum
         x0[0] = mean
         x0[-1] = 0.5 * math.log(max(ey2 - mean * mean, 1e-12))
+    elif fam.code == FAMILY_GAMMA and res.weight_total:
+        # shape 1 at mu = 1 (either link): d l / d eta = y - 1 (log), 1 - y (inverse)
+        s = g[0] / res.weight_total
+        mean = max(1.0 + (s if fam.link.name == "log" else -s), 1e-8)
+        x0[0] = math.log(mean) if fam.link.name == "log" else 1.0 / mean
+    elif fam.code in _ZERO_POINT_MEAN and res.weight_total:
+        # the mean response implied by the score at eta = 0, tau = 0 (see the table)
+        x0[0] = _ZERO_POINT_MEAN[fam.code](g[0] / res.weight_total)
     return x0, h
+
+
+# Families with a parameter of their own: the intercept start from the mean score per unit
+# weight, s = mean(d l / d eta), at eta = 0 and tau = 0 (size, shape or precision 1):
+#   nbinom2 (k = 1, mu = 1): d1 = (y - 1) / 2        -> log mean(y) = log(1 + 2 s)
+#   beta (phi = 1, mu = 1/2): d1 = logit(y) / 4      -> mean logit(y) = 4 s
+# nbinom1's score at zero is not linear in y: it starts from 0 as do the others' fallbacks.
+_ZERO_POINT_MEAN = {
+    FAMILY_NBINOM2: lambda s: math.log(max(1.0 + 2.0 * s, 1e-8)),
+    FAMILY_BETA: lambda s: 4.0 * s,
+}
+
+
+def _eta_unit(fam: Family, params: np.ndarray) -> float:
+    """The unit of the linear predictor: the residual sd of a Gaussian model, else 1."""
+    if fam.parameters and fam.parameters[0].scales_eta:
+        return math.exp(params[-1])
+    return 1.0
 
 
 def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: Family):
     """Diagonal starting factor: sd 0.5 on the scale of each random-effect column."""
     h = -glm_state.hessian[: layout.p, : layout.p]
     fixed = list(spec.fixed_columns)
-    sigma = math.exp(glm_state.params[-1]) if layout.has_dispersion else 1.0
+    sigma = _eta_unit(fam, glm_state.params)
     base = h[0, 0] if fixed and fixed[0] == "Intercept" and h[0, 0] > 0 else None
     theta = np.zeros(layout.n_theta)
     for j, (a, b) in enumerate(spec.all_cov_pattern):
@@ -772,6 +809,19 @@ def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout, rms_z=N
     return sd_se, se[q:].reshape(q, q)
 
 
+def _family_parameters(fam: Family, params: np.ndarray, vcov: np.ndarray):
+    """The family's own parameters on their natural scale, and their delta-method SEs."""
+    values, ses = {}, {}
+    n = len(fam.parameters)
+    for j, par in enumerate(fam.parameters):
+        i = params.size - n + j
+        tau = float(params[i])
+        tau_var = float(vcov[i, i]) if vcov is not None and vcov.shape[0] > i else float("nan")
+        values[par.name] = par.natural(tau)
+        ses[par.name] = par.natural_se(tau, math.sqrt(tau_var)) if tau_var >= 0 else float("nan")
+    return values, ses
+
+
 def _level_counts(spec: ModelSpec, evaluator) -> dict[str, int]:
     """Units of every grouping factor (lme4's names; innermost first when nested)."""
     counts = {spec.group: evaluator.n_groups}
@@ -808,7 +858,8 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         }
     if spec.inner:  # lme4 lists the innermost level first
         random_effects = dict(reversed(list(random_effects.items())))
-    dispersion = math.exp(2 * params[-1]) if layout.has_dispersion else None
+    dispersion = math.exp(2 * params[-1]) if fam.code == FAMILY_GAUSSIAN else None
+    fam_params, fam_params_se = _family_parameters(fam, params, vcov)
     k = params.size
     ll = state.loglik
     return FitResult(
@@ -819,6 +870,8 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         fixed_effects=fixed,
         random_effects=random_effects,
         dispersion=dispersion,
+        family_parameters=fam_params,
+        family_parameters_std_error=fam_params_se,
         loglik=ll,
         aic=-2 * ll + 2 * k,
         bic=-2 * ll + k * math.log(max(n_obs, 1)),

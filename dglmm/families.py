@@ -36,7 +36,8 @@ from .errors import DataError, SpecificationError, suggest
 
 # Integer codes shared with the compiled kernel.
 FAMILY_BINOMIAL, FAMILY_POISSON, FAMILY_GAUSSIAN = 0, 1, 2
-LINK_LOGIT, LINK_PROBIT, LINK_CLOGLOG, LINK_LOG, LINK_IDENTITY = 0, 1, 2, 3, 4
+FAMILY_NBINOM2, FAMILY_NBINOM1, FAMILY_GAMMA, FAMILY_BETA = 3, 4, 5, 6
+LINK_LOGIT, LINK_PROBIT, LINK_CLOGLOG, LINK_LOG, LINK_IDENTITY, LINK_INVERSE = 0, 1, 2, 3, 4, 5
 
 _ETA_MAX = 700.0  # exp(700) is finite; beyond it the log-density is clamped
 
@@ -69,6 +70,9 @@ class Link:
             return -np.expm1(-np.exp(np.minimum(eta, _ETA_MAX)))
         if self.code == LINK_LOG:
             return np.exp(np.minimum(eta, _ETA_MAX))
+        if self.code == LINK_INVERSE:
+            with np.errstate(divide="ignore"):
+                return 1.0 / eta
         return eta.copy()
 
     def link(self, mu: np.ndarray) -> np.ndarray:
@@ -83,6 +87,8 @@ class Link:
                 return np.log(-np.log1p(-mu))
             if self.code == LINK_LOG:
                 return np.log(mu)
+            if self.code == LINK_INVERSE:
+                return 1.0 / mu
         return mu.copy()
 
 
@@ -92,6 +98,7 @@ LINKS: dict[str, Link] = {
     "cloglog": Link("cloglog", LINK_CLOGLOG),
     "log": Link("log", LINK_LOG),
     "identity": Link("identity", LINK_IDENTITY),
+    "inverse": Link("inverse", LINK_INVERSE),
 }
 
 
@@ -119,6 +126,47 @@ def get_link(name: str | Link) -> Link:
 
 
 @dataclass(frozen=True)
+class FamilyParameter:
+    """A parameter of the response distribution estimated with the model.
+
+    The kernel sees it as ``tau``, unconstrained (the last entry of the parameter vector);
+    the user sees ``natural(tau)``.
+
+    Attributes
+    ----------
+    name : str
+        Its key in ``FitResult.family_parameters`` (``"size"``, ``"shape"``, ...).
+    scale : float
+        ``natural(tau) = exp(scale * tau)``: 2 for the Gaussian residual variance
+        (``tau = log sigma``), 1 for the others (``tau = log value``).
+    label : str
+        How the summary names it (after glmmTMB's and lme4's printouts).
+    scales_eta : bool
+        Whether ``sigma = exp(tau)`` is the unit of the linear predictor (Gaussian: the
+        natural step of a fixed effect is ``sigma / rms(x)``).
+    """
+
+    name: str
+    scale: float
+    label: str
+    scales_eta: bool = False
+
+    def natural(self, tau: float) -> float:
+        return math.exp(self.scale * tau)
+
+    def unconstrained(self, value: float) -> float:
+        return math.log(value) / self.scale
+
+    def natural_se(self, tau: float, tau_se: float) -> float:
+        """Delta-method standard error of ``natural(tau)``."""
+        return self.scale * self.natural(tau) * tau_se
+
+
+_RESIDUAL_VARIANCE = FamilyParameter("residual_variance", 2.0, "Residual variance",
+                                     scales_eta=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Family:
     """A response distribution together with its link.
 
@@ -129,16 +177,22 @@ class Family:
         Code used by the compiled kernel.
     link : Link
     valid_links : tuple of str
-    has_dispersion : bool
-        True when the family has a scale parameter estimated with the model
-        (the Gaussian residual standard deviation).
+    parameters : tuple of FamilyParameter
+        The family's own parameters, estimated with the model (the Gaussian residual
+        variance, the negative-binomial size, the Gamma shape, the beta precision); they
+        follow the variance parameters in the parameter vector.
     """
 
     name: str
     code: int
     link: Link
     valid_links: tuple[str, ...]
-    has_dispersion: bool
+    parameters: tuple[FamilyParameter, ...] = ()
+
+    @property
+    def has_dispersion(self) -> bool:
+        """Whether the family has a parameter of its own (the kernel's ``tau``)."""
+        return bool(self.parameters)
 
     def check_response(self, y: np.ndarray, trials: np.ndarray, name: str = "response") -> None:
         """Raise :class:`DataError` if ``y`` (and ``trials``) are out of range.
@@ -171,19 +225,44 @@ class Family:
                     f"column {name!r}: {what}; {int(bad.sum())} of {n_rows} rows are not "
                     f"(e.g. {y[bad][:3].tolist()})"
                 )
-        elif self.code == FAMILY_POISSON:
+        elif self.code in (FAMILY_POISSON, FAMILY_NBINOM2, FAMILY_NBINOM1):
+            what = "Poisson" if self.code == FAMILY_POISSON else "negative binomial"
             bad = (y < 0) | (y != np.round(y))
             if bad.any():
                 raise DataError(
-                    f"column {name!r}: Poisson counts must be non-negative whole numbers; "
+                    f"column {name!r}: {what} counts must be non-negative whole numbers; "
                     f"{int(bad.sum())} of {n_rows} rows are not (e.g. {y[bad][:3].tolist()})"
+                )
+        elif self.code == FAMILY_GAMMA:
+            bad = ~(y > 0)
+            if bad.any():
+                raise DataError(
+                    f"column {name!r}: a Gamma response must be positive; {int(bad.sum())} of "
+                    f"{n_rows} rows are not (e.g. {y[bad][:3].tolist()})"
+                )
+        elif self.code == FAMILY_BETA:
+            edge = (y == 0) | (y == 1)
+            bad = ~((y > 0) & (y < 1)) & ~edge
+            if bad.any():
+                raise DataError(
+                    f"column {name!r}: a beta response must be a proportion strictly between 0 "
+                    f"and 1; {int(bad.sum())} of {n_rows} rows are outside [0, 1] "
+                    f"(e.g. {y[bad][:3].tolist()})"
+                )
+            if edge.any():
+                raise DataError(
+                    f"column {name!r}: a beta response must lie strictly between 0 and 1, but "
+                    f"{int(edge.sum())} of {n_rows} rows are exactly 0 or 1; transform it, e.g. "
+                    "(y * (n - 1) + 0.5) / n with n the number of rows (Smithson and "
+                    "Verkuilen), or model the 0s and 1s with a binomial family"
                 )
 
     def loglik_constant(self, y: np.ndarray, trials: np.ndarray, weights: np.ndarray) -> float:
         """Sum of the normalising constants the kernel leaves out.
 
         Binomial ``sum w log C(n, y)``; Poisson ``-sum w log y!``; Gaussian
-        ``sum_{w > 0} (log w - log 2 pi) / 2``.
+        ``sum_{w > 0} (log w - log 2 pi) / 2``; zero for the families with a parameter
+        of their own (their constants depend on it and stay in the row functions).
         """
         y = np.asarray(y, dtype=float)
         w = np.asarray(weights, dtype=float)
@@ -195,6 +274,8 @@ class Family:
             return float(np.dot(w, lchoose))
         if self.code == FAMILY_POISSON:
             return float(-np.dot(w, special.gammaln(y + 1)))
+        if self.code != FAMILY_GAUSSIAN:  # the row functions hold every constant
+            return 0.0
         pos = w > 0
         return float(0.5 * np.sum(np.log(w[pos])) - 0.5 * math.log(2 * math.pi) * np.sum(pos))
 
@@ -203,11 +284,23 @@ class Family:
         return self.link.inverse(eta)
 
 
-_FAMILY_TABLE: dict[str, tuple[int, tuple[str, ...], bool]] = {
-    "binomial": (FAMILY_BINOMIAL, ("logit", "probit", "cloglog"), False),
-    "poisson": (FAMILY_POISSON, ("log",), False),
-    "gaussian": (FAMILY_GAUSSIAN, ("identity",), True),
-}
+# name -> (code, valid links (the first is the default), the family's own parameters)
+_FAMILY_TABLE: dict[str, tuple[int, tuple[str, ...], tuple[FamilyParameter, ...]]] = {
+    "binomial": (FAMILY_BINOMIAL, ("logit", "probit", "cloglog"), ()),
+    "poisson": (FAMILY_POISSON, ("log",), ()),
+    "gaussian": (FAMILY_GAUSSIAN, ("identity",), (_RESIDUAL_VARIANCE,)),
+    "nbinom2": (FAMILY_NBINOM2, ("log",), (
+        FamilyParameter("size", 1.0, "Dispersion parameter for nbinom2 family (size k, "
+                        "Var = mu + mu^2/k)"),)),
+    "nbinom1": (FAMILY_NBINOM1, ("log",), (
+        FamilyParameter("phi", 1.0, "Dispersion parameter for nbinom1 family (phi, "
+                        "Var = mu (1 + phi))"),)),
+    "gamma": (FAMILY_GAMMA, ("log", "inverse"), (
+        FamilyParameter("shape", 1.0, "Shape parameter for Gamma family (a, Var = mu^2/a)"),)),
+    "beta": (FAMILY_BETA, ("logit",), (
+        FamilyParameter("precision", 1.0, "Precision parameter for beta family (phi, "
+                        "Var = mu (1 - mu)/(1 + phi))"),)),
+}  # fmt: skip
 
 
 def get_family(name: str | Family, link: str | Link | None = None) -> Family:
@@ -231,14 +324,14 @@ def get_family(name: str | Family, link: str | Link | None = None) -> Family:
             f"unknown family {name!r}{suggest(key, _FAMILY_TABLE)}; "
             f"valid families: {', '.join(_FAMILY_TABLE)}"
         )
-    code, valid_links, has_dispersion = _FAMILY_TABLE[key]
+    code, valid_links, parameters = _FAMILY_TABLE[key]
     link_obj = get_link(valid_links[0] if link is None else link)
     if link_obj.name not in valid_links:
         raise SpecificationError(
             f"family {key!r} does not support link {link_obj.name!r}; "
             f"valid links for {key}: {', '.join(valid_links)}"
         )
-    return Family(key, code, link_obj, valid_links, has_dispersion)
+    return Family(key, code, link_obj, valid_links, parameters)
 
 
 # ----------------------------------------------------------------------------- compiled part

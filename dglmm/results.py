@@ -31,7 +31,14 @@ class FitResult:
         Per grouping factor: ``{"terms": [...], "covariance": q x q list,
         "sd": [...], "corr": q x q list, "cholesky": q x q list}``.
     dispersion : float or None
-        Residual variance (Gaussian family); None for families without one.
+        Residual variance (Gaussian family); None for the other families.
+    family_parameters : dict
+        The family's own parameters on their natural scale: ``{"residual_variance": s2}``
+        (gaussian), ``{"size": k}`` (nbinom2, variance mu + mu^2/k), ``{"phi": phi}``
+        (nbinom1, variance mu (1 + phi)), ``{"shape": a}`` (gamma), ``{"precision": phi}``
+        (beta); empty for binomial and Poisson.
+    family_parameters_std_error : dict
+        Their delta-method standard errors (from the log-scale parameter's).
     loglik, aic, bic : float
     n_obs : int
     n_groups : dict
@@ -72,6 +79,8 @@ class FitResult:
     n_dropped: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    family_parameters: dict[str, float] = field(default_factory=dict)
+    family_parameters_std_error: dict[str, float] = field(default_factory=dict)
 
     # -------------------------------------------------------------- derived views
 
@@ -131,7 +140,9 @@ class FitResult:
         for r in rows:
             lines.append(" " + " ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)))
         groups = ", ".join(f"{g}, {n}" for g, n in self.n_groups.items())
-        lines += ["", f"Number of obs: {self.n_obs}, groups:  {groups}", "", "Fixed effects:"]
+        lines += ["", f"Number of obs: {self.n_obs}, groups:  {groups}"]
+        lines += self._family_parameter_lines()
+        lines += ["", "Fixed effects:"]
         table = self.fixed_effects.rename(
             columns={"estimate": "Estimate", "std_error": "Std. Error",
                      "z_value": "z value", "p_value": "Pr(>|z|)"}
@@ -149,6 +160,26 @@ class FitResult:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+    def _family_parameter_lines(self) -> list[str]:
+        """glmmTMB-style lines for the family's own parameters (the Gaussian residual
+        variance is in the random-effects table, as lme4 prints it)."""
+        from .errors import SpecificationError
+        from .families import get_family
+
+        try:
+            params = get_family(self.family, self.link).parameters
+        except SpecificationError:  # a result of a family this version does not know
+            return []
+        out = []
+        for par in params:
+            if par.name == "residual_variance" or par.name not in self.family_parameters:
+                continue
+            value = self.family_parameters[par.name]
+            se = self.family_parameters_std_error.get(par.name, float("nan"))
+            se_text = f" (std. error {se:.4g})" if se == se else ""
+            out += ["", f"{par.label}: {value:.4g}{se_text}"]
+        return out
 
     def __str__(self) -> str:
         return self.summary()
@@ -207,6 +238,8 @@ class FitResult:
             "fixed_effects": fe,
             "random_effects": self.random_effects,
             "dispersion": self.dispersion,
+            "family_parameters": self.family_parameters,
+            "family_parameters_std_error": self.family_parameters_std_error,
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -284,6 +317,12 @@ class FitResult:
         if not all(isinstance(w, str) for w in warnings_):
             v.fail("'warnings' must be a list of strings")
         dispersion = d.get("dispersion")
+        fam_params = {}
+        fam_se = {}
+        for key, out in (("family_parameters", fam_params),
+                         ("family_parameters_std_error", fam_se)):  # fmt: skip
+            for name, value in v.get(d, key, dict, default={}).items():
+                out[str(name)] = v.number(value, f"{key} {name!r:.40}")
         spec = v.get(d, "spec", dict, default={})
         if spec:
             from .design import ModelSpec
@@ -320,6 +359,8 @@ class FitResult:
             n_dropped=v.integer(d.get("n_dropped", 0), "n_dropped"),
             timings=v.get(d, "timings", dict, default={}),
             warnings=list(warnings_),
+            family_parameters=fam_params,
+            family_parameters_std_error=fam_se,
         )
 
     @classmethod
