@@ -33,6 +33,7 @@ import numpy as np
 from scipy import special
 
 from .errors import DataError, SpecificationError, suggest
+from .family_rows import beta_row, gamma_inverse_row, gamma_log_row, nbinom1_row, nbinom2_row
 
 # Integer codes shared with the compiled kernel.
 FAMILY_BINOMIAL, FAMILY_POISSON, FAMILY_GAUSSIAN = 0, 1, 2
@@ -471,3 +472,29 @@ def row_l_d1(family, link, y, n, w, eta, tau):
         return w * (y * eta - mu), w * (y - mu), 0.0
     l, d1, _d2, _d3, lt, _ltt = row_derivatives(family, link, y, n, w, eta, tau)
     return l, d1, lt
+
+
+@numba.njit(cache=True)
+def row_all(family, link, y, n, w, eta, tau):
+    """Every row derivative a kernel part may need, for every family:
+    ``(l, d1, d2, d3, lt, ltt, d1t, d2t)`` (see :mod:`dglmm.family_rows`).
+
+    The binomial, Poisson and Gaussian values are :func:`row_derivatives`' (no family
+    parameter, or the Gaussian's ``tau = log sigma``, for which ``d1`` and ``d2`` scale
+    as ``exp(-2 tau)``); the families with a parameter of their own have a row function
+    each.  A new family is a branch here and its row function in :mod:`dglmm.family_rows`.
+    """
+    if family == FAMILY_NBINOM2:
+        return nbinom2_row(y, w, eta, tau)
+    if family == FAMILY_NBINOM1:
+        return nbinom1_row(y, w, eta, tau)
+    if family == FAMILY_GAMMA:
+        if link == LINK_INVERSE:
+            return gamma_inverse_row(y, w, eta, tau)
+        return gamma_log_row(y, w, eta, tau)
+    if family == FAMILY_BETA:
+        return beta_row(y, w, eta, tau)
+    l, d1, d2, d3, lt, ltt = row_derivatives(family, link, y, n, w, eta, tau)
+    if family == FAMILY_GAUSSIAN:
+        return l, d1, d2, d3, lt, ltt, -2.0 * d1, -2.0 * d2
+    return l, d1, d2, d3, lt, ltt, 0.0, 0.0

@@ -36,6 +36,10 @@ from .kernel_core import _block_kernel, _posterior_kernel
 from .quadrature import gauss_hermite_rule
 
 
+# family codes (dglmm.families) the compiled kernel's row functions know
+_COMPILED_FAMILIES = (0, 1, 2)
+
+
 @dataclass(frozen=True)
 class KernelModel:
     """What the kernel needs to know about the model (small, picklable).
@@ -65,6 +69,12 @@ class KernelModel:
     n_agq: int = 1
     has_dispersion: bool = False
     inner: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled two-level kernel evaluates this family (else the nested
+        kernel's NumPy path does, for one level as for several)."""
+        return self.family_code in _COMPILED_FAMILIES
 
     @property
     def n_theta(self) -> int:
@@ -271,7 +281,7 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     BlockResult
         With ``modes`` and ``warm_start`` (for the next call) of this block.
     """
-    if model.inner:  # nested grouping levels: the composed kernel of dglmm.nested
+    if model.inner or not model.compiled:  # the composed NumPy kernel of dglmm.nested
         from .nested import evaluate_nested_block
 
         out = evaluate_nested_block(block, params, model, hessian=hessian, u_init=u_init)
@@ -343,7 +353,7 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     (G_l, q_l) and ``keys``, per enclosing level ``m = 0 .. l`` the tuple of that level's
     key arrays (``block.group_keys``, then ``InnerLevel.keys``) at each level-l unit.
     """
-    if model.inner:  # nested: every level's predictions, all levels integrated jointly
+    if model.inner or not model.compiled:  # every level integrated jointly (dglmm.nested)
         return _nested_random_effects_block(block, params, model, u_init)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)

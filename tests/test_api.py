@@ -113,10 +113,20 @@ def test_salamanders_agq15_reference_loglik_is_the_uncentred_one():
     assert abs(REFERENCE["salamanders_poisson_agq15"]["loglik"] - (-972.38498327)) > 0.2
 
 
-def test_unsupported_reference_family_is_an_error():
-    """The nbinom2 references cannot be fitted: dglmm says so."""
-    with pytest.raises(SpecificationError, match="kernel part is not built yet"):
-        _fit(f"count ~ {SALAMANDER_RHS} + (1 | site)", "salamanders.csv", "nbinom2")
+def test_nbinom2_matches_glmmtmb():
+    """glmmTMB's nbinom2 Laplace fit of the salamanders (shared reference): estimates,
+    variance, the size k (glmmTMB's sigma) and the full log-likelihood."""
+    ref = REFERENCE["salamanders_nbinom2_laplace"]
+    res = _fit(f"count ~ {SALAMANDER_RHS} + (1 | site)", "salamanders.csv", "nbinom2")
+    names = {k: _term_name(k) for k in ref["fixed_effects"]}
+    check_against_reference(res, ref, names, ref["loglik"])
+    assert res.loglik == pytest.approx(ref["loglik"], abs=1e-4)
+    assert set(res.family_parameters) == {"size"}
+    assert res.family_parameters["size"] == pytest.approx(ref["dispersion"], rel=1e-3)
+    assert res.family_parameters_std_error["size"] > 0
+    assert "Dispersion parameter for nbinom2 family" in res.summary()
+    back = FitResult.from_json(res.to_json())
+    assert back.family_parameters == res.family_parameters
 
 
 def _extra_cases():

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..families import _FAMILY_TABLE, get_family
 from .modes import find_modes
-from .rows import row_arrays, tau_derivatives
+from .rows import row_arrays
 from .rule import (
     Layout,
     hessian_tangents,
@@ -132,8 +132,7 @@ def _profile_hessian(R, mt, layout: Layout, fam: int) -> np.ndarray:
     for G, du in zip(mt.Gpsi, mt.du, strict=False):
         hess += np.einsum("gap,gaq->pq", G, du)
     if layout.has_dispersion:
-        d1t, _ = tau_derivatives(fam, R[1], R[2])
-        cross = Dd.T @ d1t
+        cross = Dd.T @ R[6]
         hess[-1, :] += cross
         hess[:, -1] += cross
         hess[-1, -1] += np.sum(R[5])

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quadrature import gauss_hermite_rule
-from .rows import tau_derivatives
 from .tree import Tree, solve
 
 
@@ -79,8 +78,7 @@ class ModeTangents:
 def mode_tangents(tree, X, V, u, R, el, layout: Layout, fam: int) -> ModeTangents:
     """Implicit derivatives of the joint modes: ``du_hat = H^-1 d g_u / d psi``."""
     Dd = direct_derivatives(tree, X, u, layout)
-    d1, d2 = R[1], R[2]
-    d1t, _ = tau_derivatives(fam, d1, d2)
+    d1, d2, d1t = R[1], R[2], R[6]
     Gpsi = []
     for lev in range(tree.D):
         G = tree.rows_to(lev, V[lev][:, :, None] * (d2[:, None] * Dd)[:, None, :])
@@ -103,7 +101,7 @@ def hessian_tangents(tree, V, R, mt: ModeTangents, layout: Layout, fam: int) -> 
     w = -d2
     dw = -(d3[:, None] * mt.delta)
     if layout.has_dispersion:
-        dw[:, -1] -= tau_derivatives(fam, R[1], d2)[1]
+        dw[:, -1] -= R[7]
     dB = {}
     for lev in range(tree.D):
         for up in range(lev + 1):
