@@ -35,7 +35,6 @@ import numpy as np
 from .kernel_core import _block_kernel, _posterior_kernel
 from .quadrature import gauss_hermite_rule
 
-
 # family codes (dglmm.families) the compiled kernel's row functions know
 _COMPILED_FAMILIES = (0, 1, 2)
 

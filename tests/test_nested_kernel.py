@@ -51,6 +51,15 @@ def nested_data(seed, n_top, n_mid, rows, q_levels=(1, 1), family="binomial", n_
         y = (rng.random(n) < special.expit(eta)).astype(float)
     elif family == "poisson":
         y = rng.poisson(np.exp(eta)).astype(float)
+    elif family in ("nbinom2", "nbinom1"):  # size 2 / phi 1.5
+        mu = np.exp(eta)
+        size = 2.0 if family == "nbinom2" else mu / 1.5
+        y = rng.negative_binomial(size, size / (size + mu)).astype(float)
+    elif family == "gamma":  # shape 3
+        y = rng.gamma(3.0, np.exp(eta) / 3.0)
+    elif family == "beta":  # precision 8
+        mu = special.expit(eta)
+        y = np.clip(rng.beta(mu * 8.0, (1 - mu) * 8.0), 1e-6, 1 - 1e-6)
     else:
         y = eta + rng.normal(size=n) * 0.8
     block = make_block(keys, X, Zs, y)
@@ -311,6 +320,9 @@ def _fd_gradient(block, params, model, h=1e-5):
     ("poisson", (1, 2), None, 1), ("poisson", (1, 1), None, 5), ("gaussian", (2, 1), None, 1),
     ("binomial", (1, 1, 1), (1, 3), 1), ("binomial", (1, 1, 1), (1, 3), 3),
     ("poisson", (1, 2, 1), (1, 3), 1),
+    ("nbinom2", (1,), None, 1), ("nbinom2", (2, 1), None, 3), ("nbinom1", (1,), None, 1),
+    ("nbinom1", (1, 1), None, 3), ("gamma", (2,), None, 1), ("gamma", (1, 1), None, 3),
+    ("beta", (1,), None, 1), ("beta", (1, 2), None, 3),
 ])  # fmt: skip
 def test_gradient_is_exact(family, q_levels, n_low, k):
     block, fam = nested_data(17, 5, (1, 4), (2, 6), q_levels=q_levels, family=family, n_low=n_low)
