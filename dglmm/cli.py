@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model", description="Fit a GLMM and print its summary.")
     f.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
     f.add_argument("--formula", required=True, help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
-    f.add_argument("--family", default="binomial", help="binomial, poisson or gaussian")
+    f.add_argument("--family", default="binomial",
+                   help="binomial, poisson, gaussian, nbinom2, nbinom1, gamma or beta")
     f.add_argument("--link", default=None, help="link (default: the family's canonical link)")
     f.add_argument("--n-agq", type=int, default=1, help="quadrature nodes per dimension")
     f.add_argument("--trials", default=None, help="binomial trials column")
