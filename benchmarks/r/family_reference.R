@@ -374,7 +374,10 @@ group_logf <- function(par, data, yname, xform, gname, link) {
   F <- cdf_of(link)
   lapply(split(seq_len(nrow(data)), data[[gname]]), function(idx) {
     function(b) vapply(b, function(bb) {
-      sum(log(F(a[k[idx] + 1] - eta[idx] - bb) - F(a[k[idx]] - eta[idx] - bb))) +
+      u <- a[k[idx] + 1] - eta[idx] - bb
+      l <- a[k[idx]] - eta[idx] - bb
+      # F(u) - F(l), as F(-l) - F(-u) above 0 (no cancellation; F symmetric)
+      sum(log(ifelse(l > 0, F(-l) - F(-u), F(u) - F(l)))) +
         dnorm(bb, 0, s, log = TRUE)
     }, 0)
   })
@@ -384,7 +387,7 @@ group_logf <- function(par, data, yname, xform, gname, link) {
 # hand-made Laplace approximation (mode by optimize, curvature by central differences)
 integrate_groups <- function(logfs) {
   sum(vapply(logfs, function(lf) {
-    m <- optimize(lf, c(-30, 30), maximum = TRUE, tol = 1e-12)
+    m <- optimize(lf, c(-15, 15), maximum = TRUE, tol = 1e-12)
     lmax <- m$objective
     r <- integrate(function(b) exp(lf(b) - lmax), -Inf, Inf, rel.tol = 1e-12,
                    subdivisions = 1000L)
@@ -393,7 +396,7 @@ integrate_groups <- function(logfs) {
 }
 laplace_groups <- function(logfs) {
   sum(vapply(logfs, function(lf) {
-    m <- optimize(lf, c(-30, 30), maximum = TRUE, tol = 1e-12)
+    m <- optimize(lf, c(-15, 15), maximum = TRUE, tol = 1e-12)
     b <- m$maximum; d <- 1e-3
     h2 <- (lf(b + d) - 2 * lf(b) + lf(b - d)) / d^2
     m$objective + 0.5 * log(2 * pi) - 0.5 * log(-h2)
