@@ -31,7 +31,7 @@ _ETA_MAX = 700.0
 _NEG = -1e300  # the log-density outside the support (a failed trial step, not a value)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def nbinom2_row(y, w, eta, tau):
     """Negative binomial, variance mu + mu^2/k, k = exp(tau), mu = exp(eta).
 
@@ -55,14 +55,14 @@ def nbinom2_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def nbinom1_row(y, w, eta, tau):
     """Negative binomial, variance mu (1 + phi), phi = exp(tau): size k = mu / phi.
 
     l = lgamma(y+k) - lgamma(k) - lgamma(y+1) - k log(1+phi) + y log(phi/(1+phi));
     d/d eta = k d/dk at fixed phi, d/d tau = -k d/dk + phi d/dphi."""
     phi = math.exp(tau)
-    mu = math.exp(min(eta, _ETA_MAX))
+    mu = math.exp(min(max(eta, -_ETA_MAX), _ETA_MAX))
     k = mu / phi
     l1p = math.log1p(phi)
     sp = phi / (1.0 + phi)
@@ -81,7 +81,7 @@ def nbinom1_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def gamma_log_row(y, w, eta, tau):
     """Gamma with shape a = exp(tau), log link mu = exp(eta).
 
@@ -98,7 +98,7 @@ def gamma_log_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1, w * d2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def gamma_inverse_row(y, w, eta, tau):
     """Gamma with shape a = exp(tau), inverse link mu = 1 / eta (eta > 0).
 
@@ -117,7 +117,7 @@ def gamma_inverse_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1, w * d2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _expit(eta):
     if eta >= 0.0:
         return 1.0 / (1.0 + math.exp(-eta))
@@ -125,7 +125,7 @@ def _expit(eta):
     return e / (1.0 + e)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def beta_row(y, w, eta, tau):
     """Beta with mean mu = expit(eta) and precision phi = exp(tau) (glmmTMB beta_family).
 
