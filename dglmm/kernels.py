@@ -58,6 +58,9 @@ class KernelModel:
     inner : tuple of (q_l, cov_pattern_l)
         The levels below the top (nested models), outermost first; their theta follow
         the top level's in the parameter vector, level by level.
+    n_family : int or None
+        Number of the family's own parameters (last in the vector) when it has more than
+        one (the ordinal thresholds); None: ``int(has_dispersion)``.
     """
 
     family_code: int
@@ -68,12 +71,23 @@ class KernelModel:
     n_agq: int = 1
     has_dispersion: bool = False
     inner: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
+    n_family: int | None = None
+
+    @property
+    def n_tau(self) -> int:
+        """Number of the family's own parameters."""
+        return int(self.has_dispersion) if self.n_family is None else self.n_family
+
+    def family_params(self, params: np.ndarray) -> np.ndarray:
+        """``(n_tau,)`` the family's own (unconstrained) parameters."""
+        params = np.asarray(params, dtype=float)
+        return params[params.size - self.n_tau :].copy()
 
     @property
     def compiled(self) -> bool:
         """Whether the compiled two-level kernel evaluates this family (else the nested
         kernel's NumPy path does, for one level as for several)."""
-        return self.family_code in _COMPILED_FAMILIES
+        return self.family_code in _COMPILED_FAMILIES and self.n_family is None
 
     @property
     def n_theta(self) -> int:
@@ -81,7 +95,7 @@ class KernelModel:
 
     @property
     def n_params(self) -> int:
-        return self.p + self.n_theta + int(self.has_dispersion)
+        return self.p + self.n_theta + self.n_tau
 
     def split(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Split a parameter vector into ``(beta, L, log_sigma)``; ``L`` is (q, q)."""

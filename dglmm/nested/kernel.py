@@ -120,8 +120,8 @@ def _gradient(tree, X, V, R_nodes, pos, dpos, Pi, tr, layout: Layout) -> np.ndar
     for lev in range(tree.D):
         sv = tree.rows_to(leaf, wd[:, :, None] * V[lev][:, None, :])
         grad += np.einsum("gca,gcap->p", sv, dpos[leaf][lev])
-    if layout.has_dispersion:
-        grad[-1] += np.sum(Pi[leaf][ru] * R_nodes[4])
+    if layout.n_tau:
+        grad[layout.tau] += np.einsum("ic,icm->m", Pi[leaf][ru], R_nodes[4])
     return grad
 
 
@@ -131,11 +131,11 @@ def _profile_hessian(R, mt, layout: Layout, fam: int) -> np.ndarray:
     hess = Dd.T @ (R[2][:, None] * Dd)
     for G, du in zip(mt.Gpsi, mt.du, strict=False):
         hess += np.einsum("gap,gaq->pq", G, du)
-    if layout.has_dispersion:
-        cross = Dd.T @ R[6]
-        hess[-1, :] += cross
-        hess[:, -1] += cross
-        hess[-1, -1] += np.sum(R[5])
+    if layout.n_tau:
+        cross = Dd.T @ R[6]  # (P, m); Dd has no tau columns
+        hess[layout.tau, :] += cross.T
+        hess[:, layout.tau] += cross
+        hess[layout.tau, layout.tau] += np.sum(R[5], axis=0)
     return 0.5 * (hess + hess.T)
 
 
@@ -170,7 +170,8 @@ def evaluate_nested_block(block, params, model, *, hessian: bool = True, u_init=
 
 def _evaluate(block, params, model, hessian, u_init):
     params = np.asarray(params, dtype=np.float64)
-    beta, Ls, tau = model.split_levels(params)
+    beta, Ls, _ = model.split_levels(params)
+    tau = model.family_params(params)
     tree = tree_of(block)
     layout = Layout.of(model)
     fam, link = model.family_code, model.link_code
@@ -185,7 +186,7 @@ def _evaluate(block, params, model, hessian, u_init):
     tr = transforms(el, model.n_agq, q_levels)
     pos, dpos = positions(tree, u, mt.du, el, tr)
     leaf = tree.D - 1
-    R_nodes = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau)
+    R_nodes = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau, full=False)
     log_i, pis = integrate(tree, pos, tree.rows_to(leaf, R_nodes[0]), tr)
     Pi = joint_weights(tree, pis)
     grad = _gradient(tree, X, V, R_nodes, pos, dpos, Pi, tr, layout)
@@ -203,7 +204,8 @@ def nested_random_effects(block, params, model, u_init=None) -> list[dict[str, n
     """Per level (top first): ``mode``, ``mode_sd`` (from ``H^-1``), and the posterior
     ``mean`` and ``sd`` under the model's rule, of ``b = L u`` for every unit."""
     params = np.asarray(params, dtype=np.float64)
-    beta, Ls, tau = model.split_levels(params)
+    beta, Ls, _ = model.split_levels(params)
+    tau = model.family_params(params)
     tree = tree_of(block)
     fam, link = model.family_code, model.link_code
     X, y, ntr, w, off = _arrays(block)
@@ -218,7 +220,7 @@ def nested_random_effects(block, params, model, u_init=None) -> list[dict[str, n
     tr = transforms(el_t, model.n_agq, q_levels)
     pos, _ = positions(tree, u, [np.zeros(x.shape + (1,)) for x in u], el_t, tr, tangents=False)
     leaf = tree.D - 1
-    l_rows = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau)[0]
+    l_rows = row_arrays(fam, link, y, ntr, w, _node_eta(tree, eta0, V, pos), tau, full=False)[0]
     _, pis = integrate(tree, pos, tree.rows_to(leaf, l_rows), tr)
     Pi = joint_weights(tree, pis)
     out = []

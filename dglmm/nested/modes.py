@@ -46,7 +46,7 @@ def find_modes(tree: Tree, eta0, V, y, ntr, w, fam, link, tau, u):
     """Newton iteration for the joint modes from ``u`` (modified in place).
 
     Returns ``(u, R, B, el)``: modes, the row arrays of :func:`row_arrays` at the
-    modes (shape (6, n)), the Hessian blocks and their elimination there.  A start that
+    modes (the 8 arrays at one combination), the Hessian blocks and their elimination there.  A start that
     does not converge (or diverges) is retried once from zero; FloatingPointError if
     that fails too.
     """
@@ -63,7 +63,7 @@ def find_modes(tree: Tree, eta0, V, y, ntr, w, fam, link, tau, u):
 def _newton(tree: Tree, eta0, V, y, ntr, w, fam, link, tau, u):
     for _ in range(MAX_ITER):
         eta = linear_predictor(tree, eta0, V, u)
-        R = row_arrays(fam, link, y, ntr, w, eta[:, None], tau)[:, :, 0]
+        R = tuple(a[:, 0] for a in row_arrays(fam, link, y, ntr, w, eta[:, None], tau))
         g = [tree.rows_to(lev, R[1][:, None] * V[lev]) - u[lev] for lev in range(tree.D)]
         B = hessian_blocks(tree, V, -R[2])
         el = eliminate(tree, B)
@@ -98,7 +98,7 @@ def _line_search(tree, eta0, V, y, ntr, w, fam, link, tau, u, step, l_rows, t, s
     for _ in range(40):
         trial = [u[lev] + t[tree.ancestor(lev, 0)][:, None] * step[lev] for lev in range(tree.D)]
         eta = linear_predictor(tree, eta0, V, trial)
-        l_new = row_arrays(fam, link, y, ntr, w, eta[:, None], tau)[0, :, 0]
+        l_new = row_arrays(fam, link, y, ntr, w, eta[:, None], tau, full=False)[0][:, 0]
         h_new = _top_log_integrand(tree, l_new, trial)
         bad = check & ~(h_new >= h_old - 1e-12 * (1.0 + np.abs(h_old)))
         if not bad.any():

@@ -44,7 +44,11 @@ class Layout:
     p: int
     P: int
     theta: tuple[tuple[int, int, int, int], ...]
-    has_dispersion: bool
+    n_tau: int  # the family's own parameters, last in the vector
+
+    @property
+    def tau(self) -> slice:
+        return slice(self.P - self.n_tau, self.P)
 
     @classmethod
     def of(cls, model) -> Layout:
@@ -54,8 +58,7 @@ class Layout:
             for a, b in pattern:
                 entries.append((k, lev, a, b))
                 k += 1
-        return cls(p=model.p, P=model.n_params, theta=tuple(entries),
-                   has_dispersion=model.has_dispersion)  # fmt: skip
+        return cls(p=model.p, P=model.n_params, theta=tuple(entries), n_tau=model.n_tau)
 
 
 def direct_derivatives(tree: Tree, X, u, layout: Layout) -> np.ndarray:
@@ -85,8 +88,8 @@ def mode_tangents(tree, X, V, u, R, el, layout: Layout, fam: int) -> ModeTangent
         for k, lv, a, b in layout.theta:
             if lv == lev:
                 G[:, b, k] += tree.rows_to(lev, d1 * tree.Z[lev][:, a])
-        if layout.has_dispersion:
-            G[:, :, -1] += tree.rows_to(lev, d1t[:, None] * V[lev])
+        if layout.n_tau:
+            G[:, :, layout.tau] += tree.rows_to(lev, V[lev][:, :, None] * d1t[:, None, :])
         Gpsi.append(G)
     du = solve(tree, el, Gpsi)
     delta = Dd.copy()
@@ -100,8 +103,8 @@ def hessian_tangents(tree, V, R, mt: ModeTangents, layout: Layout, fam: int) -> 
     d2, d3 = R[2], R[3]
     w = -d2
     dw = -(d3[:, None] * mt.delta)
-    if layout.has_dispersion:
-        dw[:, -1] -= R[7]
+    if layout.n_tau:
+        dw[:, layout.tau] -= R[7]
     dB = {}
     for lev in range(tree.D):
         for up in range(lev + 1):

