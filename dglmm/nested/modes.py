@@ -47,8 +47,8 @@ def find_modes(tree: Tree, eta0, V, y, ntr, w, fam, link, tau, u):
 
     Returns ``(u, R, B, el)``: modes, the row arrays of :func:`row_arrays` at the
     modes (the 8 arrays at one combination), the Hessian blocks and their elimination
-    there.  A start that does not converge (or diverges) is retried once from zero; FloatingPointError if
-    that fails too.
+    there.  A start that does not converge (or diverges) is retried once from zero;
+    FloatingPointError if that fails too.
     """
     start = [x.copy() for x in u]
     try:
