@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .design import ModelSpec, build_block, learn_spec
+from .design import ModelSpec, build_block, for_family, learn_spec
 from .errors import (
     CheckpointError,
     DataError,
@@ -38,10 +38,12 @@ from .families import (
     FAMILY_GAMMA,
     FAMILY_GAUSSIAN,
     FAMILY_NBINOM2,
+    FAMILY_ORDINAL,
     FAMILY_POISSON,
     Family,
     get_family,
 )
+from .family_ordinal import threshold_jacobian, thresholds, unconstrained
 from .formula import parse_formula
 from .kernels import KernelModel
 from .optimizer import (
@@ -94,6 +96,7 @@ def fit(
     overwrite: bool = False,
     allow_python_in_formulas: bool = False,
     security=None,
+    response_levels: list | None = None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -149,6 +152,9 @@ def fit(
         TLS settings for a remote scheduler (a ``Security`` object, or a dict with
         ``ca_file``, ``cert`` and ``key``); the embedded local cluster always uses
         TLS with temporary credentials.
+    response_levels : list, optional
+        ``family="ordinal"``: the response's categories, lowest first (default: the
+        values of the response column in natural sort order, e.g. 1 < 2 < 10, "a" < "b").
 
     Returns
     -------
@@ -172,6 +178,7 @@ def fit(
         df = read_frame(data, storage_options)
         spec = learn_spec(formula, df, trials=trials, offset=offset, weights=weights,
                           allow_python=allow_python_in_formulas)  # fmt: skip
+        spec = for_family(spec, fam, response_levels)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
         evaluator = InProcessEvaluator([block], kernel_model(spec, fam, n_agq), spec, sources)
         load_s = time.perf_counter() - t_start
@@ -193,6 +200,7 @@ def fit(
             trials=trials, offset=offset, weights=weights, missing=missing,
             npartitions=npartitions, storage_options=storage_options,
             kernel_model=kernel_model, allow_python_in_formulas=allow_python_in_formulas,
+            response_levels=response_levels,
         )  # fmt: skip
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
@@ -253,7 +261,11 @@ def _min_random_effects(formula: str) -> int:
 class _Layout:
     p: int
     n_theta: int
-    has_dispersion: bool
+    n_tau: int  # the family's own parameters, last
+
+    @property
+    def tau(self) -> slice:
+        return slice(self.p + self.n_theta, self.p + self.n_theta + self.n_tau)
 
     @property
     def theta(self) -> slice:
@@ -283,7 +295,7 @@ def fit_model(
     """
     t_start = time.perf_counter() if t_start is None else t_start
     model: KernelModel = evaluator.model
-    layout = _Layout(model.p, model.n_theta, model.has_dispersion)
+    layout = _Layout(model.p, model.n_theta, model.n_tau)
     P = model.n_params
     # nested models: the kernel's Newton Hessian lacks the log-determinant's curvature,
     # so a measured correction is allowed whenever convergence turns linear
@@ -557,7 +569,7 @@ def _parameter_units(spec: ModelSpec, layout: _Layout, rms_x, rms_z, sigma: floa
     ``log sigma``: 1.  Finite-difference steps and the inversion of the information
     use these, so that rescaling a covariate rescales its standard error exactly.
     """
-    unit = np.ones(layout.p + layout.n_theta + int(layout.has_dispersion))
+    unit = np.ones(layout.p + layout.n_theta + layout.n_tau)
     unit[: layout.p] = sigma / rms_x
     for j, (a, _b) in enumerate(spec.all_cov_pattern):
         unit[layout.p + j] = sigma / rms_z[a]
@@ -573,6 +585,9 @@ def _glm_start(evaluate, layout: _Layout, fam: Family, P: int) -> tuple[np.ndarr
     used for the rank check and to scale the columns).
     """
     x0 = np.zeros(P)
+    if fam.code == FAMILY_ORDINAL:  # thresholds at the quantiles of equal categories
+        K = layout.n_tau + 1
+        x0[layout.tau] = unconstrained(fam.link.link(np.arange(1, K) / K))
     if fam.code == FAMILY_GAMMA and fam.link.name == "inverse" and layout.p:
         x0[0] = 1.0  # eta = 0 is outside the inverse link's range: start at mu = 1
     (res,) = evaluate([x0], True)
@@ -809,6 +824,20 @@ def _variance_std_errors(params, vcov, spec: ModelSpec, layout: _Layout, rms_z=N
     return sd_se, se[q:].reshape(q, q)
 
 
+def _thresholds(spec: ModelSpec, layout: _Layout, params, vcov) -> list[dict]:
+    """clmm's "Threshold coefficients": ``alpha_k`` named ``"<level k>|<level k+1>"``, with
+    standard errors from ``J V J'`` (``J = d alpha / d tau``)."""
+    tau = params[layout.tau]
+    alpha = thresholds(tau)
+    J = threshold_jacobian(tau)
+    V = vcov[layout.tau, layout.tau] if vcov.shape[0] == params.size else np.full(J.shape, np.nan)
+    se = np.sqrt(np.maximum(np.diag(J @ V @ J.T), 0.0))
+    levels = [str(v) for v in spec.response_levels]
+    return [{"term": f"{levels[k]}|{levels[k + 1]}", "estimate": float(alpha[k]),
+             "std_error": float(se[k]), "z_value": float(alpha[k] / se[k]) if se[k] else None}
+            for k in range(alpha.size)]  # fmt: skip
+
+
 def _family_parameters(fam: Family, params: np.ndarray, vcov: np.ndarray):
     """The family's own parameters on their natural scale, and their delta-method SEs."""
     values, ses = {}, {}
@@ -860,6 +889,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         random_effects = dict(reversed(list(random_effects.items())))
     dispersion = math.exp(2 * params[-1]) if fam.code == FAMILY_GAUSSIAN else None
     fam_params, fam_params_se = _family_parameters(fam, params, vcov)
+    cuts = _thresholds(spec, layout, params, vcov) if fam.code == FAMILY_ORDINAL else []
     k = params.size
     ll = state.loglik
     return FitResult(
@@ -872,6 +902,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         dispersion=dispersion,
         family_parameters=fam_params,
         family_parameters_std_error=fam_params_se,
+        thresholds=cuts,
         loglik=ll,
         aic=-2 * ll + 2 * k,
         bic=-2 * ll + k * math.log(max(n_obs, 1)),

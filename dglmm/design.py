@@ -27,6 +27,7 @@ knots) is per block rather than global.  Precompute such columns instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -140,6 +141,11 @@ class ModelSpec:
         offset: offset column, or None.
         weights: prior weights column, or None.
         columns: every data column the model reads.
+        response_levels: the ordered categories of an ordinal response (set by
+            :func:`for_family`): the response is coded 0 .. K-1 in this order and the
+            fixed design has no intercept (the thresholds take its place).
+        response_values: the response values the data hold when they are few (collected
+            with the levels; None when there are many, or when not collected).
         allow_python: formulas may run any Python code (the explicit opt-in
             ``allow_python_in_formulas=True``); otherwise every evaluation goes through
             the allowlist of :mod:`dglmm.formula_safety`.  Never written by
@@ -160,6 +166,8 @@ class ModelSpec:
     columns: tuple[str, ...] = ()
     allow_python: bool = False
     inner: tuple[LevelSpec, ...] = ()
+    response_levels: tuple[Any, ...] | None = None
+    response_values: tuple[Any, ...] | None = None
 
     def __hash__(self) -> int:
         """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
@@ -230,7 +238,9 @@ class ModelSpec:
             "weights": self.weights,
             "columns": list(self.columns),
             **({"inner": [_level_to_dict(level) for level in self.inner]} if self.inner else {}),
-        }
+            **({"response_levels": [_python_scalar(v) for v in self.response_levels]}
+               if self.response_levels is not None else {}),
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
@@ -288,7 +298,16 @@ class ModelSpec:
                 f"its formula {d['formula']!r}"
             )
         inner = _inner_from_dict(d.get("inner", []), parsed, d["group"])
+        response_levels = d.get("response_levels")
+        if response_levels is not None:
+            if not isinstance(response_levels, (list, tuple)) or not all(
+                isinstance(v, (str, bool, int, float)) for v in response_levels
+            ):
+                raise SpecificationError("model spec field 'response_levels' must be a list "
+                                         "of strings or numbers")  # fmt: skip
+            response_levels = tuple(response_levels)
         return cls(
+            response_levels=response_levels,
             formula=d["formula"],
             response=d["response"],
             group=d["group"],
@@ -480,6 +499,10 @@ def collect_levels(parsed: ParsedFormula, df: pd.DataFrame) -> dict[str, list]:
     """
     wrapped = _c_wrapped(parsed)
     out: dict[str, list] = {}
+    if parsed.response in df.columns:
+        values = _response_values(df[parsed.response])
+        if values is not None:
+            out[RESPONSE_KEY] = values
     for name in _formula_columns(parsed):
         if name not in df.columns or name == parsed.response:
             continue
@@ -489,6 +512,27 @@ def collect_levels(parsed: ParsedFormula, df: pd.DataFrame) -> dict[str, list]:
         if _is_categorical(series, name in wrapped):
             out[name] = [_python_scalar(v) for v in pd.unique(series.dropna())]
     return out
+
+
+# the response's values travel with the levels under this key (an ordinal response's
+# categories are the values of the whole data); MANY marks "too many to be categories"
+RESPONSE_KEY = "\x00response"
+_MANY = "\x00many"
+MAX_RESPONSE_LEVELS = 100
+
+
+def _response_values(series: pd.Series) -> list | None:
+    """The distinct values of a response column when they can be categories: text,
+    categorical, boolean or integer columns (and float columns of whole numbers), at most
+    :data:`MAX_RESPONSE_LEVELS`; ``[MANY]`` beyond that; None for other float columns."""
+    if pd.api.types.is_float_dtype(series.dtype):
+        head = series.head(1000).dropna()
+        if len(head) and not np.all(np.equal(np.mod(head.to_numpy(), 1.0), 0.0)):
+            return None
+    values = pd.unique(series.dropna())
+    if len(values) > MAX_RESPONSE_LEVELS:
+        return [_MANY]
+    return [_python_scalar(v) for v in values]
 
 
 _DIGITS = re.compile(r"(\d+)")
@@ -1150,6 +1194,8 @@ def make_spec(
             _check_columns(sample_df, [name], f"{what} column")
     columns = needed_columns(parsed, trials, offset, weights)
     levels = {k: tuple(v) for k, v in levels.items()}
+    seen = levels.pop(RESPONSE_KEY, None)
+    response_values = None if seen is None or _MANY in seen else seen
     used = set(_formula_columns(parsed))
     numeric = [c for c in used if c not in levels]
     _warn_group_in_fixed_part(parsed)
@@ -1184,7 +1230,65 @@ def make_spec(
         columns=tuple(columns),
         allow_python=bool(allow_python),
         inner=tuple(inner),
+        response_values=response_values,
     )
+
+
+def for_family(spec: ModelSpec, family: Any, response_levels: Sequence | None = None) -> ModelSpec:
+    """``spec`` adapted to the family: for ``ordinal``, the response's categories in order
+    (``response_levels`` as declared, else the values of the data in natural order) and no
+    intercept in the fixed design.
+
+    Raises:
+        SpecificationError: ``response_levels`` for another family, fewer than 3
+            categories, or repeated levels.
+        DataError: the data hold a response value outside the declared levels, or a
+            declared level never occurs.
+    """
+    name = getattr(family, "name", family)
+    if name != "ordinal":
+        if response_levels is not None:
+            raise SpecificationError(
+                f"response_levels orders the categories of an ordinal response; the {name} "
+                "family does not take it"
+            )
+        return spec
+    seen = spec.response_values
+    if response_levels is None:
+        if seen is None:
+            raise DataError(
+                f"column {spec.response!r} has too many distinct values (or fractional "
+                "ones) for the categories of an ordinal response; declare them in order "
+                "with response_levels= (command line: --response-levels a,b,c)"
+            )
+        levels = tuple(seen)
+    else:
+        levels = tuple(_python_scalar(v) for v in response_levels)
+        if len(set(levels)) != len(levels):
+            raise SpecificationError(f"response_levels repeats a level: {list(levels)}")
+        if seen is not None:
+            outside = [v for v in seen if v not in set(levels)]
+            if outside:
+                raise DataError(
+                    f"column {spec.response!r} holds {len(outside)} value(s) outside the "
+                    f"declared order {list(levels)}, e.g. {outside[:3]}"
+                )
+            never = [v for v in levels if v not in set(seen)]
+            if never:
+                raise DataError(
+                    f"column {spec.response!r}: the declared categor"
+                    f"{'y' if len(never) == 1 else 'ies'} {never[:5]} never occur"
+                    f"{'s' if len(never) == 1 else ''} in the data; drop "
+                    f"{'it' if len(never) == 1 else 'them'} from response_levels (a "
+                    "threshold next to an empty category is not estimable)"
+                )
+    if len(levels) < 3:
+        raise SpecificationError(
+            f"an ordinal response needs at least 3 categories; column {spec.response!r} has "
+            f"{len(levels)} ({list(levels)}): fit it with family='binomial'"
+        )
+    fixed = tuple(c for c in spec.fixed_columns if c != "Intercept")
+    return dataclasses.replace(spec, response_levels=levels, fixed_columns=fixed)
 
 
 def _top_and_inner(parsed: ParsedFormula, nesting: Nesting | None) -> tuple[str, tuple[str, ...]]:
@@ -1461,6 +1565,8 @@ def build_block(
     used = set(_formula_columns(parsed))
     numeric = [c for c in spec.columns if c not in spec.levels and c not in group_columns]
     frame = _prepare(spec.levels, df[list(spec.columns)], [c for c in numeric if c in used])
+    if spec.response_levels is not None:  # ordinal: the category codes 0 .. K-1
+        frame[spec.response] = response_codes(frame[spec.response], spec)
     for name in (spec.response, spec.trials, spec.offset, spec.weights):
         if name is not None and name not in used:
             frame[name] = _to_numeric(frame[name], name)
@@ -1482,7 +1588,7 @@ def build_block(
         frame, rows = frame.loc[~bad], rows[~bad]
     if len(frame) == 0:
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
-    X, fixed_names = _design(parsed.fixed, frame, spec.allow_python)
+    X, fixed_names = _fixed_design(spec, parsed, frame)
     Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group)
     if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
         raise DataError(
@@ -1548,6 +1654,36 @@ def build_block(
 def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
     """Every grouping column of ``spec``: the top column, then the inner levels' columns."""
     return tuple(dict.fromkeys([spec.group, *(c for lv in spec.inner for c in lv.factors)]))
+
+
+def _fixed_design(spec: ModelSpec, parsed: ParsedFormula, frame: pd.DataFrame):
+    """The fixed design of ``spec``: without the intercept for an ordinal response."""
+    X, names = _design(parsed.fixed, frame, spec.allow_python)
+    if spec.response_levels is not None and "Intercept" in names:
+        keep = [j for j, n in enumerate(names) if n != "Intercept"]
+        X, names = np.ascontiguousarray(X[:, keep]), tuple(names[j] for j in keep)
+    return X, names
+
+
+def response_codes(series: pd.Series, spec: ModelSpec) -> pd.Series:
+    """An ordinal response as float codes 0 .. K-1 in ``spec.response_levels`` order
+    (missing values stay NaN).
+
+    Raises:
+        DataError: values outside the declared categories (naming the column and count).
+    """
+    index = {v: float(k) for k, v in enumerate(spec.response_levels)}
+    raw = series.astype(object)
+    codes = raw.map(lambda v: index.get(_python_scalar(v), np.nan) if pd.notna(v) else np.nan)
+    outside = raw.notna() & codes.isna()
+    if outside.any():
+        examples = [_python_scalar(v) for v in pd.unique(raw[outside])[:3]]
+        raise DataError(
+            f"column {spec.response!r}: {int(outside.sum())} of {len(series)} rows hold a "
+            f"category outside the declared order {list(spec.response_levels)} (e.g. "
+            f"{examples})"
+        )
+    return codes.astype(float)
 
 
 def _inner_design(level: LevelSpec, frame: pd.DataFrame, allow_python: bool) -> np.ndarray:
@@ -1694,7 +1830,7 @@ def build_design(
     good = ~bad
     if good.any():
         sub = frame.loc[good] if bad.any() else frame
-        Xg, fixed_names = _design(parsed.fixed, sub, spec.allow_python)
+        Xg, fixed_names = _fixed_design(spec, parsed, sub)
         top = spec.group if spec.inner else None  # nested: the top level's terms only
         Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python, top)
         if fixed_names != spec.fixed_columns or random_names != spec.random_columns:

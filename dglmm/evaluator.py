@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .design import Block, ModelSpec
-from .families import FAMILY_GAUSSIAN, Family
+from .errors import SpecificationError
+from .families import FAMILY_GAUSSIAN, FAMILY_ORDINAL, Family
 from .kernels import BlockResult, KernelModel, evaluate_block, random_effects_block
 from .outputs import atomic_dataset, check_output_dataset
 
@@ -138,6 +139,11 @@ def kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
     # For the Gaussian family the integrand is Gaussian in b: Laplace is exact and
     # so is every Gauss-Hermite rule; one node is used whatever n_agq says.
     k = 1 if fam.code == FAMILY_GAUSSIAN else n_agq
+    n_family = None
+    if fam.code == FAMILY_ORDINAL:  # K - 1 thresholds
+        if spec.response_levels is None:
+            raise SpecificationError("an ordinal model needs the spec of for_family()")
+        n_family = len(spec.response_levels) - 1
     return KernelModel(
         family_code=fam.code,
         link_code=fam.link.code,
@@ -146,6 +152,7 @@ def kernel_model(spec: ModelSpec, fam: Family, n_agq: int) -> KernelModel:
         cov_pattern=tuple(tuple(x) for x in spec.cov_pattern),
         n_agq=k,
         has_dispersion=fam.has_dispersion,
+        n_family=n_family,
         inner=tuple((level.q, tuple(tuple(x) for x in level.cov_pattern))
                     for level in spec.inner),  # fmt: skip
     )

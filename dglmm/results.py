@@ -39,6 +39,10 @@ class FitResult:
         (beta); empty for binomial and Poisson.
     family_parameters_std_error : dict
         Their delta-method standard errors (from the log-scale parameter's).
+    thresholds : list of dict
+        Ordinal family: clmm's threshold coefficients in category order,
+        ``{"term": "1|2", "estimate": ..., "std_error": ..., "z_value": ...}``
+        (``P(y <= k) = F(alpha_k - eta)``; the fixed effects have no intercept).
     loglik, aic, bic : float
     n_obs : int
     n_groups : dict
@@ -81,6 +85,7 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     family_parameters: dict[str, float] = field(default_factory=dict)
     family_parameters_std_error: dict[str, float] = field(default_factory=dict)
+    thresholds: list[dict[str, Any]] = field(default_factory=list)
 
     # -------------------------------------------------------------- derived views
 
@@ -143,6 +148,8 @@ class FitResult:
         lines += ["", f"Number of obs: {self.n_obs}, groups:  {groups}"]
         lines += self._family_parameter_lines()
         lines += ["", "Fixed effects:"]
+        if self.thresholds:  # clmm prints the thresholds after the fixed effects
+            lines[-1] = "Coefficients:"
         table = self.fixed_effects.rename(
             columns={"estimate": "Estimate", "std_error": "Std. Error",
                      "z_value": "z value", "p_value": "Pr(>|z|)"}
@@ -152,6 +159,15 @@ class FitResult:
                 float_format=lambda v: f"{v:.4g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.2e}"
             )
         )
+        if self.thresholds:
+            cut = pd.DataFrame(
+                {"Estimate": [t["estimate"] for t in self.thresholds],
+                 "Std. Error": [t["std_error"] for t in self.thresholds],
+                 "z value": [t.get("z_value") for t in self.thresholds]},
+                index=pd.Index([t["term"] for t in self.thresholds]),
+            )  # fmt: skip
+            table = cut.to_string(float_format=lambda v: f"{v:.4g}")
+            lines += ["", "Threshold coefficients:", table]
         status = "converged" if self.converged else "NOT converged"
         lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
                   f"evaluations): {self.message}"]  # fmt: skip
@@ -240,6 +256,7 @@ class FitResult:
             "dispersion": self.dispersion,
             "family_parameters": self.family_parameters,
             "family_parameters_std_error": self.family_parameters_std_error,
+            **({"thresholds": self.thresholds} if self.thresholds else {}),
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -323,6 +340,13 @@ class FitResult:
                          ("family_parameters_std_error", fam_se)):  # fmt: skip
             for name, value in v.get(d, key, dict, default={}).items():
                 out[str(name)] = v.number(value, f"{key} {name!r:.40}")
+        cuts = []
+        for row in v.get(d, "thresholds", list, default=[]):
+            if not isinstance(row, dict):
+                v.fail("'thresholds' must be a list of objects")
+            cuts.append({"term": v.get(row, "term", str, where="thresholds"),
+                         **{k: v.number(row.get(k), f"thresholds {k}")
+                            for k in ("estimate", "std_error", "z_value")}})  # fmt: skip
         spec = v.get(d, "spec", dict, default={})
         if spec:
             from .design import ModelSpec
@@ -361,6 +385,7 @@ class FitResult:
             warnings=list(warnings_),
             family_parameters=fam_params,
             family_parameters_std_error=fam_se,
+            thresholds=cuts,
         )
 
     @classmethod

@@ -610,6 +610,7 @@ def make_evaluator(
     kernel_model: Callable[[Any, Any, int], Any],
     kernel: Callable | None = None,
     allow_python_in_formulas: bool = False,
+    response_levels: Any = None,
 ) -> tuple[DaskEvaluator, Any]:
     """Formula and data -> (DaskEvaluator, ModelSpec): the Dask path of ``dglmm.fit``.
 
@@ -659,11 +660,14 @@ def make_evaluator(
             group = None
         else:
             source, group = ddf, learned.spec.group
+    from dglmm.design import for_family
+
+    spec = for_family(learned.spec, family, response_levels)  # ordinal: the categories
     evaluator = DaskEvaluator(
         handle,
         source,
-        learned.spec,
-        kernel_model(learned.spec, family, n_agq),
+        spec,
+        kernel_model(spec, family, n_agq),
         check_response=getattr(family, "check_response", None),
         missing=missing,
         kernel=kernel,
@@ -673,7 +677,7 @@ def make_evaluator(
         columns=columns,
         sources=sources,
     )
-    return evaluator, learned.spec
+    return evaluator, spec
 
 
 def _as_prepared(data: Any, storage_options: dict | None = None) -> PreparedData | None:
