@@ -18,6 +18,20 @@ from .errors import DglmmError
 EXIT_USAGE = 2
 
 
+
+def _levels(text: str) -> list:
+    """``--response-levels a,b,c``: whole numbers as numbers (they match integer columns)."""
+    out: list = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            out.append(int(item))
+        except ValueError:
+            try:
+                out.append(float(item))
+            except ValueError:
+                out.append(item)
+    return out
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dglmm`` command (also used by tests)."""
     parser = argparse.ArgumentParser(
@@ -32,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
     f.add_argument("--formula", required=True, help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
     f.add_argument("--family", default="binomial",
-                   help="binomial, poisson, gaussian, nbinom2, nbinom1, gamma or beta")
+                   help="binomial, poisson, gaussian, nbinom2, nbinom1, gamma, beta or ordinal")
+    f.add_argument("--response-levels", default=None, type=_levels,
+                   help="ordinal: the response's categories, lowest first, e.g. low,mid,high "
+                        "(default: the values in natural order)")
     f.add_argument("--link", default=None, help="link (default: the family's canonical link)")
     f.add_argument("--n-agq", type=int, default=1, help="quadrature nodes per dimension")
     f.add_argument("--trials", default=None, help="binomial trials column")
@@ -146,6 +163,7 @@ def _cmd_fit(args) -> int:
         resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
         random_effects=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
+        response_levels=args.response_levels,
     )  # fmt: skip
     summary = result.summary()
     print(summary)

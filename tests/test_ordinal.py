@@ -136,3 +136,126 @@ def test_brute_force_oracle_is_converged():
     b = _brute_force(block, _params(2), "logit", 2, 90)
     assert a == pytest.approx(b, abs=1e-9)
     assert np.isfinite(stats.norm.cdf(0.0))
+
+
+# ------------------------------------------------------------------ fits against clmm
+
+import json  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+import dglmm  # noqa: E402
+from dglmm.cli import main  # noqa: E402
+from dglmm.errors import DataError, SpecificationError  # noqa: E402
+
+FAMILIES = Path(__file__).parent / "data" / "families"
+CLMM = {k: c for k, c in json.loads((FAMILIES / "family_reference_fits.json").read_text())
+        ["cases"].items() if c["family"] == "ordinal"}  # fmt: skip
+
+
+def _reference_loglik(case):
+    """clmm's nAGQ = 1 is not exactly the Laplace approximation (see FAMILY_REFERENCE.md):
+    dglmm reproduces the maximum of the exact Laplace approximation, stored beside it."""
+    exact = case.get("exact_laplace_optimum")
+    return exact["loglik"] if case["n_agq"] == 1 and exact else case["loglik"]
+
+
+@pytest.mark.parametrize("name", list(CLMM))
+def test_fit_matches_clmm(name):
+    case = CLMM[name]
+    res = dglmm.fit(case["formula_dglmm"], str(FAMILIES / case["data"]), family="ordinal",
+                    link=case["link"], n_agq=case["n_agq"], client="in-process")  # fmt: skip
+    assert res.converged, res.message
+    assert res.n_obs == case["n_obs"] and res.n_groups == case["n_groups"]
+    names = case["fixed_effect_names_dglmm"]
+    assert sorted(res.fixed_effects.index) == sorted(names.values())  # no intercept
+    for term, est in case["fixed_effects"].items():
+        se = case["std_errors"][term]
+        got = res.fixed_effects.loc[names[term]]
+        assert abs(got["estimate"] - est) < 0.01 * se, (term, got["estimate"], est)
+        assert got["std_error"] == pytest.approx(se, rel=0.01)
+    assert [t["term"] for t in res.thresholds] == [t["term"] for t in case["thresholds"]]
+    for got, ref in zip(res.thresholds, case["thresholds"], strict=True):
+        assert abs(got["estimate"] - ref["estimate"]) < 0.01 * ref["std_error"], ref["term"]
+        assert got["std_error"] == pytest.approx(ref["std_error"], rel=0.01)
+    for factor, ref in case["random_effects"].items():
+        got = res.random_effects[factor]["covariance"][0][0]
+        assert got == pytest.approx(ref["covariance"][0][0], rel=0.01)
+    assert abs(res.loglik - _reference_loglik(case)) < 1e-4
+    back = dglmm.FitResult.from_json(res.to_json())
+    assert back.thresholds == res.thresholds
+    assert "Threshold coefficients:" in res.summary()
+
+
+def _simulated(seed=11, n_groups=150, per=25, K=4):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), per)
+    x = rng.normal(size=g.size)
+    L = np.array([[0.8, 0.0], [-0.15, 0.5]])
+    b = rng.normal(size=(n_groups, 2)) @ L.T
+    eta = 0.7 * x + b[g, 0] + b[g, 1] * x
+    alpha = np.array([-1.0, 0.3, 1.5])[: K - 1]
+    y = np.sum(rng.random(g.size)[:, None] > special.expit(alpha[None] - eta[:, None]), axis=1)
+    labels = np.array(["low", "mid", "high", "top"])[:K]
+    return pd.DataFrame({"score": labels[y], "x": x, "g": g}), alpha
+
+
+def test_correlated_intercept_and_slope_by_agq_recovers_the_truth():
+    df, alpha = _simulated()
+    res = dglmm.fit("score ~ x + (1 + x | g)", df, family="ordinal", n_agq=5,
+                    response_levels=["low", "mid", "high", "top"], client="in-process")  # fmt: skip
+    assert res.converged
+    fe = res.fixed_effects.loc["x"]
+    assert abs(fe["estimate"] - 0.7) < 3 * fe["std_error"]
+    for got, truth in zip(res.thresholds, alpha, strict=True):
+        assert abs(got["estimate"] - truth) < 3 * got["std_error"], got
+    re_ = res.random_effects["g"]
+    for sd, se, truth in zip(re_["sd"], re_["sd_std_error"], [0.8, np.hypot(0.15, 0.5)],
+                             strict=True):  # fmt: skip
+        assert abs(sd - truth) < 3 * se
+    assert [t["term"] for t in res.thresholds] == ["low|mid", "mid|high", "high|top"]
+
+
+def test_natural_order_and_the_cluster(process_cluster, tmp_path):
+    df, _ = _simulated(n_groups=40, per=10)
+    df["score"] = df["score"].map({"low": 1, "mid": 2, "high": 3, "top": 10})
+    path = tmp_path / "ord.parquet"
+    df.to_parquet(path)
+    local = dglmm.fit("score ~ x + (1 | g)", str(path), family="ordinal", client="in-process")
+    assert [t["term"] for t in local.thresholds] == ["1|2", "2|3", "3|10"]  # natural order
+    process_cluster.ensure_workers()
+    remote = dglmm.fit("score ~ x + (1 | g)", str(path), family="ordinal",
+                       client=process_cluster.address, npartitions=2)  # fmt: skip
+    np.testing.assert_allclose(remote.params, local.params, rtol=0, atol=1e-8)
+
+
+BAD = [
+    ("outside", {"response_levels": ["low", "mid", "high"]}, DataError,
+     r"column 'score' holds 1 value\(s\) outside the declared order \['low', 'mid', 'high'\]"),
+    ("never", {"response_levels": ["low", "mid", "high", "top", "max"]}, DataError,
+     r"the declared category \['max'\] never occurs in the data"),
+    ("two", {}, SpecificationError,
+     r"an ordinal response needs at least 3 categories; column 'score' has 2 .*binomial"),
+    ("repeat", {"response_levels": ["low", "mid", "mid", "top"]}, SpecificationError,
+     r"response_levels repeats a level"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "options", "error", "pattern"), BAD, ids=[b[0] for b in BAD])
+def test_bad_ordinal_input_is_one_clear_line(case, options, error, pattern, tmp_path, capsys):
+    df, _ = _simulated(n_groups=20, per=8)
+    if case == "two":
+        df["score"] = np.where(df["score"].isin(["low", "mid"]), "low", "top")
+    with pytest.raises(error, match=pattern):
+        dglmm.fit("score ~ x + (1 | g)", df, family="ordinal", client="in-process", **options)
+    path = tmp_path / "d.csv"
+    df.to_csv(path, index=False)
+    args = ["fit", str(path), "--formula", "score ~ x + (1 | g)", "--family", "ordinal",
+            "--in-process", "--quiet"]  # fmt: skip
+    if "response_levels" in options:
+        args += ["--response-levels", ",".join(options["response_levels"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dglmm: error: ") and re.search(pattern, err[0])
