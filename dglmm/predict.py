@@ -302,6 +302,9 @@ class _Predictor:
                 "covariance; predictions need finite estimates"
             )
         self.link = result.link
+        # ordinal: the thresholds and the categories' labels
+        self.cuts = np.array([t["estimate"] for t in result.thresholds], dtype=float)
+        self.categories = list(spec.response_levels or ()) if len(self.cuts) else []
         self.type, self.re_form, self.new_groups = type, re_form, new_groups
         self.keep, self.missing = list(keep), missing
         self.effects: list[tuple[pd.Index, np.ndarray]] = []
@@ -356,12 +359,13 @@ class _Predictor:
             units = [top] + [k for _, k in inner]
         eta_pop = X @ self.beta + offset
         inv = get_link(self.link).inverse
+        var_row = np.zeros(n)  # variance of the effects integrated over, per row
         if self.re_form == "population":
             eta, mu = eta_pop, inv(eta_pop)
         elif self.re_form == "marginal":
             eta = eta_pop
-            mu = marginal_mean(eta_pop, sum(self._var(Z, lev) for lev, Z in enumerate(Zs)),
-                               self.link)  # fmt: skip
+            var_row = sum((self._var(Z, lev) for lev, Z in enumerate(Zs)), np.zeros(n))
+            mu = marginal_mean(eta_pop, var_row, self.link)
         else:
             eta, new, var_new = eta_pop.copy(), np.zeros(n, dtype=bool), np.zeros(n)
             for lev, (Z, unit, (index, b)) in enumerate(zip(Zs, units, self.effects,
@@ -376,14 +380,33 @@ class _Predictor:
             mu = inv(eta)
             if self.new_groups == "marginal" and new.any():
                 mu[new] = marginal_mean(eta[new], var_new[new], self.link)
+                var_row = var_new
             out["new_group"] = new
         out["eta"] = eta
         out["mu"] = mu
         out["prediction"] = mu if self.type == "response" else eta
+        if self.categories:
+            self._ordinal(out, eta, var_row)
         frame = pd.DataFrame(out, index=df.index)
         cols = [*dict.fromkeys([*self.keep, *groups])]
-        rest = ["eta", "mu", "prediction"] + (["new_group"] if "new_group" in out else [])
+        probs = [f"prob_{c}" for c in self.categories]
+        rest = ["eta", "mu", "prediction", *probs] + (["new_group"] if "new_group" in out else [])
         return frame[cols + rest]
+
+    def _ordinal(self, out: dict, eta: np.ndarray, var: np.ndarray) -> None:
+        """Category probabilities ``P(y = k) = E F(alpha_k - eta) - E F(alpha_{k-1} - eta)``
+        (the expectation over the effects integrated out, as for ``mu``); ``mu`` becomes
+        the expected score (categories numbered 1 .. K) and ``prediction``, for
+        ``type="response"``, the most probable category."""
+        cum = np.column_stack([marginal_mean(a - eta, var, self.link) for a in self.cuts])
+        cum = np.column_stack([np.zeros(len(eta)), cum, np.ones(len(eta))])
+        probs = np.clip(np.diff(cum, axis=1), 0.0, 1.0)
+        for k, level in enumerate(self.categories):
+            out[f"prob_{level}"] = probs[:, k]
+        out["mu"] = probs @ np.arange(1, len(self.categories) + 1)
+        if self.type == "response":
+            labels = np.asarray(self.categories, dtype=object)
+            out["prediction"] = labels[np.argmax(probs, axis=1)] if len(eta) else labels[:0]
 
     def _group_columns(self, columns) -> list[str]:
         """The grouping columns of the model that the data have (copied to the output)."""
@@ -401,6 +424,11 @@ class _Predictor:
         frame = frame.iloc[:0]
         for c in ("eta", "mu", "prediction"):
             frame[c] = pd.Series(dtype=np.float64)
+        if self.categories:
+            if self.type == "response":
+                frame["prediction"] = pd.Series(dtype=object)
+            for level in self.categories:
+                frame[f"prob_{level}"] = pd.Series(dtype=np.float64)
         if self.re_form == "conditional":
             frame["new_group"] = pd.Series(dtype=bool)
         return frame

@@ -259,3 +259,30 @@ def test_bad_ordinal_input_is_one_clear_line(case, options, error, pattern, tmp_
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dglmm: error: ") and re.search(pattern, err[0])
+
+
+def test_predict_gives_the_category_probabilities():
+    df, _ = _simulated(n_groups=30, per=10)
+    levels = ["low", "mid", "high", "top"]
+    res = dglmm.fit("score ~ x + (1 | g)", df, family="ordinal", response_levels=levels,
+                    client="in-process")  # fmt: skip
+    from dglmm.predict import predict
+
+    table = res.random_effects_table(df)
+    out = predict(res, df, random_effects=table)
+    probs = out[[f"prob_{c}" for c in levels]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    alpha = np.array([t["estimate"] for t in res.thresholds])
+    cum = special.expit(alpha[None, :] - out["eta"].to_numpy()[:, None])
+    np.testing.assert_allclose(probs[:, 0], cum[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(probs[:, 1], cum[:, 1] - cum[:, 0], rtol=1e-9, atol=1e-12)
+    assert list(out["prediction"]) == [levels[k] for k in np.argmax(probs, axis=1)]
+    marginal = predict(res, df, re_form="marginal")
+    pm = marginal[[f"prob_{c}" for c in levels]].to_numpy()
+    np.testing.assert_allclose(pm.sum(axis=1), 1.0, atol=1e-12)
+    # the marginal probabilities integrate the judge effect out: E expit(alpha_1 - eta - b)
+    var = res.random_effects["g"]["covariance"][0][0]
+    t, wt = np.polynomial.hermite.hermgauss(60)
+    eta = marginal["eta"].to_numpy()
+    want = special.expit(alpha[0] - eta[:, None] - np.sqrt(2 * var) * t[None]) @ wt / np.sqrt(np.pi)
+    np.testing.assert_allclose(pm[:, 0], want, rtol=1e-6)
