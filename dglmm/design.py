@@ -240,6 +240,8 @@ class ModelSpec:
             **({"inner": [_level_to_dict(level) for level in self.inner]} if self.inner else {}),
             **({"response_levels": [_python_scalar(v) for v in self.response_levels]}
                if self.response_levels is not None else {}),
+            **({"response_values": [_python_scalar(v) for v in self.response_values]}
+               if self.response_values is not None else {}),
         }  # fmt: skip
 
     @classmethod
@@ -298,16 +300,19 @@ class ModelSpec:
                 f"its formula {d['formula']!r}"
             )
         inner = _inner_from_dict(d.get("inner", []), parsed, d["group"])
-        response_levels = d.get("response_levels")
-        if response_levels is not None:
-            if not isinstance(response_levels, (list, tuple)) or not all(
-                isinstance(v, (str, bool, int, float)) for v in response_levels
-            ):
-                raise SpecificationError("model spec field 'response_levels' must be a list "
-                                         "of strings or numbers")  # fmt: skip
-            response_levels = tuple(response_levels)
+        response = {}
+        for key in ("response_levels", "response_values"):
+            values = d.get(key)
+            if values is not None:
+                if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, (str, bool, int, float)) for v in values
+                ):
+                    raise SpecificationError(f"model spec field {key!r} must be a list of "
+                                             "strings or numbers")  # fmt: skip
+                values = tuple(values)
+            response[key] = values
         return cls(
-            response_levels=response_levels,
+            **response,
             formula=d["formula"],
             response=d["response"],
             group=d["group"],
