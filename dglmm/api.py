@@ -218,6 +218,11 @@ def _check_n_agq(n_agq, formula=None, fam: Family | None = None) -> int:
     if isinstance(n_agq, bool) or not isinstance(n_agq, (int, np.integer)) or n_agq < 1:
         raise SpecificationError(f"n_agq must be a positive integer (1 = Laplace), got {n_agq!r}")
     k = int(n_agq)
+    if fam is not None and fam.name == "nominal" and k != 1:
+        raise SpecificationError(
+            f"the nominal family is fitted by the Laplace approximation only (n_agq = 1), "
+            f"not n_agq = {k}"
+        )
     if fam is not None and fam.code == FAMILY_GAUSSIAN:
         return k  # Laplace is exact: one node whatever n_agq says (see kernel_model)
     check_nodes(k, 1)  # n_agq beyond what the Gauss-Hermite rule supports

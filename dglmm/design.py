@@ -144,6 +144,10 @@ class ModelSpec:
         response_levels: the ordered categories of an ordinal response (set by
             :func:`for_family`): the response is coded 0 .. K-1 in this order and the
             fixed design has no intercept (the thresholds take its place).
+        nominal: the response is nominal (:func:`for_family`): ``response_levels`` are
+            its categories (the first the baseline) and the design columns are one set
+            per non-baseline category, named ``"<column>:<category>"``; the blocks hold
+            the shared design (see :mod:`dglmm.nominal`).
         response_values: the response values the data hold when they are few (collected
             with the levels; None when there are many, or when not collected).
         allow_python: formulas may run any Python code (the explicit opt-in
@@ -168,6 +172,7 @@ class ModelSpec:
     inner: tuple[LevelSpec, ...] = ()
     response_levels: tuple[Any, ...] | None = None
     response_values: tuple[Any, ...] | None = None
+    nominal: bool = False
 
     def __hash__(self) -> int:
         """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
@@ -242,6 +247,7 @@ class ModelSpec:
                if self.response_levels is not None else {}),
             **({"response_values": [_python_scalar(v) for v in self.response_values]}
                if self.response_values is not None else {}),
+            **({"nominal": True} if self.nominal else {}),
         }  # fmt: skip
 
     @classmethod
@@ -311,7 +317,11 @@ class ModelSpec:
                                              "strings or numbers")  # fmt: skip
                 values = tuple(values)
             response[key] = values
+        nominal = d.get("nominal", False)
+        if not isinstance(nominal, bool):
+            raise SpecificationError("model spec field 'nominal' must be true or false")
         return cls(
+            nominal=nominal,
             **response,
             formula=d["formula"],
             response=d["response"],
@@ -1251,7 +1261,7 @@ def for_family(spec: ModelSpec, family: Any, response_levels: Sequence | None = 
             declared level never occurs.
     """
     name = getattr(family, "name", family)
-    if name != "ordinal":
+    if name not in ("ordinal", "nominal"):
         if response_levels is not None:
             raise SpecificationError(
                 f"response_levels orders the categories of an ordinal response; the {name} "
@@ -1289,11 +1299,42 @@ def for_family(spec: ModelSpec, family: Any, response_levels: Sequence | None = 
                 )
     if len(levels) < 3:
         raise SpecificationError(
-            f"an ordinal response needs at least 3 categories; column {spec.response!r} has "
+            f"an {name} response needs at least 3 categories; column {spec.response!r} has "
             f"{len(levels)} ({list(levels)}): fit it with family='binomial'"
         )
+    if name == "nominal":
+        return _nominal_spec(spec, levels)
     fixed = tuple(c for c in spec.fixed_columns if c != "Intercept")
     return dataclasses.replace(spec, response_levels=levels, fixed_columns=fixed)
+
+
+def _nominal_spec(spec: ModelSpec, levels: tuple) -> ModelSpec:
+    """One set of fixed effects and one (correlated) random intercept per non-baseline
+    category; only ``(1 | group)`` at one level is supported."""
+    if spec.inner or spec.random_columns != ("Intercept",):
+        raise SpecificationError(
+            "a nominal model takes one random-effects term (1 | group): a correlated random "
+            "intercept per non-baseline category (MIXNO's model); random slopes and nested "
+            "levels are not supported for nominal responses"
+        )
+    others = [str(v) for v in levels[1:]]
+    m = len(others)
+    return dataclasses.replace(
+        spec, response_levels=levels, nominal=True,
+        fixed_columns=tuple(f"{c}:{k}" for k in others for c in spec.fixed_columns),
+        random_columns=tuple(f"Intercept:{k}" for k in others),
+        cov_pattern=tuple((a, b) for a in range(m) for b in range(a + 1)),
+    )  # fmt: skip
+
+
+def _base_columns(spec: ModelSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The design columns the data give (a nominal spec's shared ones)."""
+    if not spec.nominal:
+        return spec.fixed_columns, spec.random_columns
+    m = len(spec.response_levels) - 1
+    px = len(spec.fixed_columns) // m
+    suffix = f":{spec.response_levels[1]}"
+    return tuple(c[: -len(suffix)] for c in spec.fixed_columns[:px]), ("Intercept",)
 
 
 def _top_and_inner(parsed: ParsedFormula, nesting: Nesting | None) -> tuple[str, tuple[str, ...]]:
@@ -1595,7 +1636,7 @@ def build_block(
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
     X, fixed_names = _fixed_design(spec, parsed, frame)
     Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group)
-    if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
+    if (fixed_names, random_names) != _base_columns(spec):
         raise DataError(
             f"design columns {fixed_names} / {random_names} differ from the model spec "
             f"{spec.fixed_columns} / {spec.random_columns}"
@@ -1664,7 +1705,7 @@ def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
 def _fixed_design(spec: ModelSpec, parsed: ParsedFormula, frame: pd.DataFrame):
     """The fixed design of ``spec``: without the intercept for an ordinal response."""
     X, names = _design(parsed.fixed, frame, spec.allow_python)
-    if spec.response_levels is not None and "Intercept" in names:
+    if spec.response_levels is not None and not spec.nominal and "Intercept" in names:
         keep = [j for j, n in enumerate(names) if n != "Intercept"]
         X, names = np.ascontiguousarray(X[:, keep]), tuple(names[j] for j in keep)
     return X, names
@@ -1830,15 +1871,16 @@ def build_design(
             bad |= col_bad
     if missing == "error" and bad.any():
         raise DataError(f'{"; ".join(problems)} (of {n} rows); clean them or pass missing="nan"')
-    X = np.full((n, spec.p), np.nan)
-    Z = np.full((n, spec.q), np.nan)
+    base_fixed, base_random = _base_columns(spec)
+    X = np.full((n, len(base_fixed)), np.nan)
+    Z = np.full((n, len(base_random)), np.nan)
     good = ~bad
     if good.any():
         sub = frame.loc[good] if bad.any() else frame
         Xg, fixed_names = _fixed_design(spec, parsed, sub)
         top = spec.group if spec.inner else None  # nested: the top level's terms only
         Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python, top)
-        if fixed_names != spec.fixed_columns or random_names != spec.random_columns:
+        if (fixed_names, random_names) != _base_columns(spec):
             raise DataError(
                 f"design columns {fixed_names} / {random_names} differ from the model spec "
                 f"{spec.fixed_columns} / {spec.random_columns}"

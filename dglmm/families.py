@@ -38,7 +38,7 @@ from .family_rows import beta_row, gamma_inverse_row, gamma_log_row, nbinom1_row
 # Integer codes shared with the compiled kernel.
 FAMILY_BINOMIAL, FAMILY_POISSON, FAMILY_GAUSSIAN = 0, 1, 2
 FAMILY_NBINOM2, FAMILY_NBINOM1, FAMILY_GAMMA, FAMILY_BETA = 3, 4, 5, 6
-FAMILY_ORDINAL = 7
+FAMILY_ORDINAL, FAMILY_NOMINAL = 7, 8
 LINK_LOGIT, LINK_PROBIT, LINK_CLOGLOG, LINK_LOG, LINK_IDENTITY, LINK_INVERSE = 0, 1, 2, 3, 4, 5
 
 _ETA_MAX = 700.0  # exp(700) is finite; beyond it the log-density is clamped
@@ -301,6 +301,8 @@ _FAMILY_TABLE: dict[str, tuple[int, tuple[str, ...], tuple[FamilyParameter, ...]
         FamilyParameter("shape", 1.0, "Shape parameter for Gamma family (a, Var = mu^2/a)"),)),
     # thresholds: as many as the response's categories less one (see Family.thresholds)
     "ordinal": (FAMILY_ORDINAL, ("logit", "probit", "cloglog"), ()),
+    # baseline-category logit: a linear predictor per non-baseline category (dglmm.nominal)
+    "nominal": (FAMILY_NOMINAL, ("logit",), ()),
     "beta": (FAMILY_BETA, ("logit",), (
         FamilyParameter("precision", 1.0, "Precision parameter for beta family (phi, "
                         "Var = mu (1 - mu)/(1 + phi))"),)),

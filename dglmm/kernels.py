@@ -37,6 +37,7 @@ from .quadrature import gauss_hermite_rule
 
 # family codes (dglmm.families) the compiled kernel's row functions know
 _COMPILED_FAMILIES = (0, 1, 2)
+_NOMINAL = 8  # dglmm.families.FAMILY_NOMINAL
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,11 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     BlockResult
         With ``modes`` and ``warm_start`` (for the next call) of this block.
     """
+    if model.family_code == _NOMINAL:  # a linear predictor per category: dglmm.nominal
+        from .nominal import evaluate_nominal_block
+
+        return BlockResult(**vars(evaluate_nominal_block(block, params, model, hessian=hessian,
+                                                         u_init=u_init)))  # fmt: skip
     if model.inner or not model.compiled:  # the composed NumPy kernel of dglmm.nested
         from .nested import evaluate_nested_block
 
@@ -366,6 +372,11 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     (G_l, q_l) and ``keys``, per enclosing level ``m = 0 .. l`` the tuple of that level's
     key arrays (``block.group_keys``, then ``InnerLevel.keys``) at each level-l unit.
     """
+    if model.family_code == _NOMINAL:
+        from .nominal import nominal_random_effects
+
+        pred = nominal_random_effects(block, params, model, u_init=u_init)
+        return {"group_keys": np.asarray(block.group_keys), **pred}
     if model.inner or not model.compiled:  # every level integrated jointly (dglmm.nested)
         return _nested_random_effects_block(block, params, model, u_init)
     beta, L, tau = model.split(params)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob as _glob
+import itertools
 import math
 import os
 import urllib.parse
@@ -269,6 +270,30 @@ def marginal_mean(eta: np.ndarray, var: np.ndarray, link: str) -> np.ndarray:
     return lk.inverse(points) @ (w / math.sqrt(math.pi))
 
 
+def _softmax_baseline(eta: np.ndarray) -> np.ndarray:
+    """(n, m + 1) probabilities of the baseline-category logit with log-odds ``eta`` (n, m)."""
+    full = np.column_stack([np.zeros(len(eta)), eta])
+    full -= full.max(axis=1, keepdims=True)
+    e = np.exp(full)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _integrated_softmax(eta: np.ndarray, sigma: np.ndarray, max_nodes: int = 2000) -> np.ndarray:
+    """``E softmax(eta + b)`` for ``b ~ N(0, sigma)``, by a product Gauss-Hermite rule of
+    at most ``max_nodes`` points (accumulated node by node: memory stays O(n m))."""
+    m = sigma.shape[0]
+    k = int(min(15, max(3, math.floor(max_nodes ** (1.0 / m)))))
+    x, w = np.polynomial.hermite.hermgauss(k)
+    vals, vecs = np.linalg.eigh(0.5 * (sigma + sigma.T))
+    root = vecs * np.sqrt(np.maximum(vals, 0.0))  # root @ root.T = sigma, singular allowed
+    out = np.zeros((len(eta), m + 1))
+    for idx in itertools.product(range(k), repeat=m):
+        z = math.sqrt(2.0) * x[list(idx)]
+        weight = float(np.prod(w[list(idx)])) / math.pi ** (m / 2.0)
+        out += weight * _softmax_baseline(eta + root @ z)
+    return out
+
+
 class _Predictor:
     """Everything a partition needs: spec, beta, Sigma, link and the random-effects table."""
 
@@ -285,6 +310,11 @@ class _Predictor:
         except SpecificationError as exc:
             raise SpecificationError(f"the formula stored in the result: {exc}") from None
         self.spec = spec
+        if spec.nominal and type == "link":
+            raise SpecificationError(
+                "a nominal model has one linear predictor per category: predict with "
+                'type="response" and read its eta_<category> columns'
+            )
         params = np.asarray(result.params, dtype=np.float64)
         if params.ndim != 1 or params.size < spec.p + spec.n_theta:
             raise DataError(
@@ -347,6 +377,8 @@ class _Predictor:
         groups = self._group_columns(df.columns)
         for name in groups:
             out.setdefault(name, df[name].to_numpy())
+        if spec.nominal:
+            return self._nominal(df, out, groups)
         if n == 0:
             X, offset = np.zeros((0, spec.p)), np.zeros(0)
             Zs = [np.zeros((0, q)) for q in (len(x) for x in self.sigmas)]
@@ -408,6 +440,47 @@ class _Predictor:
             labels = np.asarray(self.categories, dtype=object)
             out["prediction"] = labels[np.argmax(probs, axis=1)] if len(eta) else labels[:0]
 
+    def _nominal(self, df: pd.DataFrame, out: dict, groups: list[str]) -> pd.DataFrame:
+        """A nominal fit's predictions: ``eta_<category>`` (the log-odds against the
+        baseline) for each non-baseline category, ``prob_<category>`` for every category and
+        ``prediction``, the most probable category; ``mu`` is not defined for unordered
+        categories.  The effects integrated out (``re_form="marginal"``, new groups with
+        ``new_groups="marginal"``) are integrated by a product Gauss-Hermite rule."""
+        spec, n = self.spec, len(df)
+        cats = list(spec.response_levels)
+        m = len(cats) - 1
+        base_p = spec.p // m
+        if n == 0:
+            X, offset = np.zeros((0, base_p)), np.zeros(0)
+        else:
+            X, _, offset, keys = build_design(spec, df, missing=self.missing)
+        eta = X @ self.beta.reshape(m, base_p).T + offset[:, None]
+        integrate = np.zeros(n, dtype=bool)  # rows whose effects are integrated out
+        if self.re_form == "marginal":
+            integrate[:] = True
+        elif self.re_form == "conditional":
+            index, b = self.effects[0]
+            unit = None if spec.group not in df.columns or n == 0 else \
+                pd.DataFrame({spec.group: keys})  # fmt: skip
+            pos = _positions(index, unit, n)
+            known = pos >= 0
+            eta[known] += b[pos[known]]
+            out["new_group"] = ~known
+            integrate = ~known if self.new_groups == "marginal" else integrate
+        probs = _softmax_baseline(eta)
+        if integrate.any():
+            probs[integrate] = _integrated_softmax(eta[integrate], self.sigma)
+        for k, c in enumerate(cats[1:]):
+            out[f"eta_{c}"] = eta[:, k]
+        for k, c in enumerate(cats):
+            out[f"prob_{c}"] = probs[:, k]
+        labels = np.asarray(cats, dtype=object)
+        out["prediction"] = labels[np.argmax(probs, axis=1)] if n else labels[:0]
+        frame = pd.DataFrame(out, index=df.index)
+        cols = [*dict.fromkeys([*self.keep, *groups])]
+        rest = [f"eta_{c}" for c in cats[1:]] + [f"prob_{c}" for c in cats] + ["prediction"]
+        return frame[cols + rest + (["new_group"] if "new_group" in out else [])]
+
     def _group_columns(self, columns) -> list[str]:
         """The grouping columns of the model that the data have (copied to the output)."""
         return [c for c in spec_group_columns(self.spec) if c in columns]
@@ -422,6 +495,14 @@ class _Predictor:
             out.setdefault(name, df_meta[name])
         frame = pd.DataFrame(out, index=df_meta.index[:0])
         frame = frame.iloc[:0]
+        if self.spec.nominal:
+            cats = list(self.spec.response_levels)
+            for c in [f"eta_{c}" for c in cats[1:]] + [f"prob_{c}" for c in cats]:
+                frame[c] = pd.Series(dtype=np.float64)
+            frame["prediction"] = pd.Series(dtype=object)
+            if self.re_form == "conditional":
+                frame["new_group"] = pd.Series(dtype=bool)
+            return frame
         for c in ("eta", "mu", "prediction"):
             frame[c] = pd.Series(dtype=np.float64)
         if self.categories:

@@ -137,7 +137,8 @@ def _kernel_task(
         finite = np.isfinite(getattr(r, "loglik", 0.0))
         if j == 0 and finite and modes is not None and np.all(np.isfinite(modes)):
             # the kernel's warm start (modes and their slopes) when it gives one
-            modes = getattr(r, "warm_start", None) or modes
+            warm = getattr(r, "warm_start", None)
+            modes = modes if warm is None else warm
             u_init = modes
             try:
                 setattr(block, _MODES_ATTR, modes)
