@@ -302,9 +302,11 @@ def fit_model(
     model: KernelModel = evaluator.model
     layout = _Layout(model.p, model.n_theta, model.n_tau)
     P = model.n_params
-    # nested models: the kernel's Newton Hessian lacks the log-determinant's curvature,
-    # so a measured correction is allowed whenever convergence turns linear
-    settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if spec.inner else 2)
+    # the NumPy kernels (nested levels, the families outside the compiled kernel) give a
+    # Newton Hessian without the log-determinant's curvature, so a measured correction is
+    # allowed whenever convergence turns linear
+    approximate = spec.inner or not model.compiled
+    settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
     n_obs = evaluator.n_obs
     eval_times: list[dict] = []
 

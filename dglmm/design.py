@@ -1285,8 +1285,11 @@ def for_family(spec: ModelSpec, family: Any, response_levels: Sequence | None = 
             outside = [v for v in seen if v not in set(levels)]
             if outside:
                 raise DataError(
-                    f"column {spec.response!r} holds {len(outside)} value(s) outside the "
-                    f"declared order {list(levels)}, e.g. {outside[:3]}"
+                    f"column {spec.response!r} holds {len(outside)} distinct "
+                    f"value{'s' if len(outside) > 1 else ''} outside the declared order "
+                    f"{list(levels)}, e.g. {outside[:3]}; add "
+                    f"{'them' if len(outside) > 1 else 'it'} to response_levels or drop "
+                    "those rows"
                 )
             never = [v for v in levels if v not in set(seen)]
             if never:

@@ -122,3 +122,44 @@ def test_cluster_equals_in_process(process_cluster, tmp_path):
     assert remote.loglik == pytest.approx(local.loglik, abs=1e-8)
     assert remote.family_parameters["size"] == pytest.approx(local.family_parameters["size"],
                                                              rel=1e-8)  # fmt: skip
+
+
+def _ordinal_frame(seed=3, G=80, per=20):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(G), per)
+    x = rng.normal(size=g.size)
+    eta = 0.6 * x + rng.normal(0, 0.7, G)[g]
+    cum = special.expit(np.array([-1.0, 0.2, 1.3])[None, :] - eta[:, None])
+    y = np.sum(rng.random(g.size)[:, None] > cum, axis=1)
+    return pd.DataFrame({"y": np.array(["a", "b", "c", "d"])[y], "x": x, "g": g})
+
+
+@pytest.mark.parametrize("family", ["nbinom2", "beta", "ordinal", "nominal"])
+def test_checkpoint_resume_and_plots(family, tmp_path):
+    """A fit stopped after two iterations and resumed from its checkpoint ends where a fresh
+    fit ends; the result JSON round-trips; convergence and caterpillar plots are written."""
+    df = _ordinal_frame() if family in ("ordinal", "nominal") else simulate(family, seed=11)
+    formula = "y ~ x + (1 | g)"
+    fresh = dglmm.fit(formula, df, family=family, client=IN_PROCESS)
+    ck = tmp_path / "ck.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "did not converge" after max_iter=2
+        stopped = dglmm.fit(formula, df, family=family, client=IN_PROCESS, checkpoint=str(ck),
+                            max_iter=2)  # fmt: skip
+    assert not stopped.converged and ck.exists()
+    resumed = dglmm.fit(formula, df, family=family, client=IN_PROCESS, checkpoint=str(ck),
+                        resume=True)  # fmt: skip
+    assert resumed.converged
+    np.testing.assert_allclose(resumed.params, fresh.params, rtol=1e-5, atol=1e-6)
+    assert resumed.loglik == pytest.approx(fresh.loglik, abs=1e-6)
+    back = FitResult.from_json(resumed.to_json())
+    assert back.family_parameters == resumed.family_parameters
+    assert back.thresholds == resumed.thresholds
+    assert back.summary() == resumed.summary()
+    from dglmm.plots import plot_result
+
+    table = resumed.random_effects_table(df)
+    written = plot_result(resumed, tmp_path / "plots", random_effects=table)
+    names = sorted(Path(p).name for p in written)
+    assert "convergence.png" in names and any(n.startswith("caterpillar_") for n in names)
+    assert all(Path(p).stat().st_size > 1000 for p in written)

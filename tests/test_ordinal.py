@@ -233,7 +233,7 @@ def test_natural_order_and_the_cluster(process_cluster, tmp_path):
 
 BAD = [
     ("outside", {"response_levels": ["low", "mid", "high"]}, DataError,
-     r"column 'score' holds 1 value\(s\) outside the declared order \['low', 'mid', 'high'\]"),
+     r"column 'score' holds 1 distinct value outside the declared order \['low', 'mid', 'high'\]"),
     ("never", {"response_levels": ["low", "mid", "high", "top", "max"]}, DataError,
      r"the declared category \['max'\] never occurs in the data"),
     ("two", {}, SpecificationError,

@@ -525,6 +525,8 @@ class DaskEvaluator:
         params = [np.array(p, dtype=np.float64, copy=True) for p in params_list]
         if not params:
             return []
+        if not self._blocks:  # an earlier rebuild failed (every worker lost): build anew
+            self._build()
         try:
             return self._evaluate_timed(params, hessian)
         except (KilledWorker, CancelledError):
