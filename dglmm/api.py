@@ -305,7 +305,8 @@ def fit_model(
     # the NumPy kernels (nested levels, the families outside the compiled kernel) give a
     # Newton Hessian without the log-determinant's curvature, so a measured correction is
     # allowed whenever convergence turns linear
-    approximate = spec.inner or not model.compiled
+    approximate = spec.inner or not model.compiled or (
+        model.has_dispersion and model.family_code != FAMILY_GAUSSIAN)  # no d2H/dtau2
     settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
     n_obs = evaluator.n_obs
     eval_times: list[dict] = []

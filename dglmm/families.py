@@ -387,6 +387,21 @@ def _probit_parts(x):
 
 
 @numba.njit(cache=True)
+def own_parameter_row(family, link, y, w, eta, tau):
+    """``(l, d1, d2, d3, lt, ltt, d1t, d2t)`` of the families with a scalar parameter of
+    their own (:mod:`dglmm.family_rows`): a new such family is a branch here."""
+    if family == FAMILY_NBINOM2:
+        return nbinom2_row(y, w, eta, tau)
+    if family == FAMILY_NBINOM1:
+        return nbinom1_row(y, w, eta, tau)
+    if family == FAMILY_GAMMA:
+        if link == LINK_INVERSE:
+            return gamma_inverse_row(y, w, eta, tau)
+        return gamma_log_row(y, w, eta, tau)
+    return beta_row(y, w, eta, tau)
+
+
+@numba.njit(cache=True)
 def row_derivatives(family, link, y, n, w, eta, tau):
     """Log-density of one observation and its derivatives in ``eta``.
 
@@ -431,6 +446,9 @@ def row_derivatives(family, link, y, n, w, eta, tau):
     if family == FAMILY_POISSON:
         mu = math.exp(min(eta, _ETA_MAX))
         return w * (y * eta - mu), w * (y - mu), -w * mu, -w * mu, 0.0, 0.0
+    if family != FAMILY_GAUSSIAN:  # a family with a parameter of its own
+        l, d1, d2, d3, lt, ltt, _d1t, _d2t = own_parameter_row(family, link, y, w, eta, tau)
+        return l, d1, d2, d3, lt, ltt
     # Gaussian, identity link, tau = log sigma
     if w == 0.0:
         return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
@@ -489,16 +507,8 @@ def row_all(family, link, y, n, w, eta, tau):
     as ``exp(-2 tau)``); the families with a parameter of their own have a row function
     each.  A new family is a branch here and its row function in :mod:`dglmm.family_rows`.
     """
-    if family == FAMILY_NBINOM2:
-        return nbinom2_row(y, w, eta, tau)
-    if family == FAMILY_NBINOM1:
-        return nbinom1_row(y, w, eta, tau)
-    if family == FAMILY_GAMMA:
-        if link == LINK_INVERSE:
-            return gamma_inverse_row(y, w, eta, tau)
-        return gamma_log_row(y, w, eta, tau)
-    if family == FAMILY_BETA:
-        return beta_row(y, w, eta, tau)
+    if family >= FAMILY_NBINOM2 and family <= FAMILY_BETA:
+        return own_parameter_row(family, link, y, w, eta, tau)
     l, d1, d2, d3, lt, ltt = row_derivatives(family, link, y, n, w, eta, tau)
     if family == FAMILY_GAUSSIAN:
         return l, d1, d2, d3, lt, ltt, -2.0 * d1, -2.0 * d2

@@ -69,6 +69,9 @@ def _block_kernel(
     mode_work = _mode_work(q)
     cs = np.empty(p + q)
     Ec = np.empty(q)
+    st1 = np.empty(p + q)  # the family parameter's sums (mode_sums)
+    Stz = np.empty((q, q))
+    Ct = np.empty((q, q))
     Q3, r, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub = agq_work(
         p, q, P, nodes.shape[0]
     )
@@ -90,13 +93,14 @@ def _block_kernel(
         # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
         logdetH = _mode_factor(Hm, Hi, LH)
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
-                                    want_hess, XWX, s1, Sw, d3s, d1s, k_centre)  # fmt: skip
+                                    want_hess, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
+                                    Stz)  # fmt: skip
         set_theta_coef(tcoef, p, pat_c, u)
-        mode_slopes(Sw, s1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du)
+        mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du)
         for c in range(q):
             for k in range(P):
                 slopes[g, c, k] = du[c, k]
-        dH_fixed(Sw, L, Hm, p, pat_r, pat_c, has_disp, C, dHw)
+        dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw)
         if laplace:
             loglik = laplace_group(
                 X, Z, i0, i1, gV, d3s, u, Hi, logdetH, E, tcol, tcoef, du, dHw, s1, hsum, lts,
@@ -115,8 +119,8 @@ def _block_kernel(
                 sx, szb, dub, grad,
             )  # fmt: skip
         if want_hess:
-            hessian_mode_term(Sw, s1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
-            hessian_logdet_term(Sw, Hi, Hm, dHw, p, pat_r, pat_c, hess)
+            hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
+            hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess)
     if want_hess:
         for a in range(p):
             for b in range(a + 1):

@@ -7,6 +7,9 @@ For one group with rows ``i0:i1`` (``r_i = [x_i, z_i]``, ``v_i = L' z_i``) and i
 * :func:`mode_sums`: one pass of the family's row functions at the mode: ``sum l_i``,
   ``s1 = sum d1_i r_i``, the z-rows of ``Sw = sum w_i r_i r_i'`` (``w_i = -d2_i``), the
   block's ``X'WX`` (Hessian only), the tau sums, and ``d3_i`` per row for the rule;
+  for a family with a parameter ``tau`` of its own also ``st1 = sum d1t_i r_i`` and
+  ``Stz = sum -d2t_i z_i z_i'`` (``d1t, d2t``: the tau-derivatives of ``d1, d2``), which
+  give every tau term below for any such family (the Gaussian's ``log sigma`` included);
 * :func:`mode_slopes`: ``g_u,psi`` and ``du_hat/dpsi = H^-1 g_u,psi``;
 * :func:`dH_fixed`: the fixed-weight part of ``dH/dpsi`` (``W`` held fixed);
 * :func:`hessian_mode_term`, :func:`hessian_logdet_term`: the group's Newton Hessian
@@ -14,7 +17,7 @@ For one group with rows ``i0:i1`` (``r_i = [x_i, z_i]``, ``v_i = L' z_i``) and i
   working weights fixed), the same for every rule.
 
 ``d eta_i / d psi_k = tcoef[k] * r_i[tcol[k]]`` at fixed ``u`` (:func:`psi_map`):
-``beta_k -> x_ik``, ``L_ab -> z_ia u_b``, ``log sigma -> 0``.
+``beta_k -> x_ik``, ``L_ab -> z_ia u_b``, ``tau -> 0``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .families import row_derivatives
+from .families import FAMILY_GAUSSIAN, row_all, row_derivatives
 
 
 @numba.njit(cache=True)
@@ -83,7 +86,7 @@ def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
 @numba.njit(cache=True)
 def mode_sums(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, want_hess, XWX, s1, Sw, d3s,
-    d1s, k_centre,
+    d1s, k_centre, has_disp, st1, Stz,
 ):  # fmt: skip
     """Sums over the group's rows at the mode; returns ``(sum l, sum dl/dtau,
     sum d2l/dtau2)``.
@@ -100,13 +103,19 @@ def mode_sums(
     ltts = 0.0
     for a in range(p + q):
         s1[a] = 0.0
+        st1[a] = 0.0
         for b in range(p + q):
             Sw[a, b] = 0.0
+    Stz[:, :] = 0.0
     for i in range(i0, i1):
         eta = geta[i - i0]
         for c in range(q):
             eta += gV[i - i0, c] * u[c]
-        l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
+        if has_disp:
+            l, d1, d2, d3, lt, ltt, d1t, d2t = row_all(fam, link, y[i], ntr[i], w[i], eta, tau)
+            _tau_sums(X, Z, i, d1t, d2t, st1, Stz)
+        else:
+            l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
         wi = -d2
         if want_hess:
             for a in range(p):
@@ -134,11 +143,25 @@ def mode_sums(
             Sw[b, p + a] = Sw[p + a, b]
         for b in range(a):
             Sw[p + b, p + a] = Sw[p + a, p + b]
+            Stz[b, a] = Stz[a, b]
     return hsum, lts, ltts
 
 
+@numba.njit(cache=True, inline="always")
+def _tau_sums(X, Z, i, d1t, d2t, st1, Stz):
+    """Adds row ``i``'s ``d1t r_i`` to ``st1`` and ``-d2t z_i z_i'`` (lower) to ``Stz``."""
+    p = X.shape[1]
+    for a in range(p):
+        st1[a] += d1t * X[i, a]
+    for a in range(Z.shape[1]):
+        za = Z[i, a]
+        st1[p + a] += d1t * za
+        for b in range(a + 1):
+            Stz[a, b] -= d2t * za * Z[i, b]
+
+
 @numba.njit(cache=True)
-def mode_slopes(Sw, s1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
+def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
     """``g_u,psi`` (q x P) into ``guPsi`` and ``du_hat/dpsi = H^-1 g_u,psi`` into ``du``."""
     q, P = du.shape
     m = E.shape[1]
@@ -157,8 +180,8 @@ def mode_slopes(Sw, s1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
         for c in range(q):
             acc = 0.0
             for a in range(m):
-                acc += E[c, a] * s1[a]
-            guPsi[c, itau] = -2.0 * acc
+                acc += E[c, a] * st1[a]
+            guPsi[c, itau] = acc
     for c in range(q):
         for k in range(P):
             acc = 0.0
@@ -168,9 +191,9 @@ def mode_slopes(Sw, s1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
 
 
 @numba.njit(cache=True)
-def dH_fixed(Sw, L, Hm, p, pat_r, pat_c, has_disp, C, dHw):
+def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
     """The fixed-weight part ``dHw`` (P, q, q) of ``dH/dpsi`` (``W`` held fixed); ``C``
-    receives ``C[a, :] = sum_i w_i z_ia v_i'``."""
+    receives ``C[a, :] = sum_i w_i z_ia v_i'`` and ``Ct = Stz L`` (its tau-derivative)."""
     q = L.shape[0]
     nth = pat_r.shape[0]
     itau = dHw.shape[0] - 1
@@ -190,14 +213,23 @@ def dH_fixed(Sw, L, Hm, p, pat_r, pat_c, has_disp, C, dHw):
         for c in range(q):
             dHw[p + j, b, c] += C[a, c]
             dHw[p + j, c, b] += C[a, c]
-    if has_disp:
+    if has_disp:  # dH/dtau = L' Stz L
+        for a in range(q):
+            for c in range(q):
+                acc = 0.0
+                for b in range(q):
+                    acc += Stz[a, b] * L[b, c]
+                Ct[a, c] = acc
         for c in range(q):
             for d in range(q):
-                dHw[itau, c, d] = -2.0 * (Hm[c, d] - (1.0 if c == d else 0.0))
+                acc = 0.0
+                for a in range(q):
+                    acc += L[a, c] * Ct[a, d]
+                dHw[itau, c, d] = acc
 
 
 @numba.njit(cache=True)
-def hessian_mode_term(Sw, s1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
+def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     """Adds the exact Hessian of ``h(u_hat(psi), psi)``, ``-T Sw T' + g_psi,u H^-1
     g_u,psi`` (lower triangle; the x-x block of ``Sw`` is added by the caller from
     ``XWX``), to ``hess``."""
@@ -213,13 +245,16 @@ def hessian_mode_term(Sw, s1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     if has_disp:
         hess[itau, itau] += ltts
         for k in range(itau):
-            hess[itau, k] += -2.0 * tcoef[k] * s1[tcol[k]]
+            hess[itau, k] += tcoef[k] * st1[tcol[k]]
 
 
 @numba.njit(cache=True)
-def hessian_logdet_term(Sw, Hi, Hm, dHw, p, pat_r, pat_c, hess):
+def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess):
     """Adds the Hessian of ``-1/2 log det H`` with the working weights fixed (lower
-    triangle of the theta / tau rows) to ``hess``."""
+    triangle of the theta / tau rows) to ``hess``.  ``d2H/dtau2`` is known for the
+    Gaussian (``d2l/deta2`` scales as ``exp(-2 tau)``: ``-2 dH/dtau``); for the other
+    families it is left out (the rows give no ``d2t`` derivative in tau), which the
+    optimiser's measured corrections make up for."""
     q = Hi.shape[0]
     P = dHw.shape[0]
     nth = pat_r.shape[0]
@@ -246,12 +281,14 @@ def hessian_logdet_term(Sw, Hi, Hm, dHw, p, pat_r, pat_c, hess):
                 b2 = pat_c[k2 - p]
                 d2 = 2.0 * Sw[p + a1, p + a2] * Hi[b1, b2]
             elif k == itau and k2 == itau:
-                for c in range(q):
-                    for d in range(q):
-                        d2 += Hi[c, d] * 4.0 * (Hm[d, c] - (1.0 if c == d else 0.0))
-            else:
+                if fam == FAMILY_GAUSSIAN:
+                    for c in range(q):
+                        for d in range(q):
+                            d2 += Hi[c, d] * (-2.0) * dHw[itau, d, c]
+            else:  # d2H / dL_ab dtau: dHw's theta entry with Ct in place of C
                 kt = k2 if k == itau else k
+                a1 = pat_r[kt - p]
+                b1 = pat_c[kt - p]
                 for c in range(q):
-                    for d in range(q):
-                        d2 += Hi[c, d] * (-2.0) * dHw[kt, d, c]
+                    d2 += 2.0 * Hi[b1, c] * Ct[a1, c]
             hess[k, k2] += val - 0.5 * d2

@@ -35,8 +35,10 @@ import numpy as np
 from .kernel_core import _block_kernel, _posterior_kernel
 from .quadrature import gauss_hermite_rule
 
-# family codes (dglmm.families) the compiled kernel's row functions know
-_COMPILED_FAMILIES = (0, 1, 2)
+# family codes (dglmm.families) the compiled kernel's row functions know: binomial,
+# Poisson, Gaussian and the families with one parameter of their own (nbinom2, nbinom1,
+# gamma, beta); ordinal (a vector of thresholds) and nominal are NumPy kernels
+_COMPILED_FAMILIES = (0, 1, 2, 3, 4, 5, 6)
 _NOMINAL = 8  # dglmm.families.FAMILY_NOMINAL
 
 

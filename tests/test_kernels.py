@@ -25,6 +25,11 @@ FAMILIES = [
     ("cloglog-trials", "binomial", "cloglog", True, False, False),
     ("poisson-offset", "poisson", "log", False, True, False),
     ("gaussian-weights", "gaussian", "identity", False, False, True),
+    # the families with a parameter of their own, compiled since issue 11
+    ("nbinom2-offset", "nbinom2", "log", False, True, False),
+    ("nbinom1", "nbinom1", "log", False, False, False),
+    ("gamma-weights", "gamma", "log", False, False, True),
+    ("beta", "beta", "logit", False, False, False),
 ]
 PATTERNS = {
     "q1": (1, ((0, 0),)),
@@ -58,6 +63,15 @@ def make_block(family, link, trials, offset, weights, q, n_groups=12, seed=0, si
         y = rng.binomial(ntr.astype(int), mu).astype(float)
     elif family == "poisson":
         y = rng.poisson(np.exp(eta)).astype(float)
+    elif family in ("nbinom2", "nbinom1"):  # size 2 / phi 1.5
+        mu = np.exp(eta)
+        size = 2.0 if family == "nbinom2" else mu / 1.5
+        y = rng.negative_binomial(size, size / (size + mu)).astype(float)
+    elif family == "gamma":  # shape 3
+        y = rng.gamma(3.0, np.exp(eta) / 3.0)
+    elif family == "beta":  # precision 8
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        y = np.clip(rng.beta(mu * 8.0, (1 - mu) * 8.0), 1e-6, 1 - 1e-6)
     else:
         y = eta + rng.normal(0, 1.0, n)
     w = rng.uniform(0.3, 2.5, n) if weights else np.ones(n)
@@ -128,6 +142,34 @@ def test_gradient_matches_finite_differences(fam, pattern, n_agq):
     assert res.hessian.shape == (model.n_params, model.n_params)
     np.testing.assert_allclose(res.hessian, res.hessian.T)
     assert res.modes.shape == (12, q)
+
+
+@pytest.mark.parametrize("fid", ["nbinom2-offset", "nbinom1", "gamma-weights", "beta",
+                                 "gaussian-weights"])  # fmt: skip
+@pytest.mark.parametrize("pattern, n_agq", [("q1", 1), ("q2", 1), ("q2", 3), ("q1", 7)])
+def test_compiled_family_parameter_equals_the_numpy_kernel(fid, pattern, n_agq):
+    """The compiled kernel's general tau terms (st1, Stz) against the composed NumPy
+    kernel of dglmm.nested, an independent implementation: value and exact gradient."""
+    from dglmm.nested import evaluate_nested_block
+
+    _, family, link, trials, offset, weights = ORACLE_FAMILIES[fid]
+    block = make_block(family, link, trials, offset, weights, PATTERNS[pattern][0])
+    model = make_model(family, link, pattern, n_agq)
+    assert model.compiled
+    params = make_params(model)
+    fast = evaluate_block(block, params, model)
+    slow = evaluate_nested_block(block, params, model)
+    assert fast.loglik == pytest.approx(slow.loglik, rel=1e-10, abs=1e-9)
+    np.testing.assert_allclose(fast.gradient, slow.gradient, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("n_agq", [1, 3])
+def test_gamma_inverse_link_gradient(n_agq):
+    """The inverse link needs eta > 0 at every row and node: a large intercept."""
+    block = make_block("gamma", "log", False, False, False, 1, seed=3)
+    model = make_model("gamma", "inverse", "q1", n_agq)
+    params = np.array([2.0, 0.1, -0.1, 0.15, 0.8])
+    assert_gradient_ok(block, params, model)
 
 
 @pytest.mark.parametrize("n_agq", [1, 3])

@@ -333,6 +333,22 @@ def test_gradient_is_exact(family, q_levels, n_low, k):
     np.testing.assert_allclose(res.gradient, fd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradient_is_exact_for_the_gamma_inverse_link(k):
+    """The inverse link needs eta > 0 on every row and node: a large intercept, small
+    effects (the rows are the Gamma data of the log-link case)."""
+    block, _ = nested_data(17, 5, (1, 4), (2, 6), q_levels=(1, 1), family="gamma")
+    model = model_for(block, get_family("gamma", "inverse"), n_agq=k)
+    params = np.zeros(model.n_params)
+    params[: model.p] = [2.0, 0.1]
+    params[model.p: -1] = [0.15, 0.1]
+    params[-1] = 0.8
+    res = evaluate_nested_block(block, params, model)
+    assert np.isfinite(res.loglik)
+    np.testing.assert_allclose(res.gradient, _fd_gradient(block, params, model),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_gradient_exact_with_a_diagonal_pattern_and_zero_variance():
     block, fam = nested_data(19, 5, (1, 4), (2, 6), q_levels=(1, 2))
     model = model_for(block, fam, patterns=[((0, 0),), ((0, 0), (1, 1))], n_agq=3)
