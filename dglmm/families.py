@@ -33,7 +33,17 @@ import numpy as np
 from scipy import special
 
 from .errors import DataError, SpecificationError, suggest
-from .family_rows import beta_row, gamma_inverse_row, gamma_log_row, nbinom1_row, nbinom2_row
+from .family_rows import (
+    beta_d12,
+    beta_row,
+    gamma_d12,
+    gamma_inverse_row,
+    gamma_log_row,
+    nbinom1_d12,
+    nbinom1_row,
+    nbinom2_d12,
+    nbinom2_row,
+)
 
 # Integer codes shared with the compiled kernel.
 FAMILY_BINOMIAL, FAMILY_POISSON, FAMILY_GAUSSIAN = 0, 1, 2
@@ -477,6 +487,14 @@ def row_d12(family, link, y, n, w, eta, tau):
     if family == FAMILY_GAUSSIAN:
         prec = w * math.exp(-2.0 * tau)
         return prec * (y - eta), -prec
+    if family == FAMILY_NBINOM2:
+        return nbinom2_d12(y, w, eta, tau)
+    if family == FAMILY_NBINOM1:
+        return nbinom1_d12(y, w, eta, tau)
+    if family == FAMILY_GAMMA:
+        return gamma_d12(y, w, eta, tau, link == LINK_INVERSE)
+    if family == FAMILY_BETA:
+        return beta_d12(y, w, eta, tau)
     _l, d1, d2, _d3, _lt, _ltt = row_derivatives(family, link, y, n, w, eta, tau)
     return d1, d2
 

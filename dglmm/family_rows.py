@@ -163,3 +163,47 @@ def beta_row(y, w, eta, tau):
         - phi * phi * phi * v * v * m2
     )
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t
+
+
+# ------------------------------------------------------------------ cheap d1, d2 for the modes
+# The conditional-mode iteration needs only the first two eta-derivatives: these give them
+# without the log-gamma and higher polygamma terms of the full rows above (same formulas).
+
+
+@numba.njit(cache=True, error_model="numpy")
+def nbinom2_d12(y, w, eta, tau):
+    k = math.exp(tau)
+    mu = math.exp(min(eta, _ETA_MAX))
+    s = k + mu
+    return w * k * (y - mu) / s, -w * k * mu * (k + y) / (s * s)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def nbinom1_d12(y, w, eta, tau):
+    phi = math.exp(tau)
+    k = math.exp(min(max(eta, -_ETA_MAX), _ETA_MAX)) / phi
+    a = digamma(y + k) - digamma(k) - math.log1p(phi)
+    return w * k * a, w * (k * a + k * k * (trigamma(y + k) - trigamma(k)))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def gamma_d12(y, w, eta, tau, inverse):
+    a = math.exp(tau)
+    if inverse:
+        if not eta > 0.0:
+            return 0.0, 0.0
+        return w * (a / eta - a * y), -w * a / (eta * eta)
+    r = y * math.exp(-max(eta, -_ETA_MAX))
+    return w * a * (r - 1.0), -w * a * r
+
+
+@numba.njit(cache=True, error_model="numpy")
+def beta_d12(y, w, eta, tau):
+    phi = math.exp(tau)
+    mu = min(max(_expit(eta), 1e-300), 1.0 - 1e-16)
+    nu = 1.0 - mu
+    v = mu * nu
+    p1, p0 = mu * phi, nu * phi
+    dev = (math.log(y) - math.log1p(-y)) - (digamma(p1) - digamma(p0))
+    d2 = phi * v * (1.0 - 2.0 * mu) * dev - phi * phi * v * v * (trigamma(p1) + trigamma(p0))
+    return w * phi * v * dev, w * d2
