@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the dglmm of this checkout
 
 import dglmm.kernels as kernels  # noqa: E402
-from dglmm.api import _kernel_model  # noqa: E402
+from dglmm.evaluator import kernel_model as _kernel_model  # noqa: E402
 from dglmm.design import build_block, learn_spec  # noqa: E402
 from dglmm.families import get_family  # noqa: E402
 from dglmm.simulate import simulate_calls  # noqa: E402
@@ -86,6 +86,8 @@ def check_small_models(old) -> float:
     worst, n = 0.0, 0
     for fam in FAMILIES:
         _, family, link, trials, offset, weights = fam
+        if family not in ("binomial", "poisson", "gaussian"):  # the old kernel's families
+            continue
         for pattern in ("q1", "q2", "q2diag", "q3"):
             block = make_block(family, link, trials, offset, weights, PATTERNS[pattern][0], seed=7)
             for n_agq in (1, 3, 5, 7):
