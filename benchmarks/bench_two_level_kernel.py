@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the dglmm of this checkout
 
 import dglmm.kernels as kernels  # noqa: E402
-from dglmm.evaluator import kernel_model as _kernel_model  # noqa: E402
 from dglmm.design import build_block, learn_spec  # noqa: E402
+from dglmm.evaluator import kernel_model as _kernel_model  # noqa: E402
 from dglmm.families import get_family  # noqa: E402
 from dglmm.simulate import simulate_calls  # noqa: E402
 

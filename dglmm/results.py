@@ -44,6 +44,13 @@ class FitResult:
         ``{"term": "1|2", "estimate": ..., "std_error": ..., "z_value": ...}``
         (``P(y <= k) = F(alpha_k - eta)``; the fixed effects have no intercept).
     loglik, aic, bic : float
+    integration_error : float or None
+        An estimate of the integration error of ``loglik``: the log-likelihood at the
+        estimates with a finer rule (``integration_error_nodes`` nodes per dimension)
+        minus ``loglik``; 0 for the Gaussian family (Laplace is exact); None where it
+        was not computed (nested levels, the nominal family, very large NumPy-kernel fits).
+    integration_error_nodes : int or None
+        The nodes per dimension of that finer rule.
     n_obs : int
     n_groups : dict
         ``{group column: number of groups}``.
@@ -86,6 +93,8 @@ class FitResult:
     family_parameters: dict[str, float] = field(default_factory=dict)
     family_parameters_std_error: dict[str, float] = field(default_factory=dict)
     thresholds: list[dict[str, Any]] = field(default_factory=list)
+    integration_error: float | None = None
+    integration_error_nodes: int | None = None
 
     # -------------------------------------------------------------- derived views
 
@@ -168,6 +177,10 @@ class FitResult:
             )  # fmt: skip
             table = cut.to_string(float_format=lambda v: f"{v:.4g}")
             lines += ["", "Threshold coefficients:", table]
+        if self.integration_error is not None and self.family != "gaussian":
+            lines += ["", f"integration error estimate: {self.integration_error:+.2e} "
+                      f"(log-likelihood with {self.integration_error_nodes} nodes per "
+                      f"dimension minus this fit's)"]  # fmt: skip
         status = "converged" if self.converged else "NOT converged"
         lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
                   f"evaluations): {self.message}"]  # fmt: skip
@@ -257,6 +270,8 @@ class FitResult:
             "family_parameters": self.family_parameters,
             "family_parameters_std_error": self.family_parameters_std_error,
             **({"thresholds": self.thresholds} if self.thresholds else {}),
+            "integration_error": self.integration_error,
+            "integration_error_nodes": self.integration_error_nodes,
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -386,6 +401,10 @@ class FitResult:
             family_parameters=fam_params,
             family_parameters_std_error=fam_se,
             thresholds=cuts,
+            integration_error=None if d.get("integration_error") is None
+            else v.number(d["integration_error"], "integration_error"),
+            integration_error_nodes=None if d.get("integration_error_nodes") is None
+            else v.integer(d["integration_error_nodes"], "integration_error_nodes", minimum=1),
         )
 
     @classmethod
