@@ -163,3 +163,27 @@ def test_checkpoint_resume_and_plots(family, tmp_path):
     names = sorted(Path(p).name for p in written)
     assert "convergence.png" in names and any(n.startswith("caterpillar_") for n in names)
     assert all(Path(p).stat().st_size > 1000 for p in written)
+
+
+def test_ordinal_with_nested_levels():
+    """An ordinal model with a region level above the groups: both levels' variances and
+    the thresholds come out (the nested kernel's ordinal rows)."""
+    rng = np.random.default_rng(5)
+    region = np.repeat(np.arange(30), 8 * 15)  # 30 regions x 8 groups x 15 rows
+    g = np.repeat(np.arange(240), 15)
+    x = rng.normal(size=g.size)
+    eta = 0.6 * x + rng.normal(0, 0.7, 240)[g] + rng.normal(0, 0.6, 30)[region]
+    cum = special.expit(np.array([-1.0, 0.2, 1.3])[None, :] - eta[:, None])
+    y = np.sum(rng.random(g.size)[:, None] > cum, axis=1)
+    df = pd.DataFrame({"y": np.array(["a", "b", "c", "d"])[y], "x": x, "g": g % 8,
+                       "region": region})  # inner labels repeat across regions  # fmt: skip
+    res = dglmm.fit("y ~ x + (1 | region/g)", df, family="ordinal", client=IN_PROCESS)
+    assert res.converged and not res.singular
+    assert set(res.random_effects) == {"g:region", "region"}
+    assert res.n_groups == {"g:region": 240, "region": 30}
+    assert [t["term"] for t in res.thresholds] == ["a|b", "b|c", "c|d"]
+    for level, truth in (("g:region", 0.7), ("region", 0.6)):
+        re_ = res.random_effects[level]
+        assert abs(re_["sd"][0] - truth) < 3 * re_["sd_std_error"][0], level
+    back = FitResult.from_json(res.to_json())
+    assert back.thresholds == res.thresholds
