@@ -492,8 +492,8 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
     evaluator.model = dataclasses.replace(model, n_agq=k)
     try:
         [res] = evaluator.evaluate([np.asarray(params, float)], False)
-    except (FloatingPointError, np.linalg.LinAlgError, ValueError):
-        return None, None
+    except (FloatingPointError, np.linalg.LinAlgError, ValueError, DglmmError):
+        return None, None  # e.g. a ClusterError: a diagnostic never costs the fit
     finally:
         evaluator.model = model
     if not np.isfinite(res.loglik):
