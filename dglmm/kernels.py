@@ -296,7 +296,14 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     -------
     BlockResult
         With ``modes`` and ``warm_start`` (for the next call) of this block.
+
+    ``model`` may also be any object with ``evaluate_block(block, params, *, hessian,
+    u_init) -> BlockResult`` and ``random_effects_block(block, params, *, u_init)``
+    (picklable, module-level): an estimation method's own rule plugs in there, and both
+    evaluators run it unchanged.
     """
+    if not isinstance(model, KernelModel):  # a rule of its own (point masses, PQL, ...)
+        return model.evaluate_block(block, params, hessian=hessian, u_init=u_init)
     if model.family_code == _NOMINAL:  # a linear predictor per category: dglmm.nominal
         from .nominal import evaluate_nominal_block
 
@@ -373,7 +380,13 @@ def random_effects_block(block, params, model: KernelModel, u_init=None) -> dict
     one such dict per level, top first: ``mode``, ``mode_sd``, ``mean``, ``sd``
     (G_l, q_l) and ``keys``, per enclosing level ``m = 0 .. l`` the tuple of that level's
     key arrays (``block.group_keys``, then ``InnerLevel.keys``) at each level-l unit.
+
+    A model that is not a :class:`KernelModel` (an estimation method's own rule, e.g.
+    point masses) answers itself (``model.random_effects_block``); its dict may add
+    ``extra_columns`` (name -> (G,) array), written beside the term columns.
     """
+    if not isinstance(model, KernelModel):  # a rule of its own (point masses, PQL, ...)
+        return model.random_effects_block(block, params, u_init=u_init)
     if model.family_code == _NOMINAL:
         from .nominal import nominal_random_effects
 

@@ -212,6 +212,15 @@ def _write_part(table: pd.DataFrame, path: str, storage_options: dict | None) ->
     fsync_file(path)
 
 
+def _map_task(entry: tuple[Any, int], func: Callable, args: tuple) -> Any:
+    """``func`` of one persisted block (see :meth:`DaskEvaluator.map_blocks`)."""
+    return func(entry[0], *args)
+
+
+def _add_task(a: Any, b: Any) -> Any:
+    return a + b
+
+
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
     total, timing = list(parts[0][0]), parts[0][1]
     for other, other_timing in parts[1:]:
@@ -502,6 +511,41 @@ class DaskEvaluator:
         return {name: pd.concat([p[name] for p in parts], ignore_index=True) for name in names}
 
     # -- evaluation ------------------------------------------------------------------------
+
+    def map_blocks(self, func: Callable, *args: Any) -> Any:
+        """``sum(func(block, *args))`` over the persisted blocks in one round trip (a tree of
+        sums on the workers): an estimation method's own reduction (``func`` a module-level
+        function of ``dglmm``, its result a NumPy array or anything with ``+``)."""
+        if not self._blocks:
+            self._build()
+        try:
+            return self._map_once(func, args)
+        except (KilledWorker, CancelledError):
+            pass
+        except MemoryError as exc:
+            raise ClusterError(self._failure_message("evaluating", exc)) from None
+        self._release()
+        self._build()
+        try:
+            return self._map_once(func, args)
+        except (KilledWorker, CancelledError, MemoryError) as exc:
+            raise ClusterError(self._failure_message("evaluating", exc)) from None
+
+    def _map_once(self, func: Callable, args: tuple) -> Any:
+        submit = self.client.submit
+        tag = uuid.uuid4().hex[:12]
+        level = [submit(_map_task, entry, func, args, key=f"dglmm-map-{tag}-{i}",
+                        retries=self.retries)
+                 for i, entry in enumerate(self._blocks)]  # fmt: skip
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            level = [
+                submit(_add_task, *level[i : i + 2], key=f"dglmm-madd-{tag}-{depth}-{i}",
+                       retries=self.retries) if i + 1 < len(level) else level[i]
+                for i in range(0, len(level), 2)
+            ]  # fmt: skip
+        return self.handle.wait(level[0])
 
     def evaluate(self, params_list: Sequence[np.ndarray], hessian: bool = True) -> list[Any]:
         """Sum of the kernel over all blocks for each parameter vector, in one round trip.
