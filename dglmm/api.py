@@ -31,6 +31,7 @@ from .errors import (
     DglmmWarning,
     SpecificationError,
     check_npartitions,
+    suggest,
 )
 from .evaluator import IN_PROCESS, InProcessEvaluator, kernel_model
 from .families import (
@@ -99,6 +100,8 @@ def fit(
     allow_python_in_formulas: bool = False,
     security=None,
     response_levels: list | None = None,
+    method: str = "newton",
+    masses: int | str | None = None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -158,6 +161,15 @@ def fit(
         ``family="ordinal"``: the response's categories, lowest first (default: the
         values of the response column in natural sort order, e.g. 1 < 2 < 10, "a" < "b").
 
+    method : str
+        How the maximum is found (``docs/methods.md``): ``"newton"`` (default), ``"em"``
+        (EM to convergence, SQUAREM-accelerated), ``"em-newton"`` (EM, then Newton), the
+        quasi-likelihood methods ``"pql1"``, ``"pql2"``, ``"mql1"``, ``"mql2"``, or
+        ``"npml"`` (a discrete random-effects distribution with ``masses`` points).
+    masses : int or "auto"
+        ``method="npml"``: the number of mass points, or ``"auto"`` to add points until the
+        directional derivative is nowhere positive (the NPMLE).
+
     Returns
     -------
     FitResult
@@ -168,6 +180,7 @@ def fit(
     """
     t_start = time.perf_counter()
     fam = get_family(family, link)
+    method, masses = check_method(method, masses, n_agq, fam)
     # outputs checked before any work: not an input, not a link/device, not foreign
     check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
                       overwrite=overwrite, storage_options=storage_options)  # fmt: skip
@@ -186,7 +199,8 @@ def fit(
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress, random_effects=random_effects)  # fmt: skip
+                         progress=progress, random_effects=random_effects,
+                         method=method, masses=masses)  # fmt: skip
     from . import dask_driver
 
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
@@ -207,7 +221,39 @@ def fit(
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress, random_effects=random_effects)  # fmt: skip
+                         progress=progress, random_effects=random_effects,
+                         method=method, masses=masses)  # fmt: skip
+
+
+METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
+_QUASI = ("pql1", "pql2", "mql1", "mql2")
+
+
+def check_method(method, masses, n_agq, fam: Family) -> tuple[str, int | str | None]:
+    """Validate ``method`` and ``masses`` before any data are read (one-line errors)."""
+    if not isinstance(method, str) or method not in METHODS:
+        hint = suggest(str(method).lower(), METHODS) if isinstance(method, str) else ""
+        raise SpecificationError(
+            f"method must be one of {', '.join(METHODS)}, not {method!r}{hint}")
+    if method != "npml":
+        if masses is not None:
+            raise SpecificationError(
+                f"masses applies to method='npml' only (this fit uses method={method!r})")
+        return method, None
+    if masses is None:
+        raise SpecificationError("method='npml' needs masses: a number of mass points "
+                                 "(e.g. masses=3) or masses='auto'")  # fmt: skip
+    if isinstance(masses, str) and masses.strip().lower() == "auto":
+        masses = "auto"
+    elif isinstance(masses, str) and masses.strip().isdigit():
+        masses = int(masses)
+    if masses != "auto" and (isinstance(masses, bool) or not isinstance(masses, (int, np.integer))
+                             or masses < 1):  # fmt: skip
+        raise SpecificationError(f"masses must be a positive integer or 'auto', not {masses!r}")
+    if not isinstance(n_agq, bool) and n_agq != 1:
+        raise SpecificationError("method='npml' sums over its mass points exactly: n_agq does "
+                                 f"not apply (got n_agq = {n_agq!r}); leave it at 1")  # fmt: skip
+    return method, masses
 
 
 def _check_n_agq(n_agq, formula=None, fam: Family | None = None) -> int:
@@ -292,6 +338,8 @@ def fit_model(
     max_iter: int = 100,
     progress: bool = False,
     random_effects: str | None = None,
+    method: str = "newton",
+    masses: int | str | None = None,
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -335,6 +383,11 @@ def fit_model(
         "formula": spec.formula, "family": fam.name, "link": fam.link.name, "n_agq": n_agq,
         "fixed_columns": list(spec.fixed_columns), "random_columns": list(spec.random_columns),
     }  # fmt: skip
+    if method != "newton":  # a Newton checkpoint of an older version keeps its key
+        model_key["method"] = method if method != "em-newton" else "em"
+    if method == "npml":
+        return _fit_npml(evaluator, spec, fam, masses, t_start=t_start, load_seconds=load_seconds,
+                         max_iter=max_iter, progress=progress, random_effects=random_effects)
     saved = read_checkpoint(checkpoint) if (checkpoint and resume) else None
     resumed = None
     if saved is not None:
@@ -363,7 +416,7 @@ def fit_model(
         # checked, not trusted: the objective, gradient and Hessian at the stored point
         # are recomputed from the data (one evaluation) before the fit continues from it
         _refresh_resumed(evaluate, resumed, checkpoint)
-    if saved is not None and saved["stage"] == "full":
+    if saved is not None and saved["stage"] in ("full", "em"):
         glm_state = None
         state = resumed
     else:
@@ -387,8 +440,11 @@ def fit_model(
             params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
             history=list(glm_state.history),
         )  # fmt: skip
-    state = maximize(evaluate, state, settings, stage="full",
-                     callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
+    if method in ("em", "em-newton") and (saved is None or saved["stage"] != "full"):
+        state = _run_em(evaluate, state, evaluator, method, max_iter, save)
+    if method != "em":
+        state = maximize(evaluate, state, settings, stage="full",
+                         callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
     reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.all_cov_pattern, layout)
 
@@ -416,7 +472,7 @@ def fit_model(
             f"the fit did not converge ({state.message}); last max |gradient| "
             f"{np.max(np.abs(state.gradient)):.3g}; the estimates are the best found"
         )
-    if saved is None or saved["stage"] != "full":
+    if saved is None or saved["stage"] not in ("full", "em"):
         sep = _separated_columns(params, vcov, hess0_for_scale, spec, fam, layout)
         if sep:
             warn_msgs.append(
@@ -455,7 +511,32 @@ def fit_model(
         warn_msgs, layout, rms_z=rms_z, sigma=sigma,
     )  # fmt: skip
     result.integration_error, result.integration_error_nodes = error, error_nodes
+    result.method = method
     return result
+
+
+# EM: at most this many evaluations per max_iter Newton iterations; em-newton hands over to
+# Newton when the Newton decrement is below EM_HANDOVER (or after EM_NEWTON_STEPS)
+EM_EVALUATIONS_PER_ITERATION = 10
+EM_HANDOVER = 1e-2
+EM_NEWTON_STEPS = 30
+
+
+def _run_em(evaluate, state: NewtonState, evaluator, method: str, max_iter: int, save):
+    """The EM stage of ``method="em"`` (to convergence) or ``"em-newton"`` (to the
+    hand-over); one evaluation per EM step, checkpointed as stage ``em``."""
+    from .em import EMSettings, em_maximize, layout_for
+
+    lay = layout_for(evaluator.model, evaluator.n_units)
+    if method == "em":
+        settings = EMSettings(max_iter=EM_EVALUATIONS_PER_ITERATION * max_iter)
+    else:
+        settings = EMSettings(max_iter=EM_NEWTON_STEPS, handover=EM_HANDOVER)
+    state = em_maximize(evaluate, state, lay, settings, stage="em",
+                        callback=lambda s: save("em", s))  # fmt: skip
+    if method == "em-newton":
+        state.converged = False  # Newton judges convergence
+    return state
 
 
 # the finer rule's nodes per group stay below this (q up to 3); a NumPy-kernel fit computes
@@ -501,7 +582,7 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
     return float(res.loglik - loglik), k
 
 
-CHECKPOINT_STAGES = ("glm", "full")
+CHECKPOINT_STAGES = ("glm", "em", "full")
 
 
 def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
@@ -529,7 +610,7 @@ def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
         if not isinstance(saved[key], kind):
             raise bad(f"the {key!r} section has the wrong type ({type(saved[key]).__name__})")
     if saved["stage"] not in CHECKPOINT_STAGES:
-        raise bad(f"unknown stage {saved['stage']!r} (expected 'glm' or 'full')")
+        raise bad(f"unknown stage {saved['stage']!r} (expected 'glm', 'em' or 'full')")
     if saved["model"] != model_key:
         formula = saved["model"].get("formula")
         raise CheckpointError(
@@ -986,3 +1067,91 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         timings=timings,
         warnings=warn_msgs,
     )
+
+
+# ----------------------------------------------------------------------------- NPML
+
+
+def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float,
+              load_seconds: float, max_iter: int, progress: bool,
+              random_effects: str | None) -> FitResult:  # fmt: skip
+    """``method="npml"``: :func:`dglmm.npml.run_npml` on ``evaluator``, as a FitResult (the
+    random effects' implied mean and covariance in ``random_effects``, the points in
+    ``mass_points``)."""
+    from .npml import run_npml
+
+    reporter = Progress(bool(progress), tol=1e-8)
+    t0 = time.perf_counter()
+    out = run_npml(evaluator, spec, fam, masses, max_iter=max(max_iter, 500),
+                   callback=lambda rec: reporter.iteration(rec.stage, rec))  # fmt: skip
+    reporter.close(out.converged)
+    eval_s = time.perf_counter() - t0
+    cov = np.asarray(out.implied_cov, dtype=float)
+    sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.where(np.outer(sd, sd) > 0, cov / np.outer(sd, sd), 0.0)
+    np.fill_diagonal(corr, 1.0)
+    terms = list(spec.random_columns)
+    nan = [[math.nan] * len(terms) for _ in terms]
+    re_table = {spec.group: {
+        "terms": terms, "covariance": cov.tolist(), "sd": sd.tolist(), "corr": corr.tolist(),
+        "cholesky": _psd_cholesky(cov).tolist(), "sd_std_error": [math.nan] * len(terms),
+        "covariance_std_error": nan,
+    }}  # fmt: skip
+    warn_msgs = list(out.notes)
+    if not out.converged:
+        warn_msgs.append(f"the NPML fit did not converge ({out.message})")
+    if out.vcov_singular:
+        warn_msgs.append("the information of the mass-point model is singular; standard "
+                         "errors are unreliable")  # fmt: skip
+    for m in warn_msgs:
+        warnings.warn(m, DglmmWarning, stacklevel=3)
+    timings = {"load_s": load_seconds, "evaluation_s": eval_s,
+               "n_evaluations": out.n_evaluations,
+               "iterations": [{"loglik": h.loglik, "max_abs_grad": h.max_abs_grad,
+                               "step": h.step, "stage": h.stage, "seconds": h.seconds,
+                               "n_evaluations": h.n_evaluations} for h in out.history]}
+    if random_effects is not None:  # posterior class probabilities, written by the workers
+        t1 = time.perf_counter()
+        base = evaluator.model
+        evaluator.model = out.model
+        try:
+            evaluator.random_effects(out.params, random_effects)
+        finally:
+            evaluator.model = base
+        timings["random_effects_s"] = time.perf_counter() - t1
+    timings["total_s"] = time.perf_counter() - t_start
+    k, ll, n_obs = int(out.params.size), float(out.loglik), evaluator.n_obs
+    dispersion = None
+    fam_values, fam_ses = {}, {}
+    if len(out.family_params):
+        tau_vcov = np.full((out.params.size, out.params.size), math.nan)
+        n_tau = len(out.family_params)
+        tau_vcov[-n_tau:, -n_tau:] = np.asarray(out.vcov)[-n_tau:, -n_tau:]
+        fam_values, fam_ses = _family_parameters(fam, out.params, tau_vcov)
+        if fam.code == FAMILY_GAUSSIAN:
+            dispersion = math.exp(2 * float(out.family_params[0]))
+    return FitResult(
+        formula=spec.formula, family=fam.name, link=fam.link.name, n_agq=1,
+        fixed_effects=wald_table(out.fixed_names, out.fixed_estimates, out.fixed_std_errors),
+        random_effects=re_table, dispersion=dispersion, family_parameters=fam_values,
+        family_parameters_std_error=fam_ses, loglik=ll, aic=-2 * ll + 2 * k,
+        bic=-2 * ll + k * math.log(max(n_obs, 1)), n_obs=n_obs,
+        n_groups=_level_counts(spec, evaluator), converged=out.converged, singular=False,
+        n_iterations=len(out.history), n_evaluations=out.n_evaluations,
+        fit_log=[{"iteration": h.iteration, "stage": h.stage, "loglik": h.loglik,
+                  "max_abs_grad": h.max_abs_grad, "step": h.step, "decrement": h.decrement,
+                  "n_evaluations": h.n_evaluations, "seconds": h.seconds}
+                 for h in out.history],
+        params=np.asarray(out.params, float), vcov=np.asarray(out.vcov, float),
+        message=out.message, spec=spec.to_dict(), n_partitions=evaluator.n_partitions,
+        n_workers=evaluator.n_workers, n_dropped=evaluator.n_dropped, timings=timings,
+        warnings=warn_msgs, method="npml", mass_points=list(out.mass_points),
+        mass_points_note=out.mass_points_note,
+    )  # fmt: skip
+
+
+def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
+    cov = (vecs * np.maximum(vals, 0.0)) @ vecs.T
+    return np.linalg.cholesky(cov + 1e-12 * max(float(np.trace(cov)), 1e-300) * np.eye(len(cov)))

@@ -51,6 +51,15 @@ class FitResult:
         was not computed (nested levels, the nominal family, very large NumPy-kernel fits).
     integration_error_nodes : int or None
         The nodes per dimension of that finer rule.
+    method : str
+        The estimation method (``newton``, ``em``, ``em-newton``, ``pql1``, ``pql2``,
+        ``mql1``, ``mql2``, ``npml``).
+    quasi_likelihood : bool
+        PQL/MQL: the estimates maximise a quasi-likelihood; ``loglik`` is the Laplace (or
+        AGQ) log-likelihood at them.
+    mass_points : list of dict
+        NPML: ``{"location": [...], "probability": p}`` per mass point, on the scale of the
+        random-effect terms (``mass_points_note`` says how the fixed part is absorbed).
     n_obs : int
     n_groups : dict
         ``{group column: number of groups}``.
@@ -95,6 +104,10 @@ class FitResult:
     thresholds: list[dict[str, Any]] = field(default_factory=list)
     integration_error: float | None = None
     integration_error_nodes: int | None = None
+    method: str = "newton"
+    quasi_likelihood: bool = False
+    mass_points: list[dict[str, Any]] = field(default_factory=list)
+    mass_points_note: str = ""
 
     # -------------------------------------------------------------- derived views
 
@@ -181,6 +194,16 @@ class FitResult:
             lines += ["", f"integration error estimate: {self.integration_error:+.2e} "
                       f"(log-likelihood with {self.integration_error_nodes} nodes per "
                       f"dimension minus this fit's)"]  # fmt: skip
+        if self.mass_points:
+            lines += ["", "Mass points (nonparametric random-effects distribution):",
+                      _mass_table(self.mass_points, self.random_effects[self.group]["terms"])]
+            if self.mass_points_note:
+                lines.append(self.mass_points_note)
+        if self.quasi_likelihood:
+            lines += ["", f"estimates by {self.method.upper()} (quasi-likelihood); logLik, AIC "
+                      "and BIC are the Laplace/AGQ log-likelihood at these estimates"]
+        elif self.method != "newton":
+            lines += ["", f"estimation method: {self.method}"]
         status = "converged" if self.converged else "NOT converged"
         lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
                   f"evaluations): {self.message}"]  # fmt: skip
@@ -272,6 +295,10 @@ class FitResult:
             **({"thresholds": self.thresholds} if self.thresholds else {}),
             "integration_error": self.integration_error,
             "integration_error_nodes": self.integration_error_nodes,
+            "method": self.method,
+            **({"quasi_likelihood": True} if self.quasi_likelihood else {}),
+            **({"mass_points": self.mass_points, "mass_points_note": self.mass_points_note}
+               if self.mass_points else {}),
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -405,6 +432,10 @@ class FitResult:
             else v.number(d["integration_error"], "integration_error"),
             integration_error_nodes=None if d.get("integration_error_nodes") is None
             else v.integer(d["integration_error_nodes"], "integration_error_nodes", minimum=1),
+            method=v.get(d, "method", str, default="newton"),
+            quasi_likelihood=v.get(d, "quasi_likelihood", bool, default=False),
+            mass_points=_mass_points(v, d.get("mass_points", [])),
+            mass_points_note=v.get(d, "mass_points_note", str, default=""),
         )
 
     @classmethod
@@ -571,3 +602,25 @@ def _parses_as_result(obj: dict) -> bool:
 
 # outputs recognises old result files with this, without importing results
 outputs.legacy_result_check = _parses_as_result
+
+
+def _mass_table(points: list[dict[str, Any]], terms: list[str]) -> str:
+    rows = {t: [p["location"][a] for p in points] for a, t in enumerate(terms)}
+    rows["probability"] = [p["probability"] for p in points]
+    table = pd.DataFrame(rows, index=pd.Index([f"mass{k + 1}" for k in range(len(points))]))
+    return table.to_string(float_format=lambda v: f"{v:.4g}")
+
+
+def _mass_points(v, value) -> list[dict[str, Any]]:
+    """The ``mass_points`` of a result file, checked (numbers only)."""
+    if not isinstance(value, list):
+        v.fail("mass_points must be a list")
+    out = []
+    for k, point in enumerate(value):
+        if not isinstance(point, dict) or not isinstance(point.get("location"), list):
+            v.fail(f"mass_points[{k}] must be an object with a location list")
+        out.append({
+            "location": [v.number(x, f"mass_points[{k}].location") for x in point["location"]],
+            "probability": v.number(point.get("probability"), f"mass_points[{k}].probability"),
+        })  # fmt: skip
+    return out
