@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the values in natural order)")
     f.add_argument("--link", default=None, help="link (default: the family's canonical link)")
     f.add_argument("--n-agq", type=int, default=1, help="quadrature nodes per dimension")
+    f.add_argument("--method", default="newton",
+                   help="newton (default), em, em-newton, pql1, pql2, mql1, mql2 or npml "
+                        "(docs/methods.md)")  # fmt: skip
+    f.add_argument("--masses", default=None,
+                   help="--method npml: number of mass points, or 'auto'")
     f.add_argument("--trials", default=None, help="binomial trials column")
     f.add_argument("--offset", default=None, help="offset column")
     f.add_argument("--weights", default=None, help="prior weights column")
@@ -163,7 +168,7 @@ def _cmd_fit(args) -> int:
         resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
         random_effects=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
-        response_levels=args.response_levels,
+        response_levels=args.response_levels, method=args.method, masses=args.masses,
     )  # fmt: skip
     summary = result.summary()
     print(summary)

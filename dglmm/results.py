@@ -140,8 +140,14 @@ class FitResult:
         )
         if self.family == "gaussian":
             method = "maximum likelihood"
+        fit_by = "maximum likelihood"
+        if self.mass_points:
+            fit_by, method = "nonparametric maximum likelihood", (
+                f"{len(self.mass_points)} mass points")
+        elif self.quasi_likelihood:
+            fit_by = f"{self.method.upper()} (quasi-likelihood)"
         lines = [
-            f"Generalized linear mixed model fit by maximum likelihood ({method}) ['dglmm']",
+            f"Generalized linear mixed model fit by {fit_by} ({method}) ['dglmm']",
             f" Family: {self.family}  ( {self.link} )",
             f"Formula: {self.formula}",
             "",
@@ -202,7 +208,7 @@ class FitResult:
         if self.quasi_likelihood:
             lines += ["", f"estimates by {self.method.upper()} (quasi-likelihood); logLik, AIC "
                       "and BIC are the Laplace/AGQ log-likelihood at these estimates"]
-        elif self.method != "newton":
+        elif self.method not in ("newton", "npml"):
             lines += ["", f"estimation method: {self.method}"]
         status = "converged" if self.converged else "NOT converged"
         lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
