@@ -102,6 +102,7 @@ def fit(
     response_levels: list | None = None,
     method: str = "newton",
     masses: int | str | None = None,
+    pql_scale: str = "fixed",
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -169,6 +170,9 @@ def fit(
     masses : int or "auto"
         ``method="npml"``: the number of mass points, or ``"auto"`` to add points until the
         directional derivative is nowhere positive (the NPMLE).
+    pql_scale : {"fixed", "estimated"}
+        PQL/MQL: the working model's residual scale held at 1 (a binomial or Poisson model,
+        MLwiN's default) or estimated (as ``MASS::glmmPQL`` does).
 
     Returns
     -------
@@ -181,6 +185,10 @@ def fit(
     t_start = time.perf_counter()
     fam = get_family(family, link)
     method, masses = check_method(method, masses, n_agq, fam)
+    if method in _QUASI:
+        from .pql import check_applicable
+
+        check_applicable(fam, pql_scale)
     # outputs checked before any work: not an input, not a link/device, not foreign
     check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
                       overwrite=overwrite, storage_options=storage_options)  # fmt: skip
@@ -200,7 +208,7 @@ def fit(
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
-                         method=method, masses=masses)  # fmt: skip
+                         method=method, masses=masses, pql_scale=pql_scale)  # fmt: skip
     from . import dask_driver
 
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
@@ -222,7 +230,7 @@ def fit(
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
-                         method=method, masses=masses)  # fmt: skip
+                         method=method, masses=masses, pql_scale=pql_scale)  # fmt: skip
 
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
@@ -340,6 +348,7 @@ def fit_model(
     random_effects: str | None = None,
     method: str = "newton",
     masses: int | str | None = None,
+    pql_scale: str = "fixed",
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -392,6 +401,12 @@ def fit_model(
     resumed = None
     if saved is not None:
         resumed = _check_resume(saved, model_key, fingerprint, checkpoint, n_params=P)
+    if method in _QUASI:
+        return _fit_pql(evaluate, evaluator, spec, fam, n_agq, method, pql_scale, resumed,
+                        t_start=t_start, load_seconds=load_seconds, eval_times=eval_times,
+                        design_scales=design_scales, progress=progress,
+                        random_effects=random_effects, checkpoint=checkpoint,
+                        model_key=model_key, fingerprint=fingerprint)  # fmt: skip
     agq_warning = None if fam.code == FAMILY_GAUSSIAN else check_nodes(n_agq, model.q)
     if agq_warning:
         warnings.warn(agq_warning, DglmmWarning, stacklevel=2)
@@ -582,7 +597,7 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
     return float(res.loglik - loglik), k
 
 
-CHECKPOINT_STAGES = ("glm", "em", "full")
+CHECKPOINT_STAGES = ("glm", "em", "full") + _QUASI
 
 
 def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
@@ -610,7 +625,8 @@ def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
         if not isinstance(saved[key], kind):
             raise bad(f"the {key!r} section has the wrong type ({type(saved[key]).__name__})")
     if saved["stage"] not in CHECKPOINT_STAGES:
-        raise bad(f"unknown stage {saved['stage']!r} (expected 'glm', 'em' or 'full')")
+        raise bad(f"unknown stage {saved['stage']!r} (expected one of "
+                  f"{', '.join(CHECKPOINT_STAGES)})")
     if saved["model"] != model_key:
         formula = saved["model"].get("formula")
         raise CheckpointError(
@@ -1155,3 +1171,79 @@ def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
     vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
     cov = (vecs * np.maximum(vals, 0.0)) @ vecs.T
     return np.linalg.cholesky(cov + 1e-12 * max(float(np.trace(cov)), 1e-300) * np.eye(len(cov)))
+
+
+# ----------------------------------------------------------------------------- PQL / MQL
+
+
+def _fit_pql(evaluate, evaluator, spec: ModelSpec, fam: Family, n_agq: int, method: str,
+             scale: str, resumed: NewtonState | None, *, t_start: float, load_seconds: float,
+             eval_times: list, design_scales: dict, progress: bool,
+             random_effects: str | None, checkpoint: str | None, model_key: dict,
+             fingerprint: dict) -> FitResult:  # fmt: skip
+    """``method`` in pql1, pql2, mql1, mql2: :func:`dglmm.pql.run_pql`, then the Laplace/AGQ
+    log-likelihood at its estimates, as a FitResult flagged ``quasi_likelihood``."""
+    from .pql import run_pql
+
+    model: KernelModel = evaluator.model
+    layout = _Layout(model.p, model.n_theta, model.n_tau)
+    start, history0 = None, []
+    if resumed is not None:  # checked, not trusted: the point must evaluate finitely
+        (res,) = evaluate([resumed.params], False)
+        if not (math.isfinite(res.loglik) and np.all(np.isfinite(res.gradient))):
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r}: the log-likelihood is not finite at the stored "
+                "parameters; start a new fit without --resume")  # fmt: skip
+        start, history0 = resumed.params, list(resumed.history)
+    reporter = Progress(bool(progress), tol=1e-8)
+
+    def save(params, history) -> None:
+        if checkpoint:
+            hist = history0 + list(history)
+            state = NewtonState(params=params, loglik=hist[-1].loglik, iteration=len(hist),
+                                n_evaluations=sum(h.n_evaluations for h in hist),
+                                history=hist)  # fmt: skip
+            write_checkpoint(checkpoint, {
+                "format": CHECKPOINT_FORMAT, "stage": method, "model": model_key,
+                "input": fingerprint, "state": state.to_dict()})  # fmt: skip
+
+    out = run_pql(evaluator, spec, fam, method, start=start, scale=scale,
+                  callback=lambda rec: reporter.iteration(method, rec), on_point=save)
+    reporter.close(out.converged)
+    history = history0 + list(out.history)
+    params = _normalise_signs(out.params, spec.all_cov_pattern, layout)
+    (res,) = evaluate([params], False)  # the Laplace/AGQ log-likelihood at the estimates
+    design_scales.update(_design_scales(res))
+    n_eval = out.n_evaluations + sum(e["n"] for e in eval_times)  # run_pql's own and ours
+    state = NewtonState(params=params, loglik=float(res.loglik), iteration=len(history),
+                        n_evaluations=n_eval, converged=out.converged,
+                        message=out.message, history=history)  # fmt: skip
+    sigma = _eta_unit(fam, params)
+    rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
+    L = _cholesky_factor(params, spec, layout)
+    singular = bool(np.any(np.abs(np.diag(L)) * rms_z < SINGULAR_TOL * sigma))
+    warn_msgs = []
+    if not out.converged:
+        warn_msgs.append(f"the {method.upper()} iteration did not converge ({out.message})")
+    for m in warn_msgs:
+        warnings.warn(m, DglmmWarning, stacklevel=3)
+    timings = {"load_s": load_seconds, "evaluation_s": sum(e["seconds"] for e in eval_times),
+               "n_evaluations": n_eval,
+               "iterations": [{"loglik": h.loglik, "max_abs_grad": h.max_abs_grad,
+                               "step": h.step, "stage": h.stage, "seconds": h.seconds,
+                               "n_evaluations": h.n_evaluations} for h in history]}
+    vcov = np.asarray(out.vcov, dtype=float)
+    if random_effects is not None:
+        t0 = time.perf_counter()
+        evaluator.random_effects(params, random_effects)
+        timings["random_effects_s"] = time.perf_counter() - t0
+    error, error_nodes = integration_error(evaluator, params, state.loglik, evaluator.n_obs)
+    timings["total_s"] = time.perf_counter() - t_start
+    result = _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
+                           evaluator.n_obs, timings, warn_msgs, layout, rms_z=rms_z,
+                           sigma=sigma)  # fmt: skip
+    result.method, result.quasi_likelihood = method, True
+    result.integration_error, result.integration_error_nodes = error, error_nodes
+    result.timings["pql_working_sigma"] = out.working_sigma
+    result.timings["pql_scale"] = out.scale
+    return result

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/methods.md)")  # fmt: skip
     f.add_argument("--masses", default=None,
                    help="--method npml: number of mass points, or 'auto'")
+    f.add_argument("--pql-scale", choices=("fixed", "estimated"), default="fixed",
+                   help="PQL/MQL: the working model's scale held at 1 (default) or estimated "
+                        "(as MASS::glmmPQL)")  # fmt: skip
     f.add_argument("--trials", default=None, help="binomial trials column")
     f.add_argument("--offset", default=None, help="offset column")
     f.add_argument("--weights", default=None, help="prior weights column")
@@ -169,6 +172,7 @@ def _cmd_fit(args) -> int:
         random_effects=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
+        pql_scale=args.pql_scale,
     )  # fmt: skip
     summary = result.summary()
     print(summary)

@@ -145,7 +145,7 @@ class FitResult:
             fit_by, method = "nonparametric maximum likelihood", (
                 f"{len(self.mass_points)} mass points")
         elif self.quasi_likelihood:
-            fit_by = f"{self.method.upper()} (quasi-likelihood)"
+            fit_by, method = f"{self.method.upper()}", f"quasi-likelihood; logLik by {method}"
         lines = [
             f"Generalized linear mixed model fit by {fit_by} ({method}) ['dglmm']",
             f" Family: {self.family}  ( {self.link} )",

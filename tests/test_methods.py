@@ -4,6 +4,7 @@ kernels in test_npml.py): results, outputs, JSON, errors, and a real cluster."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -104,3 +105,80 @@ def test_npml_refuses_nested_levels():
     with pytest.raises(SpecificationError) as err:
         _fit("y ~ week2 + (1 | clinic/ID)", df, client="in-process", method="npml", masses=2)
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- PQL / MQL
+
+PQL_REF = json.loads((DATA / "pql" / "pql_reference.json").read_text())["cases"]
+
+
+def _cbpp_pql(method="pql1", **kw):
+    case = PQL_REF["cbpp"]
+    return _fit(case["formula_dglmm"], str(DATA / case["data_file"]), trials="size",
+                method=method, **{"client": "in-process", **kw})  # fmt: skip
+
+
+def test_pql1_through_fit_matches_glmmpql_and_reports_the_laplace_loglik():
+    ref = PQL_REF["cbpp"]["pql_tight"]
+    res = _cbpp_pql(pql_scale="estimated")
+    assert res.method == "pql1" and res.quasi_likelihood and res.converged
+    names = dict(zip(ref["fixed_effects"], res.fixed_effects.index, strict=True))
+    cov = np.asarray(ref["fixed_effect_covariance"])
+    for i, (term, est) in enumerate(ref["fixed_effects"].items()):
+        assert abs(res.fixed_effects.loc[names[term], "estimate"] - est) < 0.01 * math.sqrt(
+            cov[i, i])
+    sd = res.random_effects["herd"]["sd"][0]
+    assert sd == pytest.approx(ref["random_intercept_sd"], rel=0.01)
+    assert res.timings["pql_working_sigma"] == pytest.approx(ref["residual_sd"], rel=1e-4)
+    # the reported logLik is the Laplace log-likelihood at the PQL estimates: below the
+    # Laplace maximum
+    laplace = _fit(PQL_REF["cbpp"]["formula_dglmm"], str(DATA / "pql" / "cbpp.csv"),
+                   trials="size", client="in-process")  # fmt: skip
+    assert res.loglik < laplace.loglik
+    assert res.loglik == pytest.approx(PQL_REF["cbpp"]["laplace"]["loglik"], abs=0.5)
+    d = json.loads(res.to_json())
+    assert d["quasi_likelihood"] is True and d["method"] == "pql1"
+    assert "PQL1 (quasi-likelihood; logLik by Laplace approximation)" in res.summary()
+
+
+def test_pql_checkpoint_and_resume(tmp_path):
+    ck = str(tmp_path / "ck.json")
+    full = _cbpp_pql("pql2")
+    first = _cbpp_pql("pql2", checkpoint=ck)
+    saved = json.loads(Path(ck).read_text())
+    assert saved["stage"] == "pql2" and saved["model"]["method"] == "pql2"
+    resumed = _cbpp_pql("pql2", checkpoint=ck, resume=True)
+    assert resumed.converged
+    assert np.allclose(resumed.params, full.params, atol=1e-6)
+    assert np.allclose(first.params, full.params)
+    with pytest.raises(dglmm.errors.CheckpointError, match="different model"):
+        _cbpp_pql("mql1", checkpoint=ck, resume=True)
+
+
+def test_pql_on_a_real_cluster_equals_in_process(process_cluster, tmp_path):
+    case = PQL_REF["bacteria"]
+    path = tmp_path / "bacteria.parquet"
+    pd.read_csv(BACTERIA, dtype={"ID": str, "trt": str}).to_parquet(path)
+    local = _fit("y ~ trt + week2 + (1 | ID)", str(path), client="in-process", method="pql1")
+    process_cluster.ensure_workers()
+    remote = _fit("y ~ trt + week2 + (1 | ID)", str(path), client=process_cluster.address,
+                  npartitions=2, method="pql1")  # fmt: skip
+    assert remote.converged and remote.quasi_likelihood
+    assert np.allclose(remote.params, local.params, atol=1e-6)
+    assert remote.loglik == pytest.approx(local.loglik, abs=1e-6)
+    assert case["family"] == "binomial"
+
+
+def test_pql_cli_and_errors(tmp_path, capsys):
+    out = tmp_path / "fit.json"
+    code = main(["fit", str(DATA / "pql" / "cbpp.csv"), "--formula",
+                 "incidence ~ C(period) + (1 | herd)", "--trials", "size", "--method", "mql1",
+                 "--in-process", "--quiet", "--output", str(out)])  # fmt: skip
+    assert code == 0 and json.loads(out.read_text())["method"] == "mql1"
+    assert "MQL1" in capsys.readouterr().out
+    with pytest.raises(SpecificationError) as err:
+        _fit("count ~ 1 + (1 | site)", str(DATA / "salamanders.csv"), family="nbinom2",
+             client="in-process", method="pql1")  # fmt: skip
+    assert "\n" not in str(err.value)
+    with pytest.raises(SpecificationError, match="scale"):
+        _cbpp_pql(pql_scale="free")
