@@ -103,6 +103,7 @@ def fit(
     method: str = "newton",
     masses: int | str | None = None,
     pql_scale: str = "fixed",
+    laplace_order: int = 1,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -170,6 +171,10 @@ def fit(
     masses : int or "auto"
         ``method="npml"``: the number of mass points, or ``"auto"`` to add points until the
         directional derivative is nowhere positive (the NPMLE).
+    laplace_order : {1, 2, 3}
+        With ``n_agq=1``: 1 is the Laplace approximation; 2 adds the next term of its
+        expansion (Shun and McCullagh 1995) and 3 the one after (HLM's LAPLACE6); binomial
+        and Poisson, one grouping level, up to 3 random effects (``docs/laplace_ho.md``).
     pql_scale : {"fixed", "estimated"}
         PQL/MQL: the working model's residual scale held at 1 (a binomial or Poisson model,
         MLwiN's default) or estimated (as ``MASS::glmmPQL`` does).
@@ -185,6 +190,7 @@ def fit(
     t_start = time.perf_counter()
     fam = get_family(family, link)
     method, masses = check_method(method, masses, n_agq, fam)
+    _check_laplace_order(laplace_order, n_agq, method)
     if method in _QUASI:
         from .pql import check_applicable
 
@@ -208,7 +214,8 @@ def fit(
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
-                         method=method, masses=masses, pql_scale=pql_scale)  # fmt: skip
+                         method=method, masses=masses, pql_scale=pql_scale,
+                         laplace_order=laplace_order)  # fmt: skip
     from . import dask_driver
 
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
@@ -230,7 +237,8 @@ def fit(
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
-                         method=method, masses=masses, pql_scale=pql_scale)  # fmt: skip
+                         method=method, masses=masses, pql_scale=pql_scale,
+                         laplace_order=laplace_order)  # fmt: skip
 
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
@@ -349,6 +357,7 @@ def fit_model(
     method: str = "newton",
     masses: int | str | None = None,
     pql_scale: str = "fixed",
+    laplace_order: int = 1,
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -358,13 +367,17 @@ def fit_model(
     of the exact gradient, all in one round trip.
     """
     t_start = time.perf_counter() if t_start is None else t_start
+    if laplace_order > 1:  # the higher-order Laplace rule plugs in as the evaluator's model
+        from .laplace_ho import HigherOrderLaplaceModel
+
+        evaluator.model = HigherOrderLaplaceModel(evaluator.model, int(laplace_order))
     model: KernelModel = evaluator.model
     layout = _Layout(model.p, model.n_theta, model.n_tau)
     P = model.n_params
     # the NumPy kernels (nested levels, the families outside the compiled kernel) give a
     # Newton Hessian without the log-determinant's curvature, so a measured correction is
     # allowed whenever convergence turns linear
-    approximate = spec.inner or not model.compiled or (
+    approximate = laplace_order > 1 or spec.inner or not model.compiled or (
         model.has_dispersion and model.family_code != FAMILY_GAUSSIAN)  # no d2H/dtau2
     settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
     n_obs = evaluator.n_obs
@@ -392,6 +405,8 @@ def fit_model(
         "formula": spec.formula, "family": fam.name, "link": fam.link.name, "n_agq": n_agq,
         "fixed_columns": list(spec.fixed_columns), "random_columns": list(spec.random_columns),
     }  # fmt: skip
+    if laplace_order > 1:
+        model_key["laplace_order"] = int(laplace_order)
     if method != "newton":  # a Newton checkpoint of an older version keeps its key
         model_key["method"] = method if method != "em-newton" else "em"
     if method == "npml":
@@ -527,7 +542,20 @@ def fit_model(
     )  # fmt: skip
     result.integration_error, result.integration_error_nodes = error, error_nodes
     result.method = method
+    result.laplace_order = int(laplace_order)
     return result
+
+
+def _check_laplace_order(order, n_agq, method: str) -> None:
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order not in (
+            1, 2, 3):
+        raise SpecificationError(f"laplace_order must be 1, 2 or 3, not {order!r}")
+    if order > 1 and n_agq != 1:
+        raise SpecificationError(f"laplace_order = {order} refines the Laplace approximation: "
+                                 f"use it with n_agq = 1, not n_agq = {n_agq!r}")  # fmt: skip
+    if order > 1 and method not in ("newton", "em", "em-newton"):
+        raise SpecificationError(f"laplace_order = {order} applies to methods newton, em and "
+                                 f"em-newton, not {method!r}")  # fmt: skip
 
 
 # EM: at most this many evaluations per max_iter Newton iterations; em-newton hands over to
@@ -582,10 +610,16 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
         return 0.0, None
     if model.inner or model.family_code == FAMILY_NOMINAL:
         return None, None
-    k = error_rule_nodes(model.n_agq, model.q)
+    # a higher-order Laplace rule (a plug-in model over a Laplace KernelModel, `base`) is
+    # compared with AGQ of 2 (2 order + 1) + 1 nodes: 11 for order 2, 15 for order 3
+    order = int(getattr(model, "order", 1)) if not isinstance(model, KernelModel) else 1
+    base = model if isinstance(model, KernelModel) else getattr(model, "base", None)
+    if base is None:
+        return None, None
+    k = error_rule_nodes(model.n_agq if order == 1 else 2 * order + 1, model.q)
     if k is None or (not model.compiled and n_obs * k**model.q > _ERROR_MAX_ROW_NODES):
         return None, None
-    evaluator.model = dataclasses.replace(model, n_agq=k)
+    evaluator.model = dataclasses.replace(base, n_agq=k)
     try:
         [res] = evaluator.evaluate([np.asarray(params, float)], False)
     except (FloatingPointError, np.linalg.LinAlgError, ValueError, DglmmError):

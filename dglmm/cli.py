@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/methods.md)")  # fmt: skip
     f.add_argument("--masses", default=None,
                    help="--method npml: number of mass points, or 'auto'")
+    f.add_argument("--laplace-order", type=int, default=1,
+                   help="with --n-agq 1: 2 or 3 adds higher-order terms to Laplace")
     f.add_argument("--pql-scale", choices=("fixed", "estimated"), default="fixed",
                    help="PQL/MQL: the working model's scale held at 1 (default) or estimated "
                         "(as MASS::glmmPQL)")  # fmt: skip
@@ -172,7 +174,7 @@ def _cmd_fit(args) -> int:
         random_effects=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
-        pql_scale=args.pql_scale,
+        pql_scale=args.pql_scale, laplace_order=args.laplace_order,
     )  # fmt: skip
     summary = result.summary()
     print(summary)

@@ -466,6 +466,13 @@ class HigherOrderLaplaceModel:
     def n_params(self) -> int:
         return self.base.n_params
 
+    def __getattr__(self, name: str):
+        # the base model's description (p, q, cov_pattern, n_theta, family codes, ...) is
+        # this model's too; "base" itself is never looked up here (unpickling)
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
     def evaluate_block(self, block, params, *, hessian: bool = True, u_init=None):
         """``BlockResult`` of the order-2 (or 3) objective: log-likelihood (with the
         family's constant), its exact gradient, the Laplace kernel's Newton Hessian, the

@@ -51,6 +51,8 @@ class FitResult:
         was not computed (nested levels, the nominal family, very large NumPy-kernel fits).
     integration_error_nodes : int or None
         The nodes per dimension of that finer rule.
+    laplace_order : int
+        1 for the Laplace approximation (or AGQ); 2 or 3 for the higher-order Laplace rule.
     method : str
         The estimation method (``newton``, ``em``, ``em-newton``, ``pql1``, ``pql2``,
         ``mql1``, ``mql2``, ``npml``).
@@ -105,6 +107,7 @@ class FitResult:
     integration_error: float | None = None
     integration_error_nodes: int | None = None
     method: str = "newton"
+    laplace_order: int = 1
     quasi_likelihood: bool = False
     mass_points: list[dict[str, Any]] = field(default_factory=list)
     mass_points_note: str = ""
@@ -138,6 +141,8 @@ class FitResult:
             if self.n_agq == 1
             else f"adaptive Gauss-Hermite quadrature, nAGQ = {self.n_agq}"
         )
+        if self.laplace_order > 1:
+            method = f"Laplace approximation with the terms of order {self.laplace_order}"
         if self.family == "gaussian":
             method = "maximum likelihood"
         fit_by = "maximum likelihood"
@@ -302,6 +307,7 @@ class FitResult:
             "integration_error": self.integration_error,
             "integration_error_nodes": self.integration_error_nodes,
             "method": self.method,
+            **({"laplace_order": self.laplace_order} if self.laplace_order > 1 else {}),
             **({"quasi_likelihood": True} if self.quasi_likelihood else {}),
             **({"mass_points": self.mass_points, "mass_points_note": self.mass_points_note}
                if self.mass_points else {}),
@@ -439,6 +445,7 @@ class FitResult:
             integration_error_nodes=None if d.get("integration_error_nodes") is None
             else v.integer(d["integration_error_nodes"], "integration_error_nodes", minimum=1),
             method=v.get(d, "method", str, default="newton"),
+            laplace_order=v.integer(d.get("laplace_order", 1), "laplace_order", minimum=1),
             quasi_likelihood=v.get(d, "quasi_likelihood", bool, default=False),
             mass_points=_mass_points(v, d.get("mass_points", [])),
             mass_points_note=v.get(d, "mass_points_note", str, default=""),

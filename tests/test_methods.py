@@ -182,3 +182,55 @@ def test_pql_cli_and_errors(tmp_path, capsys):
     assert "\n" not in str(err.value)
     with pytest.raises(SpecificationError, match="scale"):
         _cbpp_pql(pql_scale="free")
+
+
+# ----------------------------------------------------------------------------- Laplace order
+
+
+def _hard_binary(G=150, seed=5) -> pd.DataFrame:
+    """Binary data where Laplace is poor: intercept sd 2.5, 20-50 rows per group."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for g in range(G):
+        n = int(rng.integers(20, 50))
+        b, x = rng.normal(0, 2.5), rng.normal(size=n)
+        p = 1 / (1 + np.exp(-(-0.5 + 0.7 * x + b)))
+        parts.append(pd.DataFrame({"g": g, "x": x, "y": (rng.random(n) < p).astype(int)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_laplace_order_through_fit_gets_closer_to_agq30(tmp_path, process_cluster):
+    df = _hard_binary()
+    agq = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq=30)
+    lap = _fit("y ~ x + (1 | g)", df, client="in-process")
+    ho = _fit("y ~ x + (1 | g)", df, client="in-process", laplace_order=2)
+    assert ho.converged and ho.laplace_order == 2
+    assert abs(ho.loglik - agq.loglik) < 0.1 * abs(lap.loglik - agq.loglik)
+    assert np.max(np.abs(ho.params - agq.params)) < 0.5 * np.max(np.abs(lap.params - agq.params))
+    # its integration error is estimated against AGQ-11 and is small next to Laplace's
+    assert ho.integration_error_nodes == 11 and abs(ho.integration_error) < 0.2
+    assert "terms of order 2" in ho.summary()
+    assert FitResult.from_json(ho.to_json()).laplace_order == 2
+    path = tmp_path / "hard.parquet"
+    df.to_parquet(path)
+    process_cluster.ensure_workers()
+    remote = _fit("y ~ x + (1 | g)", str(path), client=process_cluster.address,
+                  npartitions=2, laplace_order=2)  # fmt: skip
+    assert remote.loglik == pytest.approx(ho.loglik, abs=1e-6)
+    assert np.allclose(remote.params, ho.params, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(laplace_order=4), "laplace_order must be 1, 2 or 3"),
+    (dict(laplace_order=2, n_agq=5), "use it with n_agq = 1"),
+    (dict(laplace_order=2, method="pql1"), "applies to methods newton, em and em-newton"),
+])  # fmt: skip
+def test_laplace_order_errors(kwargs, message):
+    with pytest.raises(SpecificationError, match=message):
+        _fit("y ~ x + (1 | g)", _hard_binary(G=5), client="in-process", **kwargs)
+
+
+def test_laplace_order_refuses_other_families():
+    with pytest.raises(SpecificationError, match="binomial .* and Poisson"):
+        _fit("Reaction ~ Days + (1 | Subject)", str(DATA / "sleepstudy.csv"),
+             family="gaussian", client="in-process", laplace_order=2)  # fmt: skip
