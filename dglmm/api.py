@@ -191,6 +191,9 @@ def fit(
     fam = get_family(family, link)
     method, masses = check_method(method, masses, n_agq, fam)
     _check_laplace_order(laplace_order, n_agq, method)
+    if method == "npml" and checkpoint:
+        raise SpecificationError("method='npml' writes no checkpoint yet (its fits take few "
+                                 "passes): leave out checkpoint / --checkpoint")  # fmt: skip
     if method in _QUASI:
         from .pql import check_applicable
 

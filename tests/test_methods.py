@@ -91,6 +91,7 @@ def test_npml_cli(tmp_path, capsys):
     (dict(method="npml", masses=2, n_agq=5), "n_agq does not apply"),
     (dict(method="newton", masses=2), "masses applies to method='npml' only"),
     (dict(method="Newton"), "did you mean 'newton'"),
+    (dict(method="npml", masses=2, checkpoint="ck.json"), "writes no checkpoint yet"),
 ])  # fmt: skip
 def test_method_errors_are_one_line(kwargs, message):
     with pytest.raises(SpecificationError, match=message) as err:
