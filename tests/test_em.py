@@ -160,3 +160,20 @@ def test_em_on_a_real_cluster_equals_in_process(process_cluster, tmp_path):
         assert remote.converged and remote.method == method
         assert remote.loglik == pytest.approx(local.loglik, abs=1e-6)
         assert np.allclose(remote.params, local.params, atol=1e-4)
+
+
+def test_every_reference_fit_by_em_on_a_real_cluster(process_cluster, tmp_path):
+    """EM and EM-then-Newton on a real scheduler with two workers reach the in-process
+    Newton log-likelihood within 1e-6 on every reference fit."""
+    process_cluster.ensure_workers()
+    worst = {}
+    for name, case in CASES.items():
+        newton = _fit(case, "newton")
+        for method in ("em", "em-newton"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = dglmm.fit(**case, client=process_cluster.address, npartitions=2,
+                                method=method)  # fmt: skip
+            assert res.converged, (name, method, res.message)
+            worst[(name, method)] = abs(res.loglik - newton.loglik)
+    assert max(worst.values()) < 1e-6, max(worst.items(), key=lambda kv: kv[1])
