@@ -191,9 +191,6 @@ def fit(
     fam = get_family(family, link)
     method, masses = check_method(method, masses, n_agq, fam)
     _check_laplace_order(laplace_order, n_agq, method)
-    if method == "npml" and checkpoint:
-        raise SpecificationError("method='npml' writes no checkpoint yet (its fits take few "
-                                 "passes): leave out checkpoint / --checkpoint")  # fmt: skip
     if method in _QUASI:
         from .pql import check_applicable
 
@@ -413,8 +410,13 @@ def fit_model(
     if method != "newton":  # a Newton checkpoint of an older version keeps its key
         model_key["method"] = method if method != "em-newton" else "em"
     if method == "npml":
+        model_key["masses"] = masses
+    if method == "npml":
+        saved = read_checkpoint(checkpoint) if (checkpoint and resume) else None
         return _fit_npml(evaluator, spec, fam, masses, t_start=t_start, load_seconds=load_seconds,
-                         max_iter=max_iter, progress=progress, random_effects=random_effects)
+                         max_iter=max_iter, progress=progress, random_effects=random_effects,
+                         checkpoint=checkpoint, saved=saved, model_key=model_key,
+                         fingerprint=fingerprint)  # fmt: skip
     saved = read_checkpoint(checkpoint) if (checkpoint and resume) else None
     resumed = None
     if saved is not None:
@@ -634,7 +636,7 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
     return float(res.loglik - loglik), k
 
 
-CHECKPOINT_STAGES = ("glm", "em", "full") + _QUASI
+CHECKPOINT_STAGES = ("glm", "em", "full") + _QUASI + ("npml-em", "npml-newton")
 
 
 def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,
@@ -1125,18 +1127,56 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
 # ----------------------------------------------------------------------------- NPML
 
 
+_NPML_STAGES = ("npml-em", "npml-newton")
+
+
+def _npml_resume(saved: dict, model_key: dict, fingerprint: dict, path: str):
+    """``(K, params, loglik, history)`` of an NPML checkpoint, validated like any other."""
+    _check_resume(saved, model_key, fingerprint, path, n_params=None)
+    state, K = saved.get("state"), saved.get("n_masses")
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 1000:
+        raise CheckpointError(f"checkpoint {path!r}: n_masses must be a count, not {K!r}; "
+                              "start a new fit without --resume")  # fmt: skip
+    params = state.get("params") if isinstance(state, dict) else None
+    try:
+        st = state_from_checkpoint(state, len(params) if isinstance(params, list) else -1,
+                                   _NPML_STAGES)  # fmt: skip
+    except InvalidState as exc:
+        raise CheckpointError(f"checkpoint {path!r}: {exc}; start a new fit without --resume"
+                              ) from None  # fmt: skip
+    return K, st.params, st.loglik, st.history
+
+
 def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float,
               load_seconds: float, max_iter: int, progress: bool,
-              random_effects: str | None) -> FitResult:  # fmt: skip
+              random_effects: str | None, checkpoint: str | None = None,
+              saved: dict | None = None, model_key: dict | None = None,
+              fingerprint: dict | None = None) -> FitResult:  # fmt: skip
     """``method="npml"``: :func:`dglmm.npml.run_npml` on ``evaluator``, as a FitResult (the
     random effects' implied mean and covariance in ``random_effects``, the points in
-    ``mass_points``)."""
+    ``mass_points``); a checkpoint (the current masses and parameters) after every
+    iteration, and a resume from it."""
     from .npml import run_npml
 
     reporter = Progress(bool(progress), tol=1e-8)
     t0 = time.perf_counter()
-    out = run_npml(evaluator, spec, fam, masses, max_iter=max(max_iter, 500),
-                   callback=lambda rec: reporter.iteration(rec.stage, rec))  # fmt: skip
+    resume, history0 = None, []
+    if saved is not None:
+        K, params0, ll0, history0 = _npml_resume(saved, model_key, fingerprint, checkpoint)
+        resume = (K, params0, ll0)
+
+    def save(model, params, history) -> None:
+        hist = history0 + history
+        state = NewtonState(params=params, loglik=hist[-1].loglik, iteration=len(hist),
+                            n_evaluations=sum(h.n_evaluations for h in hist), history=hist)
+        write_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT, "stage": hist[-1].stage, "model": model_key,
+            "input": fingerprint, "n_masses": int(model.K), "state": state.to_dict()})
+
+    out = run_npml(evaluator, spec, fam, masses, max_iter=10 * max_iter,
+                   callback=lambda rec: reporter.iteration(rec.stage, rec),
+                   on_fit=save if checkpoint else None, resume=resume)  # fmt: skip
+    out.history = history0 + list(out.history)
     reporter.close(out.converged)
     eval_s = time.perf_counter() - t0
     cov = np.asarray(out.implied_cov, dtype=float)

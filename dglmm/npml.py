@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DataError, SpecificationError
+from .errors import CheckpointError, DataError, SpecificationError
 from .families import FAMILY_BETA, FAMILY_BINOMIAL, FAMILY_GAUSSIAN, FAMILY_NOMINAL, FAMILY_ORDINAL
 from .kernels import BlockResult, block_constant, block_scales
 from .nested.rows import row_arrays
@@ -463,6 +463,7 @@ class _Run:
         self.n_evaluations = 0
         self.n_groups = int(evaluator.n_groups)
         self.notes: list[str] = []
+        self.on_fit = None  # on_fit(model, params, history) after every recorded iteration
 
     @property
     def iterations_left(self) -> int:
@@ -480,11 +481,13 @@ class _Run:
         total = self.evaluator.map_blocks(gateaux_block, np.asarray(params, float), model, grid)
         return np.asarray(total, dtype=np.float64) - self.n_groups
 
-    def record(self, rec: IterationRecord) -> None:
+    def record(self, rec: IterationRecord, model=None, params=None) -> None:
         rec.iteration = len(self.history)
         self.history.append(rec)
         if self.callback is not None:
             self.callback(rec)
+        if self.on_fit is not None and model is not None:
+            self.on_fit(model, np.asarray(params, dtype=np.float64).copy(), list(self.history))
 
 
 class _Fit(NamedTuple):
@@ -547,7 +550,7 @@ def _em(run: _Run, fit: _Fit) -> _Fit:
         gain = new.loglik - fit.loglik
         run.record(IterationRecord(0, new.loglik, float(np.max(np.abs(new.gradient))), step,
                                    gain, run.n_evaluations - n0, time.perf_counter() - t0,
-                                   "npml-em"))  # fmt: skip
+                                   "npml-em"), new.model, new.params)  # fmt: skip
         fit = new
         if not gain >= EM_TOL * (1.0 + abs(fit.loglik)):
             break
@@ -562,7 +565,8 @@ def _newton(run: _Run, fit: _Fit) -> _Fit:
                               max_corrections=0)  # fmt: skip
     model = fit.model
     state = maximize(lambda plist, h: run.evaluate(model, plist, h), state, settings,
-                     stage="npml-newton", callback=lambda s: run.record(s.history[-1]))  # fmt: skip
+                     stage="npml-newton",
+                     callback=lambda s: run.record(s.history[-1], model, s.params))  # fmt: skip
     return _Fit(model, state.params, state.loglik, state.gradient, state.hessian,
                 state.converged, state.message)  # fmt: skip
 
@@ -776,7 +780,7 @@ def _starts(start, K: int) -> list:
 
 
 def run_npml(evaluator, spec, family, masses, *, max_iter: int = 500, tol: float = 1e-8,
-             callback=None, start=None) -> NPMLOutcome:  # fmt: skip
+             callback=None, start=None, on_fit=None, resume=None) -> NPMLOutcome:  # fmt: skip
     """Fit the NPML model: ``K`` mass points, or ``masses="auto"`` for the NPMLE.
 
     Parameters
@@ -803,6 +807,13 @@ def run_npml(evaluator, spec, family, masses, *, max_iter: int = 500, tol: float
         Fixed ``K``: the spread(s) of the Gauss-Hermite start (npmlreg's ``tol``, default
         0.5; with several the best fit is kept), or a full parameter vector of the
         :class:`NPMLModel` layout.  Ignored with ``"auto"``.
+    on_fit : callable, optional
+        ``on_fit(model, params, history)`` after every iteration: the current number of
+        masses is ``model.K``; what a checkpoint stores.
+    resume : (K, params, loglik), optional
+        Continue from a checkpoint's point: ``K`` masses at ``params`` (checked: the
+        log-likelihood recomputed there must be ``loglik``), then the fit (and, with
+        ``"auto"``, the search for more masses) goes on from it.
 
     Raises
     ------
@@ -813,6 +824,7 @@ def run_npml(evaluator, spec, family, masses, *, max_iter: int = 500, tol: float
     base = evaluator.model
     _check_applicable(spec, family, masses)
     run = _Run(evaluator, callback, max_iter, tol)
+    run.on_fit = on_fit
     if not isinstance(masses, str) and int(masses) > run.n_groups:
         raise DataError(f"{int(masses)} masses need at least as many groups "
                         f"(the data have {run.n_groups})")  # fmt: skip
@@ -826,6 +838,14 @@ def run_npml(evaluator, spec, family, masses, *, max_iter: int = 500, tol: float
         glm = _newton(run, _fit_of(model1, x0, res0))
         _check_rank(glm, list(spec.random_columns))
         scales = _column_scales(res0, q, model1.split(glm.params)[3], family)
+        if resume is not None:
+            fit = _resumed(run, model1, resume, scales)
+            cap = AUTO_MAX_MASSES if masses == "auto" else int(masses)
+            if masses == "auto" or fit.model.K < cap:
+                fit, found = _grow(run, fit, scales, cap, auto=masses == "auto")
+            else:
+                found = True
+            return _summarise(run, spec, fit, found, scales, absorbed)
         if masses == "auto":
             fit, found = _grow(run, glm, scales, AUTO_MAX_MASSES, auto=True)
         else:
@@ -833,6 +853,23 @@ def run_npml(evaluator, spec, family, masses, *, max_iter: int = 500, tol: float
         return _summarise(run, spec, fit, found, scales, absorbed)
     finally:
         evaluator.model = base
+
+
+def _resumed(run: _Run, model1: NPMLModel, resume, scales) -> _Fit:
+    """The fit continued from a checkpoint's ``(K, params, loglik)``, checked first."""
+    K, params, loglik = resume
+    model = model1.with_masses(int(K))
+    x = np.asarray(params, dtype=np.float64)
+    if x.shape != (model.n_params,):
+        raise CheckpointError(f"the checkpoint's {x.size} parameters are not those of a "
+                              f"{int(K)}-mass model ({model.n_params})")  # fmt: skip
+    (res,) = run.evaluate(model, [x], True)
+    if not (math.isfinite(res.loglik) and abs(res.loglik - loglik) <= 1e-6 * max(
+            1.0, abs(res.loglik))):  # fmt: skip
+        raise CheckpointError(
+            f"the checkpoint's log-likelihood {loglik:.10g} is not the {res.loglik:.10g} "
+            "recomputed at its parameters: the file was edited or the data differ")
+    return _fit_masses(run, model, x, scales)
 
 
 def _fixed(run: _Run, glm: _Fit, K: int, start, scales) -> _Fit:

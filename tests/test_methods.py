@@ -72,6 +72,29 @@ def test_npml_auto_on_a_real_cluster_equals_in_process(process_cluster, tmp_path
     assert np.allclose(table[["prob_mass1", "prob_mass2"]].sum(axis=1), 1.0)
 
 
+def test_npml_checkpoint_and_resume(tmp_path):
+    data = _bacteria_parquet(tmp_path)
+    ck = str(tmp_path / "ck.json")
+    kw = dict(client="in-process", method="npml", masses="auto")
+    full = _fit("y ~ trt + week2 + (1 | ID)", data, **kw)
+    part = _fit("y ~ trt + week2 + (1 | ID)", data, checkpoint=ck, max_iter=1, **kw)
+    assert not part.converged  # 10 iterations: stopped early
+    saved = json.loads(Path(ck).read_text())
+    assert saved["stage"] in ("npml-em", "npml-newton") and saved["n_masses"] >= 1
+    resumed = _fit("y ~ trt + week2 + (1 | ID)", data, checkpoint=ck, resume=True, **kw)
+    assert resumed.converged
+    assert resumed.loglik == pytest.approx(full.loglik, abs=1e-6)
+    assert len(resumed.mass_points) == len(full.mass_points)
+    assert len(resumed.fit_log) > len(part.fit_log)
+    saved["state"]["loglik"] += 1.0  # an edited checkpoint is refused
+    Path(ck).write_text(json.dumps(saved))
+    with pytest.raises(dglmm.errors.CheckpointError, match="recomputed"):
+        _fit("y ~ trt + week2 + (1 | ID)", data, checkpoint=ck, resume=True, **kw)
+    with pytest.raises(dglmm.errors.CheckpointError, match="different model"):
+        _fit("y ~ trt + week2 + (1 | ID)", data, checkpoint=ck, resume=True,
+             client="in-process", method="npml", masses=3)  # fmt: skip
+
+
 def test_npml_cli(tmp_path, capsys):
     out = tmp_path / "fit.json"
     code = main(["fit", GALAXIES, "--formula", "velocity_corrected ~ 1 + (1 | id)",
@@ -91,7 +114,6 @@ def test_npml_cli(tmp_path, capsys):
     (dict(method="npml", masses=2, n_agq=5), "n_agq does not apply"),
     (dict(method="newton", masses=2), "masses applies to method='npml' only"),
     (dict(method="Newton"), "did you mean 'newton'"),
-    (dict(method="npml", masses=2, checkpoint="ck.json"), "writes no checkpoint yet"),
 ])  # fmt: skip
 def test_method_errors_are_one_line(kwargs, message):
     with pytest.raises(SpecificationError, match=message) as err:
