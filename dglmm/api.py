@@ -199,6 +199,9 @@ def fit(
     check_fit_outputs(data, checkpoint=checkpoint, resume=resume, random_effects=random_effects,
                       overwrite=overwrite, storage_options=storage_options)  # fmt: skip
     n_agq = _check_n_agq(n_agq, formula, fam)
+    if n_agq == "auto" and (method not in ("newton",) or laplace_order != 1):
+        raise SpecificationError("n_agq='auto' chooses each group's number of nodes for "
+                                 "method='newton' (without laplace_order)")  # fmt: skip
     check_npartitions(npartitions)  # before a cluster is started
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
@@ -209,7 +212,8 @@ def fit(
                           allow_python=allow_python_in_formulas)  # fmt: skip
         spec = for_family(spec, fam, response_levels)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
-        evaluator = InProcessEvaluator([block], kernel_model(spec, fam, n_agq), spec, sources)
+        evaluator = InProcessEvaluator([block], kernel_model(spec, fam, _nodes(n_agq)), spec,
+                                       sources)  # fmt: skip
         load_s = time.perf_counter() - t_start
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
@@ -227,7 +231,7 @@ def fit(
         if progress and handle.dashboard_link:
             print(f"dglmm: Dask dashboard at {handle.dashboard_link}", file=sys.stderr)
         evaluator, spec = dask_driver.make_evaluator(
-            handle, data, formula, fam, n_agq,
+            handle, data, formula, fam, _nodes(n_agq),
             trials=trials, offset=offset, weights=weights, missing=missing,
             npartitions=npartitions, storage_options=storage_options,
             kernel_model=kernel_model, allow_python_in_formulas=allow_python_in_formulas,
@@ -243,6 +247,11 @@ def fit(
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
 _QUASI = ("pql1", "pql2", "mql1", "mql2")
+
+
+def _nodes(n_agq) -> int:
+    """The kernel model's nodes: ``"auto"`` fits Laplace first (its orders come after)."""
+    return 1 if n_agq == "auto" else int(n_agq)
 
 
 def check_method(method, masses, n_agq, fam: Family) -> tuple[str, int | str | None]:
@@ -279,8 +288,13 @@ def _check_n_agq(n_agq, formula=None, fam: Family | None = None) -> int:
     effects the formula implies at least (each term of a bar counts once, plus an
     implied intercept; a factor may add more, checked again in :func:`fit_model`).
     """
+    if isinstance(n_agq, str) and n_agq.strip().lower() == "auto":
+        if fam is not None and fam.code == FAMILY_GAUSSIAN:
+            return 1  # Laplace is exact
+        return "auto"
     if isinstance(n_agq, bool) or not isinstance(n_agq, (int, np.integer)) or n_agq < 1:
-        raise SpecificationError(f"n_agq must be a positive integer (1 = Laplace), got {n_agq!r}")
+        raise SpecificationError(
+            f"n_agq must be a positive integer (1 = Laplace) or 'auto', got {n_agq!r}")
     k = int(n_agq)
     if fam is not None and fam.name == "nominal" and k != 1:
         raise SpecificationError(
@@ -427,7 +441,12 @@ def fit_model(
                         design_scales=design_scales, progress=progress,
                         random_effects=random_effects, checkpoint=checkpoint,
                         model_key=model_key, fingerprint=fingerprint)  # fmt: skip
-    agq_warning = None if fam.code == FAMILY_GAUSSIAN else check_nodes(n_agq, model.q)
+    if n_agq == "auto":
+        from .agq_auto import check_applicable as _auto_applicable
+
+        _auto_applicable(model)
+    agq_warning = None if fam.code == FAMILY_GAUSSIAN or n_agq == "auto" else check_nodes(
+        n_agq, model.q)
     if agq_warning:
         warnings.warn(agq_warning, DglmmWarning, stacklevel=2)
 
@@ -480,6 +499,10 @@ def fit_model(
     if method != "em":
         state = maximize(evaluate, state, settings, stage="full",
                          callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
+    auto = None
+    if n_agq == "auto":  # each group's own order, chosen at the Laplace optimum
+        auto = _run_auto(evaluator, evaluate, state, settings, reporter, _start_units())
+        state = auto.state
     reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.all_cov_pattern, layout)
 
@@ -539,7 +562,13 @@ def fit_model(
         evaluator.random_effects(params, random_effects)
         timings["random_effects_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    error, error_nodes = integration_error(evaluator, params, state.loglik, n_obs)
+    if auto is None:
+        error, error_nodes = integration_error(evaluator, params, state.loglik, n_obs)
+    else:  # measured at the last choice: each group's next order against its own
+        error, error_nodes = float(auto.integration_error), None
+        timings["agq_auto"] = {"orders": {str(k): int(n) for k, n in auto.counts.items()},
+                               "settled": bool(auto.settled), "n_fits": int(auto.n_fits),
+                               "tol": float(auto.tol), "message": auto.message()}
     timings["integration_error_s"] = time.perf_counter() - t0
     result = _build_result(
         spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs, timings,
@@ -548,7 +577,30 @@ def fit_model(
     result.integration_error, result.integration_error_nodes = error, error_nodes
     result.method = method
     result.laplace_order = int(laplace_order)
+    if auto is not None:
+        result.agq_orders = {int(k): int(n) for k, n in auto.counts.items() if n}
+        result.message = f"{result.message}; {auto.message()}"
     return result
+
+
+# n_agq="auto": the log-likelihood tolerance (each group's is AUTO_TOL / G)
+AUTO_TOL = 1e-4
+
+
+def _run_auto(evaluator, evaluate, laplace: NewtonState, settings, reporter, unit):
+    """Choose each group's order at the Laplace optimum, fit, choose again, refit while
+    orders change (``dglmm.agq_auto.run_auto``); Newton stage ``auto``."""
+    from .agq_auto import run_auto
+
+    def fit_from(x, previous):
+        prev = previous or laplace
+        st = NewtonState(params=np.asarray(x, float).copy(), iteration=prev.iteration,
+                         n_evaluations=prev.n_evaluations, history=list(prev.history))
+        return maximize(evaluate, st, settings, stage="auto",
+                        callback=lambda s: reporter.iteration("auto", s.history[-1]),
+                        unit=unit)  # fmt: skip
+
+    return run_auto(evaluator, laplace.params, fit_from, tol=AUTO_TOL)
 
 
 def _check_laplace_order(order, n_agq, method: str) -> None:

@@ -19,6 +19,17 @@ EXIT_USAGE = 2
 
 
 
+def _nodes(text: str):
+    """``--n-agq``: a positive integer or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nodes or 'auto', not {text!r}"
+                                         ) from None
+
+
 def _levels(text: str) -> list:
     """``--response-levels a,b,c``: whole numbers as numbers (they match integer columns)."""
     out: list = []
@@ -51,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ordinal: the response's categories, lowest first, e.g. low,mid,high "
                         "(default: the values in natural order)")
     f.add_argument("--link", default=None, help="link (default: the family's canonical link)")
-    f.add_argument("--n-agq", type=int, default=1, help="quadrature nodes per dimension")
+    f.add_argument("--n-agq", type=_nodes, default=1,
+                   help="quadrature nodes per dimension, or 'auto' (each group its own)")
     f.add_argument("--method", default="newton",
                    help="newton (default), em, em-newton, pql1, pql2, mql1, mql2 or npml "
                         "(docs/methods.md)")  # fmt: skip

@@ -20,6 +20,8 @@ calling, for each group:
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -198,3 +200,100 @@ def _posterior_moments(pk, uk, mean, cov):
                 dc = uk[kk, c] - mean[c]
                 acc += pk[kk] * dc * (uk[kk, d] - mean[d])
             cov[c, d] = acc
+
+
+@numba.njit(cache=True)
+def _ladder_kernel(
+    X, Z, y, ntr, w, off, gptr, beta, L, tau, fam, link, pat_r, has_disp,
+    nodes, logw, rule_ptr, rule_centre, tol_group, start, search_down, u_init, ll, chosen,
+):  # fmt: skip
+    """Per group, the log-likelihood term (without the families' normalising constants) of
+    rules of a ladder, for the choice of a group's order (``dglmm.agq_auto``).
+
+    Rule ``r`` is ``nodes[rule_ptr[r]:rule_ptr[r + 1]]`` (with ``logw``; its centre node
+    ``rule_centre[r]`` or -1; a rule of one node is Laplace).  Rule ``r`` has *settled* when
+    ``|l(r) - l(r + 1)| < tol_group``.  Per group the mode is found once (from ``u_init``),
+    then from rule ``start[g]`` the rules follow upwards until one has settled; if
+    ``start[g]`` itself had settled and ``search_down``, downwards while the rule below has
+    settled too.  ``chosen[g]`` is the rule found (the last one when none settles);
+    ``ll[g, r]`` the values computed (NaN elsewhere).  The values are those
+    :func:`_block_kernel` adds for the same rule at the same mode."""
+    n_groups = gptr.shape[0] - 1
+    p = X.shape[1]
+    q = Z.shape[1]
+    P = p + pat_r.shape[0] + (1 if has_disp else 0)
+    R = rule_ptr.shape[0] - 1
+    k_max = 1
+    for r in range(R):
+        k_max = max(k_max, rule_ptr[r + 1] - rule_ptr[r])
+    max_rows = 0
+    for g in range(n_groups):
+        max_rows = max(max_rows, gptr[g + 1] - gptr[g])
+    geta, gV, d3s, u, s1, Sw, Hm, LH, Hi, guPsi, du, C, dHw = group_work(p, q, P, max_rows)
+    mode_work = _mode_work(q)
+    st1 = np.empty(p + q)
+    Stz = np.empty((q, q))
+    XWX = np.zeros((p, p))
+    d1s = np.empty((max_rows, k_max))
+    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub = agq_work(p, q, P, k_max)
+    tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
+    for g in range(n_groups):
+        i0 = gptr[g]
+        i1 = gptr[g + 1]
+        group_predictor(X, Z, off, beta, L, i0, i1, geta, gV)
+        for c in range(q):
+            u[c] = u_init[g, c]
+        _find_mode_robust(
+            geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam, link, tau, Hm,
+            mode_work,
+        )  # fmt: skip
+        logdetH = _mode_factor(Hm, Hi, LH)
+        hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
+                                    False, XWX, s1, Sw, d3s, d1s, -1, has_disp, st1,
+                                    Stz)  # fmt: skip
+        for r in range(R):
+            ll[g, r] = np.nan
+        r = min(start[g], R - 1)
+        chosen[g] = R - 1
+        while r < R:  # upwards from start[g]
+            for rr in (r, r + 1):
+                if rr < R and math.isnan(ll[g, rr]):
+                    ll[g, rr] = _rule_value(
+                        y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam,
+                        link, tau, nodes, logw, rule_ptr, rule_centre, rr, d1s, LHi, uk, fk,
+                        ltk, svk,
+                    )  # fmt: skip
+            if r + 1 < R and abs(ll[g, r + 1] - ll[g, r]) < tol_group:
+                chosen[g] = r
+                break
+            r += 1
+        if search_down and chosen[g] == start[g] and r + 1 < R:
+            while r > 0:  # downwards while the rule below has settled too
+                ll[g, r - 1] = _rule_value(
+                    y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link,
+                    tau, nodes, logw, rule_ptr, rule_centre, r - 1, d1s, LHi, uk, fk, ltk, svk,
+                )  # fmt: skip
+                if abs(ll[g, r] - ll[g, r - 1]) >= tol_group:
+                    break
+                r -= 1
+            chosen[g] = r
+
+
+@numba.njit(cache=True)
+def _rule_value(
+    y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes, logw,
+    rule_ptr, rule_centre, r, d1s, LHi, uk, fk, ltk, svk,
+):  # fmt: skip
+    """The group's term of rule ``r`` of :func:`_ladder_kernel`'s ladder at the mode."""
+    a = rule_ptr[r]
+    b = rule_ptr[r + 1]
+    if b - a == 1:  # Laplace, as laplace_group adds it
+        val = hsum
+        for c in range(u.shape[0]):
+            val -= 0.5 * u[c] * u[c]
+        return val - 0.5 * logdetH
+    return agq_nodes(
+        y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
+        nodes[a:b], logw[a:b], rule_centre[r], d1s, LHi, uk[: b - a], fk[: b - a],
+        ltk[: b - a], svk[: b - a],
+    )  # fmt: skip

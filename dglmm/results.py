@@ -78,7 +78,7 @@ class FitResult:
     formula: str
     family: str
     link: str
-    n_agq: int
+    n_agq: int | str
     fixed_effects: pd.DataFrame
     random_effects: dict[str, dict[str, Any]]
     dispersion: float | None
@@ -108,6 +108,7 @@ class FitResult:
     integration_error_nodes: int | None = None
     method: str = "newton"
     laplace_order: int = 1
+    agq_orders: dict[int, int] = field(default_factory=dict)
     quasi_likelihood: bool = False
     mass_points: list[dict[str, Any]] = field(default_factory=list)
     mass_points_note: str = ""
@@ -140,6 +141,9 @@ class FitResult:
             "Laplace approximation"
             if self.n_agq == 1
             else f"adaptive Gauss-Hermite quadrature, nAGQ = {self.n_agq}"
+            + (" (nodes per group: " + ", ".join(f"{n} x {k}" for k, n in
+                                                 self.agq_orders.items()) + ")"
+               if self.agq_orders else "")
         )
         if self.laplace_order > 1:
             method = f"Laplace approximation with the terms of order {self.laplace_order}"
@@ -308,6 +312,8 @@ class FitResult:
             "integration_error_nodes": self.integration_error_nodes,
             "method": self.method,
             **({"laplace_order": self.laplace_order} if self.laplace_order > 1 else {}),
+            **({"agq_orders": {str(k): n for k, n in self.agq_orders.items()}}
+               if self.agq_orders else {}),
             **({"quasi_likelihood": True} if self.quasi_likelihood else {}),
             **({"mass_points": self.mass_points, "mass_points_note": self.mass_points_note}
                if self.mass_points else {}),
@@ -414,7 +420,8 @@ class FitResult:
             formula=v.get(d, "formula", str),
             family=v.get(d, "family", str),
             link=v.get(d, "link", str),
-            n_agq=v.integer(d.get("n_agq"), "n_agq", minimum=1),
+            n_agq="auto" if d.get("n_agq") == "auto" else v.integer(d.get("n_agq"), "n_agq",
+                                                                     minimum=1),
             fixed_effects=fe,
             random_effects=random_effects,
             dispersion=None if dispersion is None else v.number(dispersion, "dispersion"),
@@ -446,6 +453,7 @@ class FitResult:
             else v.integer(d["integration_error_nodes"], "integration_error_nodes", minimum=1),
             method=v.get(d, "method", str, default="newton"),
             laplace_order=v.integer(d.get("laplace_order", 1), "laplace_order", minimum=1),
+            agq_orders=_agq_orders(v, d.get("agq_orders", {})),
             quasi_likelihood=v.get(d, "quasi_likelihood", bool, default=False),
             mass_points=_mass_points(v, d.get("mass_points", [])),
             mass_points_note=v.get(d, "mass_points_note", str, default=""),
@@ -636,4 +644,16 @@ def _mass_points(v, value) -> list[dict[str, Any]]:
             "location": [v.number(x, f"mass_points[{k}].location") for x in point["location"]],
             "probability": v.number(point.get("probability"), f"mass_points[{k}].probability"),
         })  # fmt: skip
+    return out
+
+
+def _agq_orders(v, value) -> dict[int, int]:
+    """The ``agq_orders`` of a result file (nodes per dimension -> number of groups)."""
+    if not isinstance(value, dict):
+        v.fail("agq_orders must be an object")
+    out = {}
+    for k, n in value.items():
+        if not str(k).isdigit():
+            v.fail(f"agq_orders has the key {k!r}, not a number of nodes")
+        out[int(k)] = v.integer(n, f"agq_orders[{k}]")
     return out

@@ -257,3 +257,50 @@ def test_laplace_order_refuses_other_families():
     with pytest.raises(SpecificationError, match="binomial .* and Poisson"):
         _fit("Reaction ~ Days + (1 | Subject)", str(DATA / "sleepstudy.csv"),
              family="gaussian", client="in-process", laplace_order=2)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- n_agq="auto"
+
+
+def _mixed_binary(G=300, seed=7) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for g in range(G):
+        n = int(rng.choice([2, 5, 10, 30, 80]))
+        b, x = rng.normal(0, 2), rng.normal(size=n)
+        p = 1 / (1 + np.exp(-(-0.3 + 0.5 * x + b)))
+        parts.append(pd.DataFrame({"g": g, "x": x, "y": (rng.random(n) < p).astype(int)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_auto_nodes_through_fit_reach_agq30_on_a_real_cluster(tmp_path, process_cluster):
+    df = _mixed_binary()
+    fixed = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq=30)
+    auto = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq="auto")
+    assert auto.converged and auto.n_agq == "auto"
+    assert abs(auto.loglik - fixed.loglik) < 1e-4  # the stated tolerance
+    assert sum(auto.agq_orders.values()) == 300 and max(auto.agq_orders) <= 30
+    assert "nodes per group" in auto.summary()
+    back = FitResult.from_json(auto.to_json())
+    assert back.n_agq == "auto" and back.agq_orders == auto.agq_orders
+    assert abs(auto.integration_error) < 1e-4
+    path = tmp_path / "mixed.parquet"
+    df.to_parquet(path)
+    process_cluster.ensure_workers()
+    remote = _fit("y ~ x + (1 | g)", str(path), client=process_cluster.address, npartitions=2,
+                  n_agq="auto")  # fmt: skip
+    assert remote.loglik == pytest.approx(auto.loglik, abs=1e-6)
+    assert remote.agq_orders == auto.agq_orders
+
+
+def test_auto_nodes_cli_and_errors(tmp_path):
+    path = tmp_path / "mixed.csv"
+    _mixed_binary(G=40).to_csv(path, index=False)
+    out = tmp_path / "fit.json"
+    assert main(["fit", str(path), "--formula", "y ~ x + (1 | g)", "--n-agq", "auto",
+                 "--in-process", "--quiet", "--output", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["n_agq"] == "auto"
+    with pytest.raises(SpecificationError, match="method='newton'"):
+        _fit("y ~ x + (1 | g)", str(path), client="in-process", n_agq="auto", method="em")
+    with pytest.raises(SpecificationError, match="positive integer .* or 'auto'"):
+        _fit("y ~ x + (1 | g)", str(path), client="in-process", n_agq="many")
