@@ -50,6 +50,7 @@ from .family_ordinal import threshold_jacobian, thresholds, unconstrained
 from .formula import parse_formula
 from .kernels import KernelModel
 from .optimizer import (
+    MAX_STORED,
     InvalidState,
     NewtonSettings,
     NewtonState,
@@ -456,12 +457,12 @@ def fit_model(
         rx, rz = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
         return _parameter_units(spec, layout, rx, rz, 1.0)
 
-    def save(stage: str, state: NewtonState) -> None:
+    def save(stage: str, state: NewtonState, extra: dict | None = None) -> None:
         reporter.iteration(stage, state.history[-1])
         if checkpoint:
             write_checkpoint(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "stage": stage, "model": model_key,
-                "input": fingerprint, "state": state.to_dict(),
+                "input": fingerprint, "state": state.to_dict(), **(extra or {}),
             })  # fmt: skip
 
     # ---- stage 1: GLM (random effects off)
@@ -469,8 +470,13 @@ def fit_model(
     if resumed is not None:
         # checked, not trusted: the objective, gradient and Hessian at the stored point
         # are recomputed from the data (one evaluation) before the fit continues from it
-        _refresh_resumed(evaluate, resumed, checkpoint)
-    if saved is not None and saved["stage"] in ("full", "em"):
+        if saved["stage"] == "auto":  # recomputed with the stored orders' model
+            evaluator.model = _auto_model(saved, model, evaluator.n_groups, checkpoint)
+        try:
+            _refresh_resumed(evaluate, resumed, checkpoint)
+        finally:
+            evaluator.model = model
+    if saved is not None and saved["stage"] in ("full", "em", "auto"):
         glm_state = None
         state = resumed
     else:
@@ -496,12 +502,12 @@ def fit_model(
         )  # fmt: skip
     if method in ("em", "em-newton") and (saved is None or saved["stage"] != "full"):
         state = _run_em(evaluate, state, evaluator, method, max_iter, save)
-    if method != "em":
+    if method != "em" and (saved is None or saved["stage"] != "auto"):
         state = maximize(evaluate, state, settings, stage="full",
                          callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
     auto = None
     if n_agq == "auto":  # each group's own order, chosen at the Laplace optimum
-        auto = _run_auto(evaluator, evaluate, state, settings, reporter, _start_units())
+        auto = _run_auto(evaluator, evaluate, state, settings, save, _start_units())
         state = auto.state
     reporter.close(state.converged)
     params = _normalise_signs(state.params, spec.all_cov_pattern, layout)
@@ -530,7 +536,7 @@ def fit_model(
             f"the fit did not converge ({state.message}); last max |gradient| "
             f"{np.max(np.abs(state.gradient)):.3g}; the estimates are the best found"
         )
-    if saved is None or saved["stage"] not in ("full", "em"):
+    if saved is None or saved["stage"] not in ("full", "em", "auto"):
         sep = _separated_columns(params, vcov, hess0_for_scale, spec, fam, layout)
         if sep:
             warn_msgs.append(
@@ -587,20 +593,45 @@ def fit_model(
 AUTO_TOL = 1e-4
 
 
-def _run_auto(evaluator, evaluate, laplace: NewtonState, settings, reporter, unit):
-    """Choose each group's order at the Laplace optimum, fit, choose again, refit while
-    orders change (``dglmm.agq_auto.run_auto``); Newton stage ``auto``."""
+def _run_auto(evaluator, evaluate, laplace: NewtonState, settings, save, unit):
+    """Choose each group's order at the Laplace optimum (or a resumed point), fit, choose
+    again, refit while orders change (``dglmm.agq_auto.run_auto``); Newton stage ``auto``,
+    checkpointed with the points of the choices (``agq_points``)."""
     from .agq_auto import run_auto
+
+    def checkpoint(s):
+        points = [list(map(float, x)) for x in evaluator.model.points]
+        save("auto", s, {"agq_points": points})
 
     def fit_from(x, previous):
         prev = previous or laplace
         st = NewtonState(params=np.asarray(x, float).copy(), iteration=prev.iteration,
                          n_evaluations=prev.n_evaluations, history=list(prev.history))
-        return maximize(evaluate, st, settings, stage="auto",
-                        callback=lambda s: reporter.iteration("auto", s.history[-1]),
+        return maximize(evaluate, st, settings, stage="auto", callback=checkpoint,
                         unit=unit)  # fmt: skip
 
     return run_auto(evaluator, laplace.params, fit_from, tol=AUTO_TOL)
+
+
+def _auto_model(saved: dict, base: KernelModel, n_groups: int, path: str):
+    """The AutoAGQModel of an ``auto``-stage checkpoint (its ``agq_points``, checked)."""
+    from .agq_auto import AutoAGQModel
+
+    points = saved.get("agq_points")
+    ok = isinstance(points, list) and 1 <= len(points) <= 100 and all(
+        isinstance(x, list) and len(x) == base.n_params
+        and all(_finite(v) and abs(v) < MAX_STORED for v in x) for x in points)
+    if not ok:
+        raise CheckpointError(
+            f"checkpoint {path!r}: agq_points must be a list of parameter vectors of "
+            f"{base.n_params} finite numbers; it was edited or truncated: start a new fit "
+            "without --resume")  # fmt: skip
+    return AutoAGQModel.from_points(base, [np.asarray(x, float) for x in points],
+                                    AUTO_TOL / max(int(n_groups), 1))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_laplace_order(order, n_agq, method: str) -> None:
@@ -688,7 +719,7 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
     return float(res.loglik - loglik), k
 
 
-CHECKPOINT_STAGES = ("glm", "em", "full") + _QUASI + ("npml-em", "npml-newton")
+CHECKPOINT_STAGES = ("glm", "em", "full", "auto") + _QUASI + ("npml-em", "npml-newton")
 
 
 def _check_resume(saved: dict, model_key: dict, fingerprint: dict, path: str,

@@ -304,3 +304,22 @@ def test_auto_nodes_cli_and_errors(tmp_path):
         _fit("y ~ x + (1 | g)", str(path), client="in-process", n_agq="auto", method="em")
     with pytest.raises(SpecificationError, match="positive integer .* or 'auto'"):
         _fit("y ~ x + (1 | g)", str(path), client="in-process", n_agq="many")
+
+
+def test_auto_nodes_checkpoint_and_resume(tmp_path):
+    df = _mixed_binary(G=120, seed=3)
+    ck = str(tmp_path / "ck.json")
+    full = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq="auto")
+    part = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq="auto", checkpoint=ck,
+                max_iter=1)  # one Newton iteration per stage: the checkpoint is the auto stage's
+    assert part.n_agq == "auto"
+    saved = json.loads(Path(ck).read_text())
+    assert saved["stage"] == "auto" and len(saved["agq_points"]) >= 1
+    resumed = _fit("y ~ x + (1 | g)", df, client="in-process", n_agq="auto", checkpoint=ck,
+                   resume=True)  # fmt: skip
+    assert resumed.converged and resumed.loglik == pytest.approx(full.loglik, abs=1e-4)
+    saved["agq_points"] = [[1.0]]
+    Path(ck).write_text(json.dumps(saved))
+    with pytest.raises(dglmm.errors.CheckpointError, match="agq_points"):
+        _fit("y ~ x + (1 | g)", df, client="in-process", n_agq="auto", checkpoint=ck,
+             resume=True)  # fmt: skip
