@@ -82,6 +82,7 @@ MODE_MAX_ITER = 100  # PQL2: BLUP updates of the linearisation modes per outer i
 MODE_TOL = 1e-10  # ...until no mode moves by more than this
 _MU_ETA_FLOOR = 1e-10  # floor of mu' (and of V) so that the working response stays finite
 _ETA_LIMIT = 30.0  # |eta| beyond this is clamped for the binomial links (mu' ~ 1e-13)
+_GROWING = 5  # successive outer iterations with a growing change: diverging, stop
 _DIVERGED = 1e6  # a parameter this large: the outer iteration has diverged
 _FAILURES = (np.linalg.LinAlgError, FloatingPointError, ValueError, OverflowError)
 _INNER_FLAT = 1e-8  # a working-LMM fit stopped on rounding with a smaller decrement is done
@@ -666,7 +667,7 @@ def _outer(run: _Run, base: KernelModel, gauss: KernelModel, method: str, pql: b
     settings = NewtonSettings(max_iter=200, tol=1e-11, gtol=1e-9,
                               max_corrections=20 if base.inner else 2)  # fmt: skip
     history: list[IterationRecord] = []
-    last_step, last_change, alpha = None, math.inf, 1.0
+    last_step, last_change, alpha, growing = None, math.inf, 1.0, 0
     converged, message = False, f"did not converge in {max_outer} outer iterations"
     model, state, final = None, NewtonState(params=x.copy()), point.copy()
     for k in range(1, int(max_outer) + 1):
@@ -709,6 +710,11 @@ def _outer(run: _Run, base: KernelModel, gauss: KernelModel, method: str, pql: b
             break
         if not np.max(np.abs(solution)) < _DIVERGED:
             message = f"the outer iteration diverged (parameters beyond {_DIVERGED:g})"
+            break
+        growing = growing + 1 if change > last_change else 0
+        if growing >= _GROWING and change > 0.1:  # each step larger than the last: diverging
+            message = (f"the outer iteration diverges: the parameters' relative change grew in "
+                       f"{_GROWING} successive iterations, to {change:.3g}")  # fmt: skip
             break
         # an oscillating fixed-point iteration is damped (its fixed point is unchanged), the
         # damping relaxed again while the steps keep their direction and shrink

@@ -516,7 +516,7 @@ def test_a_diverging_iteration_is_reported_not_raised():
     ev, spec, fam, _ = _case_evaluator(_reference()["cases"]["bacteria"], n_blocks=1)
     base = ev.model
     out = run_pql(ev, spec, fam, "mql2", max_outer=60)
-    assert not out.converged and "diverged" in out.message
+    assert not out.converged and "diverge" in out.message
     assert ev.model is base
 
 
