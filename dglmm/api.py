@@ -54,6 +54,7 @@ from .optimizer import (
     InvalidState,
     NewtonSettings,
     NewtonState,
+    _is_number,
     finite_difference_hessian,
     maximize,
     read_checkpoint,
@@ -551,11 +552,7 @@ def fit_model(
         if m is not agq_warning:  # that one was shown before the fit
             warnings.warn(m, DglmmWarning, stacklevel=2)
 
-    iterations = [
-        {"loglik": h.loglik, "max_abs_grad": h.max_abs_grad, "step": h.step, "stage": h.stage,
-         "seconds": h.seconds, "n_evaluations": h.n_evaluations}
-        for h in state.history
-    ]  # fmt: skip
+    iterations = _timing_records(state.history)
     timings = {
         "load_s": load_seconds,
         "total_s": total_s,
@@ -620,7 +617,8 @@ def _auto_model(saved: dict, base: KernelModel, n_groups: int, path: str):
     points = saved.get("agq_points")
     ok = isinstance(points, list) and 1 <= len(points) <= 100 and all(
         isinstance(x, list) and len(x) == base.n_params
-        and all(_finite(v) and abs(v) < MAX_STORED for v in x) for x in points)
+        and all(_is_number(v) and math.isfinite(v) and abs(v) < MAX_STORED for v in x)
+        for x in points)
     if not ok:
         raise CheckpointError(
             f"checkpoint {path!r}: agq_points must be a list of parameter vectors of "
@@ -628,10 +626,6 @@ def _auto_model(saved: dict, base: KernelModel, n_groups: int, path: str):
             "without --resume")  # fmt: skip
     return AutoAGQModel.from_points(base, [np.asarray(x, float) for x in points],
                                     AUTO_TOL / max(int(n_groups), 1))
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_laplace_order(order, n_agq, method: str) -> None:
@@ -1139,6 +1133,21 @@ def _level_counts(spec: ModelSpec, evaluator) -> dict[str, int]:
     return counts
 
 
+def _timing_records(history) -> list[dict]:
+    """``timings["iterations"]``: one dict per iteration record."""
+    return [{"loglik": h.loglik, "max_abs_grad": h.max_abs_grad, "step": h.step,
+             "stage": h.stage, "seconds": h.seconds, "n_evaluations": h.n_evaluations}
+            for h in history]  # fmt: skip
+
+
+def _fit_log(history) -> list[dict]:
+    """``FitResult.fit_log``: one dict per iteration record."""
+    return [{"iteration": h.iteration, "stage": h.stage, "loglik": h.loglik,
+             "max_abs_grad": h.max_abs_grad, "step": h.step, "decrement": h.decrement,
+             "n_evaluations": h.n_evaluations, "seconds": h.seconds}
+            for h in history]  # fmt: skip
+
+
 def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator, n_obs,
                   timings, warn_msgs, layout, rms_z=None, sigma=1.0) -> FitResult:  # fmt: skip
     beta = params[: layout.p]
@@ -1189,12 +1198,7 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         singular=singular,
         n_iterations=state.iteration,
         n_evaluations=state.n_evaluations,
-        fit_log=[
-            {"iteration": h.iteration, "stage": h.stage, "loglik": h.loglik,
-             "max_abs_grad": h.max_abs_grad, "step": h.step, "decrement": h.decrement,
-             "n_evaluations": h.n_evaluations, "seconds": h.seconds}
-            for h in state.history
-        ],  # fmt: skip
+        fit_log=_fit_log(state.history),
         params=params,
         vcov=vcov,
         message=state.message,
@@ -1239,6 +1243,7 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
     random effects' implied mean and covariance in ``random_effects``, the points in
     ``mass_points``); a checkpoint (the current masses and parameters) after every
     iteration, and a resume from it."""
+    from .em import psd_cholesky
     from .npml import run_npml
 
     reporter = Progress(bool(progress), tol=1e-8)
@@ -1271,7 +1276,7 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
     nan = [[math.nan] * len(terms) for _ in terms]
     re_table = {spec.group: {
         "terms": terms, "covariance": cov.tolist(), "sd": sd.tolist(), "corr": corr.tolist(),
-        "cholesky": _psd_cholesky(cov).tolist(), "sd_std_error": [math.nan] * len(terms),
+        "cholesky": psd_cholesky(cov).tolist(), "sd_std_error": [math.nan] * len(terms),
         "covariance_std_error": nan,
     }}  # fmt: skip
     warn_msgs = list(out.notes)
@@ -1284,9 +1289,7 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
         warnings.warn(m, DglmmWarning, stacklevel=3)
     timings = {"load_s": load_seconds, "evaluation_s": eval_s,
                "n_evaluations": out.n_evaluations,
-               "iterations": [{"loglik": h.loglik, "max_abs_grad": h.max_abs_grad,
-                               "step": h.step, "stage": h.stage, "seconds": h.seconds,
-                               "n_evaluations": h.n_evaluations} for h in out.history]}
+               "iterations": _timing_records(out.history)}
     if random_effects is not None:  # posterior class probabilities, written by the workers
         t1 = time.perf_counter()
         base = evaluator.model
@@ -1315,10 +1318,7 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
         bic=-2 * ll + k * math.log(max(n_obs, 1)), n_obs=n_obs,
         n_groups=_level_counts(spec, evaluator), converged=out.converged, singular=False,
         n_iterations=len(out.history), n_evaluations=out.n_evaluations,
-        fit_log=[{"iteration": h.iteration, "stage": h.stage, "loglik": h.loglik,
-                  "max_abs_grad": h.max_abs_grad, "step": h.step, "decrement": h.decrement,
-                  "n_evaluations": h.n_evaluations, "seconds": h.seconds}
-                 for h in out.history],
+        fit_log=_fit_log(out.history),
         params=np.asarray(out.params, float), vcov=np.asarray(out.vcov, float),
         message=out.message, spec=spec.to_dict(), n_partitions=evaluator.n_partitions,
         n_workers=evaluator.n_workers, n_dropped=evaluator.n_dropped, timings=timings,
@@ -1327,10 +1327,6 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
     )  # fmt: skip
 
 
-def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
-    cov = (vecs * np.maximum(vals, 0.0)) @ vecs.T
-    return np.linalg.cholesky(cov + 1e-12 * max(float(np.trace(cov)), 1e-300) * np.eye(len(cov)))
 
 
 # ----------------------------------------------------------------------------- PQL / MQL
@@ -1389,9 +1385,7 @@ def _fit_pql(evaluate, evaluator, spec: ModelSpec, fam: Family, n_agq: int, meth
         warnings.warn(m, DglmmWarning, stacklevel=3)
     timings = {"load_s": load_seconds, "evaluation_s": sum(e["seconds"] for e in eval_times),
                "n_evaluations": n_eval,
-               "iterations": [{"loglik": h.loglik, "max_abs_grad": h.max_abs_grad,
-                               "step": h.step, "stage": h.stage, "seconds": h.seconds,
-                               "n_evaluations": h.n_evaluations} for h in history]}
+               "iterations": _timing_records(history)}
     vcov = np.asarray(out.vcov, dtype=float)
     if random_effects is not None:
         t0 = time.perf_counter()

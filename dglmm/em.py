@@ -38,11 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .optimizer import (
-    IterationRecord,
     NewtonSettings,
     NewtonState,
     ScaledEigen,
     _converged,
+    _record,
+    _take,
     newton_direction,
 )
 
@@ -143,7 +144,7 @@ def implied_moment(L: np.ndarray, G: np.ndarray, J: int) -> np.ndarray:
     return 0.5 * (base + base.T)
 
 
-def _psd_factor(S: np.ndarray) -> np.ndarray:
+def psd_cholesky(S: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of ``S`` projected onto the positive semi-definite matrices."""
     vals, vecs = np.linalg.eigh(0.5 * (S + S.T))
     vals = np.maximum(vals, 0.0)
@@ -168,7 +169,7 @@ def covariance_update(L: np.ndarray, G: np.ndarray, J: int, pattern) -> np.ndarr
             Lb, Gb = L[ix], G[ix]
             N = implied_moment(Lb, Gb, J)
             S = Lb @ Lb.T + Lb @ N @ Lb.T / J
-            new[ix] = _psd_factor(S)
+            new[ix] = psd_cholesky(S)
         else:  # an incomplete block (not produced by lme4 formulas): diagonal only
             for a in idx:
                 la = L[a, a]
@@ -350,19 +351,3 @@ class _AsResult:
     @property
     def hessian(self):
         return self.state.hessian
-
-
-def _take(state: NewtonState, x, res) -> None:
-    state.params = np.asarray(x, dtype=float).copy()
-    state.loglik = float(res.loglik)
-    state.gradient = np.asarray(res.gradient, dtype=float).copy()
-    state.hessian = None if res.hessian is None else np.asarray(res.hessian, float).copy()
-
-
-def _record(state, step, decrement, seconds, stage, n_eval) -> None:
-    state.iteration += 1
-    state.history.append(IterationRecord(
-        iteration=state.iteration, loglik=state.loglik,
-        max_abs_grad=float(np.max(np.abs(state.gradient), initial=0.0)), step=step,
-        decrement=float(decrement), n_evaluations=n_eval, seconds=seconds, stage=stage,
-    ))  # fmt: skip
