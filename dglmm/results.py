@@ -62,6 +62,16 @@ class FitResult:
     mass_points : list of dict
         NPML: ``{"location": [...], "probability": p}`` per mass point, on the scale of the
         random-effect terms (``mass_points_note`` says how the fixed part is absorbed).
+    reml : bool
+        True for a REML fit (Gaussian, identity link: the default, as lme4's ``lmer``);
+        ``loglik`` is then the REML criterion (lme4's ``logLik`` of a REML fit), and AIC and
+        BIC are computed from it as lme4 does.
+    condition_number : dict
+        ``{"original": ..., "working": ...}``: the 2-norm condition number of the weighted
+        fixed-effects design as given and of the design the optimiser worked on.
+    hlm_table : list of dict
+        :func:`dglmm.fit_hlm` results: one row per gamma, ``{"outcome", "predictor", "gamma",
+        "estimate", "std_error"}`` (the level-2 equations' coefficients).
     n_obs : int
     n_groups : dict
         ``{group column: number of groups}``.
@@ -112,6 +122,9 @@ class FitResult:
     quasi_likelihood: bool = False
     mass_points: list[dict[str, Any]] = field(default_factory=list)
     mass_points_note: str = ""
+    reml: bool = False
+    condition_number: dict[str, Any] = field(default_factory=dict)
+    hlm_table: list[dict[str, Any]] = field(default_factory=list)
 
     # -------------------------------------------------------------- derived views
 
@@ -147,24 +160,29 @@ class FitResult:
         )
         if self.laplace_order > 1:
             method = f"Laplace approximation with the terms of order {self.laplace_order}"
-        if self.family == "gaussian":
-            method = "maximum likelihood"
         fit_by = "maximum likelihood"
+        heading = None
+        if self.family == "gaussian" and self.link == "identity" and not (
+                self.quasi_likelihood or self.mass_points):
+            heading = "Linear mixed model fit by " + ("REML" if self.reml else
+                                                     "maximum likelihood") + " ['dglmm']"
         if self.mass_points:
             fit_by, method = "nonparametric maximum likelihood", (
                 f"{len(self.mass_points)} mass points")
         elif self.quasi_likelihood:
             fit_by, method = f"{self.method.upper()}", f"quasi-likelihood; logLik by {method}"
         lines = [
-            f"Generalized linear mixed model fit by {fit_by} ({method}) ['dglmm']",
+            heading or f"Generalized linear mixed model fit by {fit_by} ({method}) ['dglmm']",
             f" Family: {self.family}  ( {self.link} )",
             f"Formula: {self.formula}",
             "",
-            f"{'AIC':>10} {'BIC':>10} {'logLik':>10}",
-            f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f}",
-            "",
-            "Random effects:",
         ]
+        if self.reml:  # lme4 prints the criterion, not AIC/BIC, for a REML fit
+            lines += [f"REML criterion at convergence: {-2 * self.loglik:.4f}"]
+        else:
+            lines += [f"{'AIC':>10} {'BIC':>10} {'logLik':>10}",
+                      f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f}"]
+        lines += ["", "Random effects:"]
         rows = [("Groups", "Name", "Variance", "Std.Dev.", "Corr")]
         for group, re in self.random_effects.items():
             terms = re["terms"]
@@ -219,6 +237,13 @@ class FitResult:
                       "and BIC are the Laplace/AGQ log-likelihood at these estimates"]
         elif self.method not in ("newton", "npml"):
             lines += ["", f"estimation method: {self.method}"]
+        if self.hlm_table:
+            lines += ["", self.hlm_summary()]
+        if self.condition_number:
+            cn = self.condition_number
+            lines += ["", f"condition number of the fixed-effects design: "
+                      f"{cn.get('original', math.nan):.3g} (as given), "
+                      f"{cn.get('working', math.nan):.3g} (as solved)"]
         status = "converged" if self.converged else "NOT converged"
         lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
                   f"evaluations): {self.message}"]  # fmt: skip
@@ -227,6 +252,29 @@ class FitResult:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+    def hlm_summary(self) -> str:
+        """The fixed effects as HLM prints them: one block of gammas per level-1
+        coefficient (``fit_hlm`` results; empty otherwise)."""
+        if not self.hlm_table:
+            return ""
+        rows = [("", "Coefficient", "Std. Error", "t-ratio")]
+        outcome = None
+        for r in self.hlm_table:
+            if r["outcome"] != outcome:
+                outcome = r["outcome"]
+                rows.append((f"For {outcome} slope" if outcome != "Intercept"
+                             else "For Intercept", "", "", ""))
+            est, se = r["estimate"], r["std_error"]
+            label = "INTRCPT2" if r["predictor"] == "Intercept" else r["predictor"]
+            rows.append((f"    {label}, {r['gamma']}", f"{est:.6g}", f"{se:.6g}",
+                         f"{est / se:.3f}" if se and se == se else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        out = ["Final estimation of fixed effects (HLM layout):"]
+        for r in rows:
+            out.append(" " + r[0].ljust(widths[0]) + "  " +
+                       "  ".join(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)))
+        return "\n".join(out)
 
     def _family_parameter_lines(self) -> list[str]:
         """glmmTMB-style lines for the family's own parameters (the Gaussian residual
@@ -317,6 +365,9 @@ class FitResult:
             **({"quasi_likelihood": True} if self.quasi_likelihood else {}),
             **({"mass_points": self.mass_points, "mass_points_note": self.mass_points_note}
                if self.mass_points else {}),
+            "reml": self.reml,
+            **({"condition_number": self.condition_number} if self.condition_number else {}),
+            **({"hlm_table": self.hlm_table} if self.hlm_table else {}),
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -457,6 +508,9 @@ class FitResult:
             quasi_likelihood=v.get(d, "quasi_likelihood", bool, default=False),
             mass_points=_mass_points(v, d.get("mass_points", [])),
             mass_points_note=v.get(d, "mass_points_note", str, default=""),
+            reml=v.get(d, "reml", bool, default=False),
+            condition_number=_condition_number(v, d.get("condition_number", {})),
+            hlm_table=_hlm_rows(v, d.get("hlm_table", [])),
         )
 
     @classmethod
@@ -657,3 +711,23 @@ def _agq_orders(v, value) -> dict[int, int]:
             v.fail(f"agq_orders has the key {k!r}, not a number of nodes")
         out[int(k)] = v.integer(n, f"agq_orders[{k}]")
     return out
+
+
+def _condition_number(v, value) -> dict[str, float]:
+    if not isinstance(value, dict):
+        v.fail("'condition_number' must be an object")
+    return {str(k): v.number(x, f"condition_number {k!r:.40}") for k, x in value.items()}
+
+
+def _hlm_rows(v, value) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        v.fail("'hlm_table' must be a list of objects")
+    rows = []
+    for row in value:
+        if not isinstance(row, dict):
+            v.fail("'hlm_table' must be a list of objects")
+        rows.append({**{k: v.get(row, k, str, where="hlm_table")
+                        for k in ("outcome", "predictor", "gamma")},
+                     **{k: v.number(row.get(k), f"hlm_table {k}")
+                        for k in ("estimate", "std_error")}})
+    return rows
