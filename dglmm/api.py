@@ -65,6 +65,7 @@ from .optimizer import (
 from .outputs import check_fit_outputs
 from .progress import Progress, _in_notebook, _isatty
 from .quadrature import check_nodes
+from .reml import REMLModel, check_reml, reml_adjust, resolve_reml
 from .results import FitResult, wald_table
 from .sources import input_fingerprint, read_frame
 
@@ -106,6 +107,7 @@ def fit(
     masses: int | str | None = None,
     pql_scale: str = "fixed",
     laplace_order: int = 1,
+    reml: bool | None = None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -180,6 +182,10 @@ def fit(
     pql_scale : {"fixed", "estimated"}
         PQL/MQL: the working model's residual scale held at 1 (a binomial or Poisson model,
         MLwiN's default) or estimated (as ``MASS::glmmPQL`` does).
+    reml : bool, optional
+        Gaussian family with the identity link: restricted maximum likelihood (the default,
+        as lme4's ``lmer``, HLM and MLwiN) or maximum likelihood (``reml=False``).  ``loglik``
+        of a REML fit is the REML criterion.  Other families: only ``None`` or ``False``.
 
     Returns
     -------
@@ -192,6 +198,7 @@ def fit(
     t_start = time.perf_counter()
     fam = get_family(family, link)
     method, masses = check_method(method, masses, n_agq, fam)
+    reml = resolve_reml(reml, fam, method)
     _check_laplace_order(laplace_order, n_agq, method)
     if method in _QUASI:
         from .pql import check_applicable
@@ -221,7 +228,7 @@ def fit(
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
                          method=method, masses=masses, pql_scale=pql_scale,
-                         laplace_order=laplace_order)  # fmt: skip
+                         laplace_order=laplace_order, reml=reml)  # fmt: skip
     from . import dask_driver
 
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
@@ -244,7 +251,7 @@ def fit(
                          checkpoint=checkpoint, resume=resume, max_iter=max_iter,
                          progress=progress, random_effects=random_effects,
                          method=method, masses=masses, pql_scale=pql_scale,
-                         laplace_order=laplace_order)  # fmt: skip
+                         laplace_order=laplace_order, reml=reml)  # fmt: skip
 
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
@@ -374,6 +381,7 @@ def fit_model(
     masses: int | str | None = None,
     pql_scale: str = "fixed",
     laplace_order: int = 1,
+    reml: bool = False,
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -387,13 +395,16 @@ def fit_model(
         from .laplace_ho import HigherOrderLaplaceModel
 
         evaluator.model = HigherOrderLaplaceModel(evaluator.model, int(laplace_order))
+    if reml:  # the REML moments ride along with every evaluation (dglmm.reml)
+        check_reml(evaluator.model)
+        evaluator.model = REMLModel(evaluator.model)
     model: KernelModel = evaluator.model
     layout = _Layout(model.p, model.n_theta, model.n_tau)
     P = model.n_params
     # the NumPy kernels (nested levels, the families outside the compiled kernel) give a
     # Newton Hessian without the log-determinant's curvature, so a measured correction is
     # allowed whenever convergence turns linear
-    approximate = laplace_order > 1 or spec.inner or not model.compiled or (
+    approximate = reml or laplace_order > 1 or spec.inner or not model.compiled or (
         model.has_dispersion and model.family_code != FAMILY_GAUSSIAN)  # no d2H/dtau2
     settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
     n_obs = evaluator.n_obs
@@ -404,6 +415,8 @@ def fit_model(
     def evaluate(params_list, hessian):
         t0 = time.perf_counter()
         out = evaluator.evaluate([np.asarray(x, float) for x in params_list], hessian)
+        if reml:
+            out = [reml_adjust(r, layout.p) for r in out]
         eval_times.append({"n": len(params_list), "seconds": time.perf_counter() - t0})
         if not design_scales and out:
             _check_weights(out[0], spec, n_obs)
@@ -423,6 +436,8 @@ def fit_model(
     }  # fmt: skip
     if laplace_order > 1:
         model_key["laplace_order"] = int(laplace_order)
+    if reml:  # an ML checkpoint never resumes a REML fit (and back)
+        model_key["reml"] = True
     if method != "newton":  # a Newton checkpoint of an older version keeps its key
         model_key["method"] = method if method != "em-newton" else "em"
     if method == "npml":
@@ -519,6 +534,8 @@ def fit_model(
     rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
     unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
     hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
+    if fam.code == FAMILY_GAUSSIAN and fam.link.name == "identity":
+        hess_fd = _linear_model_information(hess_fd, layout.p)
     vcov, info_ok = _invert_information(-hess_fd, unit)
     total_s = time.perf_counter() - t_start
 
@@ -580,6 +597,7 @@ def fit_model(
     result.integration_error, result.integration_error_nodes = error, error_nodes
     result.method = method
     result.laplace_order = int(laplace_order)
+    result.reml = bool(reml)
     if auto is not None:
         result.agq_orders = {int(k): int(n) for k, n in auto.counts.items() if n}
         result.message = f"{result.message}; {auto.message()}"
@@ -1034,6 +1052,16 @@ def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
             for j, (_row, b) in enumerate(cov_pattern):
                 if b == col:
                     out[layout.p + j] = -out[layout.p + j]
+    return out
+
+
+def _linear_model_information(hess: np.ndarray, p: int) -> np.ndarray:
+    """A linear mixed model's information as lme4 uses it: the fixed effects' block
+    ``X' V^-1 X`` (exact) apart from the covariance parameters' (their cross terms vanish in
+    expectation), so ``vcov(beta) = (X' V^-1 X)^-1`` as ``lmer`` reports, ML or REML."""
+    out = hess.copy()
+    out[:p, p:] = 0.0
+    out[p:, :p] = 0.0
     return out
 
 

@@ -158,6 +158,9 @@ class BlockResult:
         parameter (standard errors and the singular test are computed on that scale).
     warm_start : WarmStart or None
         Modes and their derivatives, to start the next evaluation; dropped when added.
+    extra : dict of str to ndarray, or None
+        Further sums of a plug-in model (e.g. the REML moments of ``dglmm.reml``), added
+        key by key.
     """
 
     loglik: float
@@ -170,6 +173,7 @@ class BlockResult:
     weight_total: float | None = None
     x_sumsq: np.ndarray | None = field(default=None, repr=False)
     z_sumsq: np.ndarray | None = field(default=None, repr=False)
+    extra: dict | None = field(default=None, repr=False)
 
     def __add__(self, other: BlockResult) -> BlockResult:
         hess = None
@@ -186,12 +190,19 @@ class BlockResult:
             weight_total=None if w_self is None or w_other is None else w_self + w_other,
             x_sumsq=_add_optional(getattr(self, "x_sumsq", None), getattr(other, "x_sumsq", None)),
             z_sumsq=_add_optional(getattr(self, "z_sumsq", None), getattr(other, "z_sumsq", None)),
+            extra=_add_extra(getattr(self, "extra", None), getattr(other, "extra", None)),
         )
 
     def __radd__(self, other):
         if other == 0:
             return self
         return self.__add__(other)
+
+
+def _add_extra(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return None
+    return {k: a[k] + b[k] for k in a if k in b}
 
 
 def _add_optional(a, b):
