@@ -16,6 +16,7 @@ from .errors import (
     SpecificationError,
 )
 from .families import get_family, get_link
+from .hlm import fit_hlm
 from .results import FitResult
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "FitResult",
     "SpecificationError",
     "fit",
+    "fit_hlm",
     "fit_model",
     "get_family",
     "get_link",
