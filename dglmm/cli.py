@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a model", description="Fit a GLMM and print its summary.")
     f.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
-    f.add_argument("--formula", required=True, help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
+    f.add_argument("--formula", default=None,
+                   help="lme4 formula, e.g. 'y ~ x + (1 + x | g)' (or HLM's equations: --level1)")
+    _add_hlm_arguments(f)
     f.add_argument("--family", default="binomial",
                    help="binomial, poisson, gaussian, nbinom2, nbinom1, gamma, beta or ordinal")
     f.add_argument("--response-levels", default=None, type=_levels,
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pql-scale", choices=("fixed", "estimated"), default="fixed",
                    help="PQL/MQL: the working model's scale held at 1 (default) or estimated "
                         "(as MASS::glmmPQL)")  # fmt: skip
+    ml = f.add_mutually_exclusive_group()
+    ml.add_argument("--reml", dest="reml", action="store_const", const=True, default=None,
+                    help="gaussian: restricted maximum likelihood (the default, as lmer)")
+    ml.add_argument("--ml", dest="reml", action="store_const", const=False,
+                    help="gaussian: maximum likelihood")
     f.add_argument("--trials", default=None, help="binomial trials column")
     f.add_argument("--offset", default=None, help="offset column")
     f.add_argument("--weights", default=None, help="prior weights column")
@@ -152,6 +159,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_hlm_arguments(parser: argparse.ArgumentParser) -> None:
+    """HLM's equations in place of --formula (docs/hlm.md)."""
+    parser.add_argument("--level1", default=None,
+                        help="HLM level-1 model in place of --formula, e.g. 'mathach ~ ses'")
+    parser.add_argument("--level2", action="append", default=[], metavar="'COEF: ~ W'",
+                        help="a level-2 equation, e.g. 'Intercept: ~ sector' (one per "
+                        "level-1 coefficient; the others get their gamma_p0 only)")
+    parser.add_argument("--random", default=None, metavar="COEF,...",
+                        help="the level-1 coefficients with a random effect at level 2, e.g. "
+                        "Intercept,ses")
+    parser.add_argument("--group", default=None, metavar="UNIT[,UNIT3]",
+                        help="the level-2 unit column (three levels: level-2, then level-3 "
+                        "unit column, e.g. school,district)")
+    parser.add_argument("--level3", action="append", default=[], metavar="'BETA: ~ V'",
+                        help="three levels: a level-3 equation of a level-2 coefficient, "
+                        "e.g. 'Intercept: ~ v1'")
+    parser.add_argument("--random3", default=None, metavar="BETA,...",
+                        help="three levels: the level-2 coefficients with a random effect at "
+                        "level 3")
+
+
+_HLM_OPTIONS = ("level2", "random", "group", "level3", "random3")
+
+
+def _hlm_equations(args) -> dict | None:
+    """The keywords of :func:`dglmm.fit_hlm` from the command line; None with --formula."""
+    from .hlm import hlm_spec, parse_equation, split_list
+
+    given = [f"--{o}" for o in _HLM_OPTIONS if getattr(args, o)]
+    if (args.formula is None) == (args.level1 is None):
+        raise DglmmError("give --formula (an lme4 formula) or --level1 (HLM's equations, with "
+                         "--level2, --random and --group), not both" if args.formula else
+                         "fit needs --formula (an lme4 formula) or --level1 (HLM's equations)")
+    if args.formula is not None:
+        if given:
+            raise DglmmError(f"{given[0]} goes with --level1, not --formula")
+        return None
+    out = {"level1": args.level1, "group": None, "random": None, "random3": None}
+    for option in ("group", "random", "random3"):
+        text = getattr(args, option)
+        if text is not None:
+            out[option] = split_list(text)
+    if out["group"] is not None and len(out["group"]) == 1:
+        out["group"] = out["group"][0]
+    for option in ("level2", "level3"):
+        equations = [parse_equation(text, f"--{option}") for text in getattr(args, option)]
+        keys = [k for k, _ in equations]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise DglmmError(f"--{option} gives two equations for {twice!r}")
+        out[option] = dict(equations) or None
+    hlm_spec(**out)  # the equations checked before the outputs and the data
+    return out
+
+
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca-file", default=None,
                         help="CA certificate of a TLS scheduler (tls://HOST:PORT)")
@@ -169,6 +231,7 @@ def _cmd_fit(args) -> int:
     from .api import IN_PROCESS, fit
     from .outputs import check_fit_outputs
 
+    equations = _hlm_equations(args)
     if args.resume and not args.checkpoint:
         raise DglmmError("--resume needs --checkpoint PATH")
     # every output checked before the fit starts (and against each other), so that a bad
@@ -177,8 +240,8 @@ def _cmd_fit(args) -> int:
                       random_effects=args.random_effects, output=args.output,
                       overwrite=args.overwrite)  # fmt: skip
     client = IN_PROCESS if args.in_process else None
-    result = fit(
-        args.formula, args.data, family=args.family, link=args.link, n_agq=args.n_agq,
+    options = dict(
+        family=args.family, link=args.link, n_agq=args.n_agq,
         trials=args.trials, offset=args.offset, weights=args.weights, client=client,
         missing=args.missing, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
         n_workers=args.workers, npartitions=args.partitions, checkpoint=args.checkpoint,
@@ -186,8 +249,14 @@ def _cmd_fit(args) -> int:
         random_effects=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
-        pql_scale=args.pql_scale, laplace_order=args.laplace_order,
+        pql_scale=args.pql_scale, laplace_order=args.laplace_order, reml=args.reml,
     )  # fmt: skip
+    if equations is None:
+        result = fit(args.formula, args.data, **options)
+    else:
+        from .hlm import fit_hlm
+
+        result = fit_hlm(data=args.data, **equations, **options)
     summary = result.summary()
     print(summary)
     n_dropped = int(getattr(result, "n_dropped", 0) or 0)
