@@ -61,6 +61,7 @@ def _fit(formula, data, family, link=None, n_agq=1, trials=None, offset=None, we
         return dglmm.fit(
             formula, str(DATA / data), family=family, link=link, n_agq=n_agq,
             trials=trials, offset=offset, weights=weights, client=IN_PROCESS,
+            reml=False,  # every reference is a maximum-likelihood fit
         )  # fmt: skip
 
 

@@ -131,6 +131,7 @@ def _fit(case: dict):
         return dglmm.fit(
             case["formula_dglmm"], str(NESTED / case["data"]), family=case["family"],
             link=case["link"], trials=case["trials"], client=IN_PROCESS,
+            reml=False,  # every reference is a maximum-likelihood fit
         )  # fmt: skip
 
 

@@ -106,7 +106,8 @@ def test_from_dict_minimal():
         d.pop(key)
     back = FitResult.from_dict(d)
     assert back.n_evaluations == 0 and back.params.size == 0 and back.warnings == []
-    assert back.summary().startswith("Generalized linear mixed model")
+    assert back.summary().startswith("Linear mixed model fit by maximum likelihood")
+    assert not back.reml and back.condition_number == {} and back.hlm_table == []
 
 
 def test_summary_with_zero_variance():
