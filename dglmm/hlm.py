@@ -325,11 +325,12 @@ def _predictors(rhs, where: str, lower: tuple[Term, ...], level: int) -> tuple[T
 
 
 def _coefficient(key, choices: dict, what: str) -> Term:
-    """The coefficient ``key`` names (``"Intercept"`` or a term as written)."""
+    """The coefficient ``key`` names (``"Intercept"``, formulaic's name or a term as written)."""
     names = [t.name for t in choices.values()]
     found = None
-    if isinstance(key, str) and key.strip() == INTERCEPT:
-        found = choices.get(frozenset())
+    by_name = {t.name: t for t in choices.values()}
+    if isinstance(key, str) and key.strip() in by_name:  # formulaic's name, e.g. "Intercept"
+        found = by_name[key.strip()]
     elif isinstance(key, str) and key.strip():
         try:
             _, terms = _rhs(key, f"{what} {key!r}")
