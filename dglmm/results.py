@@ -254,19 +254,30 @@ class FitResult:
         return "\n".join(lines)
 
     def hlm_summary(self) -> str:
-        """The fixed effects as HLM prints them: one block of gammas per level-1
-        coefficient (``fit_hlm`` results; empty otherwise)."""
+        """The fixed effects as HLM prints them: per level-1 coefficient (pi) its gammas; with
+        three levels, per level-2 coefficient (beta) too (``fit_hlm`` results; else empty)."""
         if not self.hlm_table:
             return ""
         rows = [("", "Coefficient", "Std. Error", "t-ratio")]
-        outcome = None
+        seen: dict[tuple, str] = {}  # the headings written: (p,) and (p, q) -> level-2 name
         for r in self.hlm_table:
-            if r["outcome"] != outcome:
-                outcome = r["outcome"]
-                rows.append((f"For {outcome} slope" if outcome != "Intercept"
-                             else "For Intercept", "", "", ""))
-            est, se = r["estimate"], r["std_error"]
+            digits = r["gamma"][len("gamma"):]
+            sep = "_" if "_" in digits else ""
+            idx = tuple(digits.split("_")) if sep else tuple(digits)
+            if idx[:1] not in seen:
+                seen[idx[:1]] = r["outcome"]
+                rows.append((f"For INTRCPT1, pi{idx[0]}" if r["outcome"] == "Intercept"
+                             else f"For {r['outcome']} slope, pi{idx[0]}", "", "", ""))
             label = "INTRCPT2" if r["predictor"] == "Intercept" else r["predictor"]
+            if len(idx) == 3:
+                if idx[:2] not in seen:
+                    seen[idx[:2]] = label
+                    rows.append((f"    For {label}, beta{sep.join(idx[:2])}", "", "", ""))
+                level2 = seen[idx[:2]]
+                label = ("INTRCPT3" if idx[2] == "0" else label if idx[1] == "0"
+                         else label.removeprefix(f"{level2}:"))  # fmt: skip
+                label = "    " + label
+            est, se = r["estimate"], r["std_error"]
             rows.append((f"    {label}, {r['gamma']}", f"{est:.6g}", f"{se:.6g}",
                          f"{est / se:.3f}" if se and se == se else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
