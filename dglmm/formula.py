@@ -42,6 +42,7 @@ import formulaic
 from dglmm.errors import SpecificationError
 
 __all__ = [
+    "CENTRING_FUNCTIONS",
     "GroupingFactor",
     "ParsedFormula",
     "RandomTerm",
@@ -50,6 +51,12 @@ __all__ = [
     "is_bare_name",
     "parse_formula",
 ]
+
+#: the centring functions of :mod:`dglmm.centring` (group means on the workers, grand
+#: means in the spec); their names are never data columns
+GROUP_CENTRING = frozenset({"group_centre", "group_center", "group_mean"})
+GRAND_CENTRING = frozenset({"grand_centre", "grand_center"})
+CENTRING_FUNCTIONS = GROUP_CENTRING | GRAND_CENTRING
 
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
@@ -510,7 +517,8 @@ def expression_variables(expr: str) -> tuple[str, ...]:
     tokens: a bare name counts unless it is called (``log(``), used as a
     namespace (``np.``), an attribute (``.log``), a keyword argument
     (``levels=``), a Python keyword, or a formulaic transform (``C``,
-    ``center``, ``Treatment``, ...).  ``Q("name")`` and backtick-quoted names
+    ``center``, ``Treatment``, ...); the centring functions
+    (:data:`CENTRING_FUNCTIONS`) are never columns.  ``Q("name")`` and backtick-quoted names
     count as columns.
 
     Args:
@@ -538,7 +546,8 @@ def expression_variables(expr: str) -> tuple[str, ...]:
             continue
         names.append(placeholders.get(tok.string, tok.string))
     try:
-        extra = sorted(str(v) for v in formulaic.Formula(expr).required_variables)
+        extra = sorted(str(v) for v in formulaic.Formula(expr).required_variables
+                       if str(v) not in CENTRING_FUNCTIONS)  # fmt: skip
     except Exception:  # noqa: BLE001 - formulaic cannot parse: the scan is all we have
         extra = []
     return tuple(dict.fromkeys(names + extra))

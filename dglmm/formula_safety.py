@@ -21,7 +21,10 @@ accepts only:
   (``C``, ``I``, ``Q``, ``log``, ``log2``, ``log10``, ``log1p``, ``exp``, ``exp2``,
   ``exp10``, ``expm1``, ``sqrt``, ``abs``, ``poly``, ``scale``, ``center``,
   ``standardize``, the splines ``bs``, ``cr``, ``cs``, ``cc``, the contrasts
-  ``Treatment``, ``Sum``, ``Helmert``, ``Diff``, ``Poly``), of ``contr.<name>`` for the
+  ``Treatment``, ``Sum``, ``Helmert``, ``Diff``, ``Poly``, dglmm's centring functions
+  ``group_centre``, ``group_mean``, ``grand_centre`` (and the spellings ``group_center``,
+  ``grand_center``; a string literal only as their ``by=``, see :mod:`dglmm.centring`)),
+  of ``contr.<name>`` for the
   names in :data:`ALLOWED_CONTR`, and of ``np.<f>`` / ``numpy.<f>`` for ``f`` in
   :data:`ALLOWED_NUMPY`; the constants ``np.pi``, ``np.e``, ``np.inf``, ``np.nan``.
 
@@ -49,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from dglmm.errors import SpecificationError
-from dglmm.formula import one_line
+from dglmm.formula import CENTRING_FUNCTIONS, one_line
 
 __all__ = [
     "ALLOWED_CONTR",
@@ -92,6 +95,7 @@ ALLOWED_FUNCTIONS = frozenset(
         "log", "log2", "log10", "log1p", "exp", "exp2", "exp10", "expm1", "sqrt", "abs",
         "poly", "scale", "center", "standardize", "bs", "cr", "cs", "cc",
         "Treatment", "Sum", "Helmert", "Diff", "Poly",
+        *CENTRING_FUNCTIONS,
     }
 )  # fmt: skip
 
@@ -156,7 +160,8 @@ class _Checker:
             if isinstance(value, str):
                 if ctx not in ("string-arg", "compare"):
                     raise _Refused(node, "a string literal is only allowed as an argument of "
-                                   "C, Q or a contrast, or in a comparison")  # fmt: skip
+                                   "C, Q or a contrast, as by= of a group mean, or in a "
+                                   "comparison")  # fmt: skip
             elif not (value is None or isinstance(value, (bool, int, float))):
                 raise _Refused(node, f"literal of type {type(value).__name__} is not allowed")
         elif isinstance(node, ast.Name):
@@ -230,7 +235,8 @@ class _Checker:
                 raise _Refused(kw.value, "**arguments are not allowed")
             if kw.arg.startswith("_"):
                 raise _Refused(kw.value, f"the keyword argument {kw.arg!r} is not allowed")
-            self._check_arg(kw.value, arg_ctx)
+            by = name in CENTRING_FUNCTIONS and kw.arg == "by"  # the group's name, quoted
+            self._check_arg(kw.value, "string-arg" if by else arg_ctx)
 
     def _check_arg(self, arg: ast.AST, ctx: str) -> None:
         if isinstance(arg, (ast.List, ast.Tuple)):
