@@ -20,9 +20,17 @@ Learning a spec over partitions::
 
 or, for one pandas frame, simply ``learn_spec(formula, df)``.
 
-Limitation: stateful formulaic transforms (``center(x)``, ``scale(x)``,
+Centring: ``group_centre(x)``, ``group_mean(x)`` and ``grand_centre(x)``
+(:mod:`dglmm.centring`, ``docs/centring.md``) are global and exact: the group means are
+computed when a block is built (a block holds whole groups), over the rows the fit uses;
+the grand means are learned with the spec (:func:`grand_sums`, one reduction in the same
+pass as the levels) and kept in :attr:`ModelSpec.grand_means`, so blocks and predictions
+apply the same means.
+
+Limitation: formulaic's own stateful transforms (``center(x)``, ``scale(x)``,
 ``bs(x)``, ...) are evaluated on each block separately, so their state (a mean,
-knots) is per block rather than global.  Precompute such columns instead.
+knots) is per block rather than global.  Use ``grand_centre(x)`` for a global
+centring, and precompute the other columns.
 """
 
 from __future__ import annotations
@@ -40,6 +48,16 @@ import formulaic
 import numpy as np
 import pandas as pd
 
+from dglmm.centring import (
+    Centring,
+    centring_calls,
+    check_centring,
+    check_grand_means,
+    grand_calls,
+    grand_means,
+    group_columns,
+    uses_centring,
+)
 from dglmm.errors import (
     DataError,
     DglmmError,
@@ -66,6 +84,7 @@ __all__ = [
     "MAX_FIXED_COLUMNS",
     "build_block",
     "check_key_types",
+    "grand_sums",
     "check_unique_columns",
     "collect_levels",
     "learn_spec",
@@ -150,6 +169,10 @@ class ModelSpec:
             the shared design (see :mod:`dglmm.nominal`).
         response_values: the response values the data hold when they are few (collected
             with the levels; None when there are many, or when not collected).
+        grand_means: the mean over all rows of the fit of the argument of each
+            ``grand_centre`` call, under formulaic's name of the call (e.g.
+            ``{"grand_centre(ses)": 0.0148}``); learned with the spec, applied to every
+            block and to new data (:mod:`dglmm.centring`).
         allow_python: formulas may run any Python code (the explicit opt-in
             ``allow_python_in_formulas=True``); otherwise every evaluation goes through
             the allowlist of :mod:`dglmm.formula_safety`.  Never written by
@@ -173,6 +196,7 @@ class ModelSpec:
     response_levels: tuple[Any, ...] | None = None
     response_values: tuple[Any, ...] | None = None
     nominal: bool = False
+    grand_means: dict[str, float] = field(default_factory=dict)
 
     def __hash__(self) -> int:
         """Hash of the JSON form (``levels`` is a dict, so the generated hash would fail)."""
@@ -248,6 +272,8 @@ class ModelSpec:
             **({"response_values": [_python_scalar(v) for v in self.response_values]}
                if self.response_values is not None else {}),
             **({"nominal": True} if self.nominal else {}),
+            **({"grand_means": {k: float(v) for k, v in self.grand_means.items()}}
+               if self.grand_means else {}),
         }  # fmt: skip
 
     @classmethod
@@ -320,7 +346,10 @@ class ModelSpec:
         nominal = d.get("nominal", False)
         if not isinstance(nominal, bool):
             raise SpecificationError("model spec field 'nominal' must be true or false")
+        check_centring(parsed)
+        means = check_grand_means(d.get("grand_means", {}), parsed)
         return cls(
+            grand_means=means,
             nominal=nominal,
             **response,
             formula=d["formula"],
@@ -706,32 +735,47 @@ def _bad_mask(series: pd.Series) -> np.ndarray:
     return bad
 
 
+def _model_matrix(rhs: str, frame: pd.DataFrame, allow_python: bool = False,
+                  centring: Centring | None = None):  # fmt: skip
+    """formulaic's model matrix of ``rhs`` on ``frame`` (see :func:`_design`)."""
+    context = formula_context(allow_python)
+    options: dict[str, Any] = {}
+    if uses_centring(rhs):
+        if centring is None:  # pragma: no cover - every design of a model passes one
+            raise SpecificationError(f"{rhs!r}: the centring functions need the model spec")
+        context.update(centring.functions(frame))
+        options["transform_state"] = centring.state()
+    try:
+        with np.errstate(all="ignore"):  # non-finite results are reported by the caller
+            return formulaic.model_matrix(
+                rhs, frame, context=context, output="numpy", na_action="ignore", **options
+            )
+    except DglmmError:
+        raise
+    except Exception as exc:  # formulaic raises many exception types
+        if isinstance(exc.__cause__, DglmmError):  # ours, raised inside a factor
+            raise exc.__cause__ from None
+        message = one_line(str(exc))
+        raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
+
+
 def _design(
-    rhs: str, frame: pd.DataFrame, allow_python: bool = False
+    rhs: str, frame: pd.DataFrame, allow_python: bool = False, centring: Centring | None = None
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """Formulaic design of ``rhs`` on ``frame``: float64 C-order (n, k) array and names.
 
     Evaluated in :func:`~dglmm.formula_safety.formula_context` (never the caller's frame):
     without ``allow_python`` only allowlisted names, builtins blocked.  The callers check
-    the formula against the allowlist first (:func:`_check_safe`).
+    the formula against the allowlist first (:func:`_check_safe`).  ``centring`` binds the
+    centring functions to the rows of ``frame`` and supplies the grand means.
     """
-    context = formula_context(allow_python)
-    try:
-        with np.errstate(all="ignore"):  # non-finite results are reported by the caller
-            mm = formulaic.model_matrix(
-                rhs, frame, context=context, output="numpy", na_action="ignore"
-            )
-    except DglmmError:
-        raise
-    except Exception as exc:  # formulaic raises many exception types
-        message = one_line(str(exc))
-        raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
+    mm = _model_matrix(rhs, frame, allow_python, centring)
     array = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
     return array.reshape(len(frame), -1), tuple(str(c) for c in mm.model_spec.column_names)
 
 
 def _random_design(parsed: ParsedFormula, frame: pd.DataFrame, allow_python: bool = False,
-                   factor: str | None = None):  # fmt: skip
+                   factor: str | None = None, centring: Centring | None = None):  # fmt: skip
     """Random-effects design: hstack of the design of every bar term (of the grouping
     factor called ``factor``, if given).
 
@@ -740,15 +784,15 @@ def _random_design(parsed: ParsedFormula, frame: pd.DataFrame, allow_python: boo
         list of ``(start, stop, diagonal)`` column ranges of the bar terms.
     """
     terms = parsed.random_terms if factor is None else parsed.terms_of(factor)
-    return _terms_design([(t.expr, t.diagonal) for t in terms], frame, allow_python)
+    return _terms_design([(t.expr, t.diagonal) for t in terms], frame, allow_python, centring)
 
 
 def _terms_design(terms: Sequence[tuple[str, bool]], frame: pd.DataFrame,
-                  allow_python: bool = False):  # fmt: skip
+                  allow_python: bool = False, centring: Centring | None = None):  # fmt: skip
     """:func:`_random_design` of ``(expr, diagonal)`` pairs."""
     parts, names, blocks = [], [], []
     for expr, diagonal in terms:
-        z, cols = _design(expr, frame, allow_python)
+        z, cols = _design(expr, frame, allow_python, centring)
         blocks.append((len(names), len(names) + len(cols), diagonal))
         parts.append(z)
         names.extend(cols)
@@ -1163,6 +1207,7 @@ def make_spec(
     allow_python: bool = False,
     n_rows: int | None = None,
     nesting: Nesting | None = None,
+    grand_means: Mapping[str, float] | None = None,
 ) -> ModelSpec:
     """Build the :class:`ModelSpec` from merged levels and a small sample.
 
@@ -1185,6 +1230,9 @@ def make_spec(
         sample_df: a few rows of the data (may be empty, but with all columns).
         trials, offset, weights: optional column names.
         nesting: the levels of a nested model (see above); ignored with one factor.
+        grand_means: the grand means of the formula's ``grand_centre`` calls over the whole
+            data (``centring.grand_means`` of the summed :func:`grand_sums`); required
+            exactly when the formula has such calls.
 
     Returns:
         The spec.  Rank deficiency of the fixed effects is not checked here.
@@ -1196,6 +1244,7 @@ def make_spec(
             combines several columns or has a single unit.
     """
     _check_safe(parsed, allow_python)
+    check_centring(parsed)
     check_unique_columns(sample_df.columns, needed_columns(parsed, trials, offset, weights))
     formula_cols = needed_columns(parsed)
     if parsed.response not in sample_df.columns and not is_column_name(parsed.response):
@@ -1215,17 +1264,21 @@ def make_spec(
     numeric = [c for c in used if c not in levels]
     _warn_group_in_fixed_part(parsed)
     _check_design_size(parsed.fixed, {k: v for k, v in levels.items() if k in used}, n_rows)
-    sample = _prepare(levels, sample_df[[c for c in columns if c in used]], numeric)
-    used_levels = {k: v for k, v in levels.items() if k in used}
     top, inner_names = _top_and_inner(parsed, nesting)
+    centring = _make_centring(parsed, top, grand_means)
+    keys = [c for c in group_columns(parsed, top) if c not in used]  # for the group means
+    sample = _prepare(levels, sample_df[[c for c in columns if c in used] + keys], numeric)
+    used_levels = {k: v for k, v in levels.items() if k in used}
     for name in (top, *inner_names):
         _check_random_size([t.expr for t in parsed.terms_of(name)], name, used_levels)
-    _, fixed_columns = _design(parsed.fixed, sample, allow_python)
+    _, fixed_columns = _design(parsed.fixed, sample, allow_python, centring)
     _check_design_size(parsed.fixed, {}, n_rows, len(fixed_columns))
-    random_columns, blocks = _level_design(parsed, top, sample, sample_df, allow_python)
+    random_columns, blocks = _level_design(parsed, top, sample, sample_df, allow_python,
+                                           centring)  # fmt: skip
     inner = []
     for name in inner_names:
-        columns_l, blocks_l = _level_design(parsed, name, sample, sample_df, allow_python)
+        columns_l, blocks_l = _level_design(parsed, name, sample, sample_df, allow_python,
+                                            centring)  # fmt: skip
         inner.append(LevelSpec(
             name=name, factors=parsed.factor(name).columns, random_columns=columns_l,
             cov_pattern=_cov_pattern(blocks_l),
@@ -1246,7 +1299,26 @@ def make_spec(
         allow_python=bool(allow_python),
         inner=tuple(inner),
         response_values=response_values,
+        grand_means=dict(centring.grand_means),
     )
+
+
+def _make_centring(parsed: ParsedFormula, top: str,
+                   means: Mapping[str, float] | None) -> Centring:  # fmt: skip
+    """The :class:`~dglmm.centring.Centring` of a new spec: ``means`` are required exactly
+    when the formula has a grand mean (``grand_centre``)."""
+    if grand_calls(parsed) and not means:
+        raise SpecificationError(
+            f"{grand_calls(parsed)[0]} needs the grand means of the whole data: pass "
+            "grand_means=centring.grand_means(grand_sums(parsed, df)) to make_spec (learn_spec "
+            "and the Dask driver's spec_from_dask do)"
+        )
+    return Centring(parsed, top, dict(means) if grand_calls(parsed) and means else {})
+
+
+def _spec_centring(spec: ModelSpec) -> Centring:
+    """The :class:`~dglmm.centring.Centring` of the designs of ``spec``."""
+    return Centring(spec.parsed, spec.group, spec.grand_means)
 
 
 def for_family(spec: ModelSpec, family: Any, response_levels: Sequence | None = None) -> ModelSpec:
@@ -1359,10 +1431,11 @@ def _top_and_inner(parsed: ParsedFormula, nesting: Nesting | None) -> tuple[str,
 
 
 def _level_design(parsed: ParsedFormula, name: str, sample: pd.DataFrame, sample_df: pd.DataFrame,
-                  allow_python: bool) -> tuple[tuple[str, ...], list]:  # fmt: skip
+                  allow_python: bool, centring: Centring) -> tuple[tuple[str, ...], list]:
     """Random design column names and term blocks of the grouping factor ``name`` on the
     sample, with the per-level checks (size, duplicated columns, constant within units)."""
-    z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python, name)
+    z_sample, random_columns, blocks = _random_design(parsed, sample, allow_python, name,
+                                                      centring)  # fmt: skip
     _check_random_size([], name, {}, len(random_columns))
     factor = parsed.factor(name)
     if all(c in sample_df.columns for c in factor.columns):
@@ -1439,6 +1512,7 @@ def learn_spec(
     """
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     _check_safe(parsed, allow_python)
+    check_centring(parsed)
     if len(df) == 0:
         raise DataError("the data have no rows")
     needed = needed_columns(parsed, trials, offset, weights)
@@ -1449,10 +1523,58 @@ def learn_spec(
             check_key_types(df[name], name)
     nesting = resolve_nesting(parsed, df)
     levels = merge_levels([collect_levels(parsed, df)])
+    sums = grand_sums(parsed, df, trials=trials, offset=offset, weights=weights,
+                      allow_python=allow_python)  # fmt: skip
     return make_spec(
         parsed, levels, df.head(SAMPLE_ROWS), trials=trials, offset=offset, weights=weights,
         allow_python=allow_python, n_rows=len(df), nesting=nesting,
+        grand_means=grand_means(sums) if sums is not None else None,
     )  # fmt: skip
+
+
+def grand_sums(
+    parsed: ParsedFormula,
+    df: pd.DataFrame,
+    *,
+    trials: str | None = None,
+    offset: str | None = None,
+    weights: str | None = None,
+    allow_python: bool = False,
+) -> dict[str, tuple[float, int]] | None:
+    """Sum and count of the finite values of each ``grand_centre`` call over the rows of
+    ``df`` the fit uses (no missing value in any model column; with ``missing="error"`` the
+    fit refuses other rows, so these are all its rows).
+
+    Run on the whole frame by :func:`learn_spec` and per partition in the Dask driver's
+    spec pass (added with :func:`dglmm.centring.merge_sums`, divided by
+    :func:`dglmm.centring.grand_means`).  Only the calls are evaluated (by formulaic, as in
+    the design), on the columns they read.
+
+    Returns:
+        ``{formulaic's name of the call: (sum, count)}``, or None when the formula has no
+        grand mean.
+
+    Raises:
+        SpecificationError: the argument of a call is not numeric.
+        DataError: text in a numeric column.
+    """
+    calls = grand_calls(parsed)
+    if not calls:
+        return None
+    bad = np.zeros(len(df), dtype=bool)
+    for name in needed_columns(parsed, trials, offset, weights):
+        if name in df.columns:
+            bad |= _bad_mask(df[name])
+    read = [c for c in dict.fromkeys(v for call in calls for v in expression_variables(call))
+            if c in df.columns]  # fmt: skip
+    frame = df.loc[~bad, read]
+    wrapped = _c_wrapped(parsed)
+    numeric = [c for c in read if not _is_categorical(frame[c], c in wrapped)]
+    collect = Centring(parsed, parsed.group or "", collect=True)
+    mm = _model_matrix(" + ".join(["0", *calls]), _prepare({}, frame, numeric), allow_python,
+                       collect)  # fmt: skip
+    return {key: (float(state["sum"]), int(state["count"]))
+            for key, state in mm.model_spec.transform_state.items() if "count" in state}
 
 
 # ---------------------------------------------------------------------------
@@ -1637,18 +1759,11 @@ def build_block(
         frame, rows = frame.loc[~bad], rows[~bad]
     if len(frame) == 0:
         raise DataError(f"no rows left after dropping {n_in} rows with missing values")
-    X, fixed_names = _fixed_design(spec, parsed, frame)
-    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group)
-    if (fixed_names, random_names) != _base_columns(spec):
-        raise DataError(
-            f"design columns {fixed_names} / {random_names} differ from the model spec "
-            f"{spec.fixed_columns} / {spec.random_columns}"
-        )
-    Zs = [_inner_design(level, frame, spec.allow_python) for level in spec.inner]
-    bad_design = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
-    for z in Zs:
-        bad_design &= np.isfinite(z).all(axis=1)
-    if bad_design.any():
+    X, Z, Zs = _block_designs(spec, parsed, frame)
+    bad_design = _nonfinite_rows(X, Z, Zs)
+    # group means are over the rows the fit uses: rebuilt once without the rows dropped
+    rebuild = any(not call.grand for call in centring_calls(parsed))
+    while bad_design.any():
         problem = (
             f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
             "(e.g. np.log of 0)"
@@ -1659,6 +1774,10 @@ def build_block(
         Zs = [z[keep] for z in Zs]
         if len(frame) == 0:
             raise DataError("no rows left after dropping rows with missing values")
+        if rebuild:
+            X, Z, Zs = _block_designs(spec, parsed, frame)
+            rebuild = False
+        bad_design = _nonfinite_rows(X, Z, Zs)
     n_dropped = n_in - len(frame)
 
     y = _column_or(frame, spec.response, 0.0)
@@ -1700,6 +1819,28 @@ def build_block(
     )
 
 
+def _block_designs(spec: ModelSpec, parsed: ParsedFormula, frame: pd.DataFrame):
+    """``(X, Z, [Z of each inner level])`` of the rows of ``frame``, names checked."""
+    centring = _spec_centring(spec)
+    X, fixed_names = _fixed_design(spec, parsed, frame)
+    Z, random_names, _ = _random_design(parsed, frame, spec.allow_python, spec.group, centring)
+    if (fixed_names, random_names) != _base_columns(spec):
+        raise DataError(
+            f"design columns {fixed_names} / {random_names} differ from the model spec "
+            f"{spec.fixed_columns} / {spec.random_columns}"
+        )
+    Zs = [_inner_design(level, frame, spec.allow_python, centring) for level in spec.inner]
+    return X, Z, Zs
+
+
+def _nonfinite_rows(X: np.ndarray, Z: np.ndarray, Zs: Sequence[np.ndarray]) -> np.ndarray:
+    """(n,) rows with a non-finite value in any of the designs."""
+    bad = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
+    for z in Zs:
+        bad |= ~np.isfinite(z).all(axis=1)
+    return bad
+
+
 def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
     """Every grouping column of ``spec``: the top column, then the inner levels' columns."""
     return tuple(dict.fromkeys([spec.group, *(c for lv in spec.inner for c in lv.factors)]))
@@ -1707,7 +1848,7 @@ def spec_group_columns(spec: ModelSpec) -> tuple[str, ...]:
 
 def _fixed_design(spec: ModelSpec, parsed: ParsedFormula, frame: pd.DataFrame):
     """The fixed design of ``spec``: without the intercept for an ordinal response."""
-    X, names = _design(parsed.fixed, frame, spec.allow_python)
+    X, names = _design(parsed.fixed, frame, spec.allow_python, _spec_centring(spec))
     if spec.response_levels is not None and not spec.nominal and "Intercept" in names:
         keep = [j for j, n in enumerate(names) if n != "Intercept"]
         X, names = np.ascontiguousarray(X[:, keep]), tuple(names[j] for j in keep)
@@ -1735,9 +1876,10 @@ def response_codes(series: pd.Series, spec: ModelSpec) -> pd.Series:
     return codes.astype(float)
 
 
-def _inner_design(level: LevelSpec, frame: pd.DataFrame, allow_python: bool) -> np.ndarray:
+def _inner_design(level: LevelSpec, frame: pd.DataFrame, allow_python: bool,
+                  centring: Centring) -> np.ndarray:  # fmt: skip
     """The (n, q_l) random design of an inner level, its column names checked."""
-    z, names, _ = _terms_design(level.terms, frame, allow_python)
+    z, names, _ = _terms_design(level.terms, frame, allow_python, centring)
     if names != level.random_columns:
         raise DataError(f"random design columns {names} of {level.name!r} differ from the "
                         f"model spec {level.random_columns}")  # fmt: skip
@@ -1861,10 +2003,13 @@ def build_design(
     _check_safe(parsed, spec.allow_python)
     used = set(_formula_columns(parsed))
     needed = [c for c in spec.columns if (c in used or c == spec.offset) and c != spec.response]
+    key_columns = _centring_keys(spec, df, needed)
+    needed += key_columns
     check_unique_columns(df.columns, needed)
     _check_columns(df, needed)
     n = len(df)
-    frame = _prepare(spec.levels, df[needed], [c for c in needed if c not in spec.levels])
+    numeric = [c for c in needed if c not in spec.levels and c not in key_columns]
+    frame = _prepare(spec.levels, df[needed], numeric)
     bad = np.zeros(n, dtype=bool)
     problems: list[str] = []
     for name in needed:
@@ -1882,7 +2027,8 @@ def build_design(
         sub = frame.loc[good] if bad.any() else frame
         Xg, fixed_names = _fixed_design(spec, parsed, sub)
         top = spec.group if spec.inner else None  # nested: the top level's terms only
-        Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python, top)
+        Zg, random_names, _ = _random_design(parsed, sub, spec.allow_python, top,
+                                             _spec_centring(spec))  # fmt: skip
         if (fixed_names, random_names) != _base_columns(spec):
             raise DataError(
                 f"design columns {fixed_names} / {random_names} differ from the model spec "
@@ -1903,6 +2049,23 @@ def build_design(
     else:
         keys = np.full(n, None, dtype=object)
     return np.ascontiguousarray(X), np.ascontiguousarray(Z), offset, keys
+
+
+def _centring_keys(spec: ModelSpec, df: pd.DataFrame, needed: Sequence[str]) -> list[str]:
+    """The grouping columns the group means of ``spec`` read that ``needed`` lacks.
+
+    Raises:
+        DataError: ``df`` lacks one of them.
+    """
+    keys = [c for c in group_columns(spec.parsed, spec.group) if c not in needed]
+    for name in keys:
+        if name not in df.columns:
+            raise DataError(
+                f"the formula's group means (group_centre, group_mean) need the grouping "
+                f"column {name!r} in the new data: they are computed from the new data's rows "
+                "of each group (pass whole groups)"
+            )
+    return keys
 
 
 def build_inner_design(
@@ -1935,8 +2098,11 @@ def build_inner_design(
     used = {c for level in spec.inner for expr, _ in level.terms
             for c in expression_variables(expr)}  # fmt: skip
     needed = [c for c in spec.columns if c in used]
+    key_columns = _centring_keys(spec, df, needed)
+    needed += key_columns
     _check_columns(df, needed)
-    frame = _prepare(spec.levels, df[needed], [c for c in needed if c not in spec.levels])
+    numeric = [c for c in needed if c not in spec.levels and c not in key_columns]
+    frame = _prepare(spec.levels, df[needed], numeric)
     bad = np.zeros(len(df), dtype=bool)
     for name in needed:
         bad |= _bad_mask(df[name] if name in spec.levels else frame[name])
@@ -1949,7 +2115,7 @@ def build_inner_design(
         z = np.full((len(df), level.q), np.nan)
         if (~bad).any():
             z[~bad] = _inner_design(level, frame.loc[~bad] if bad.any() else frame,
-                                    spec.allow_python)  # fmt: skip
+                                    spec.allow_python, _spec_centring(spec))  # fmt: skip
         if missing == "error" and not np.isfinite(z).all():
             raise DataError(f"the random design of {level.name!r} has non-finite values "
                             '(e.g. np.log of 0); clean them or pass missing="nan"')  # fmt: skip
