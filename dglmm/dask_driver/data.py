@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import heapq
 import json
@@ -554,35 +555,58 @@ def _default_design(name: str) -> Callable:
 
 def _summarise_partition(
     pdf: pd.DataFrame, parsed: Any, group: str | None, collect_levels: Callable, n_head: int,
-    collect_units: Callable | None = None,
-) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any]:  # fmt: skip
+    collect_units: Callable | None = None, grand_sums: Callable | None = None,
+) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any, Any]:  # fmt: skip
     """Levels, rows, distinct keys of ``group`` (one-factor models) and the first rows of a
-    partition; with ``collect_units`` (nested models) its unit table instead of the keys."""
+    partition; with ``collect_units`` (nested models) its unit table instead of the keys;
+    with ``grand_sums`` (formulas with ``grand_centre``) the sums of the grand means."""
     if collect_units is not None:
         keys, units = np.empty(0), collect_units(parsed, pdf)
     else:
         keys, units = pd.unique(pdf[group].dropna().to_numpy()), None
-    return collect_levels(parsed, pdf), len(pdf), keys, pdf.head(n_head), units
+    sums = grand_sums(parsed, pdf) if grand_sums is not None else None
+    return collect_levels(parsed, pdf), len(pdf), keys, pdf.head(n_head), units, sums
 
 
 def _merge_summaries(
     a: tuple, b: tuple, merge_levels: Callable, n_head: int, merge_units: Callable | None = None
-) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any]:
+) -> tuple[Any, int, np.ndarray, pd.DataFrame, Any, Any]:
     keys = pd.unique(np.concatenate([a[2], b[2]]))
     head = a[3] if len(a[3]) >= n_head or len(b[3]) == 0 else pd.concat([a[3], b[3]])
     units = merge_units(a[4], b[4]) if merge_units is not None else None
-    return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head), units
+    sums = _default_centring("merge_sums")(a[5], b[5])
+    return merge_levels(a[0], b[0]), a[1] + b[1], keys, head.head(n_head), units, sums
 
 
 def _finish_summary(s: tuple, merge_levels: Callable, parsed: Any = None,
                     order_levels: Callable | None = None) -> tuple:  # fmt: skip
-    """``(levels, n_rows, n_groups, head, nesting_and_straddle)``: the unit table of a
-    nested model is ordered here, on the worker holding it; only the result travels."""
+    """``(levels, n_rows, n_groups, head, nesting_and_straddle, grand_sums)``: the unit table
+    of a nested model is ordered here, on the worker holding it; only the result travels."""
     # merging the root alone normalises it (sorted levels) even when there is one partition
     ordered = None
     if order_levels is not None and s[4] is not None:
         ordered = order_levels(parsed, s[4])
-    return merge_levels(s[0]), s[1], len(s[2]), s[3], ordered
+    return merge_levels(s[0]), s[1], len(s[2]), s[3], ordered, s[5]
+
+
+def _default_centring(name: str) -> Callable:
+    from dglmm import centring
+
+    return getattr(centring, name)
+
+
+def _grand_summer(parsed: Any, spec_options: dict) -> Callable | None:
+    """``grand_sums(parsed, pdf)`` with the fit's options for a formula with
+    ``grand_centre`` (learned in the same pass as the levels), else None."""
+    if not hasattr(parsed, "random_terms"):  # a stand-in formula of the driver's tests
+        return None
+    centring = _default_centring
+    centring("check_centring")(parsed)  # before any data are read
+    if not centring("grand_calls")(parsed):
+        return None
+    options = {k: spec_options.get(k) for k in ("trials", "offset", "weights")}
+    return functools.partial(_default_design("grand_sums"), **options,
+                             allow_python=bool(spec_options.get("allow_python")))  # fmt: skip
 
 
 def _tree(leaves: list, merge: Callable, *args: Any) -> Any:
@@ -666,7 +690,10 @@ def spec_from_dask(
     Maps ``collect_levels(parsed, df)`` over the partitions and reduces the results with
     ``merge_levels(a, b)`` in a binary tree on the workers (then ``merge_levels(root)``),
     together with the row count, the distinct non-missing keys of ``group`` (only their
-    number comes back) and the first ``n_head`` rows; then calls
+    number comes back), the first ``n_head`` rows and, for a formula with ``grand_centre``,
+    the sum and count of each call over the rows the fit uses
+    (:func:`dglmm.design.grand_sums`, added up the same tree: the grand means go to
+    ``make_spec`` as ``grand_means=``); then calls
     ``make_spec(parsed, levels, head, **spec_options)`` here.
 
     A formula with several grouping factors (nested levels) carries, instead of the keys,
@@ -697,16 +724,19 @@ def spec_from_dask(
     collect_units = _default_design("collect_units") if nested else None
     merge_units = _default_design("merge_units") if nested else None
     order_levels = _default_design("order_levels") if nested else None
+    grand_sums = _grand_summer(parsed, spec_options)
     leaves = [
         dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head,
-                                           collect_units)  # fmt: skip
+                                           collect_units, grand_sums)  # fmt: skip
         for part in ddf.to_delayed()
     ]
     tree = _tree(leaves, _merge_summaries, merge_levels, n_head, merge_units)
     root = dask.delayed(_finish_summary)(tree, merge_levels, parsed, order_levels)
-    levels, n_rows, n_groups, head, ordered = _compute(root, handle)
+    levels, n_rows, n_groups, head, ordered, sums = _compute(root, handle)
     if n_rows == 0:
         raise DataError("the data have no rows")
+    if grand_sums is not None:  # the grand means of grand_centre, over the rows of the fit
+        spec_options["grand_means"] = _default_centring("grand_means")(sums)
     if nested:
         if ordered is None:  # pragma: no cover - the columns were checked above
             raise DataError(f"a grouping column of {parsed.text!r} is missing from the data")
