@@ -65,6 +65,7 @@ from .optimizer import (
 from .outputs import check_fit_outputs
 from .progress import Progress, _in_notebook, _isatty
 from .quadrature import check_nodes
+from .conditioning import fixed_crossproducts, hessian_to_original, to_original, working_design
 from .reml import REMLModel, check_reml, reml_adjust, resolve_reml
 from .results import FitResult, wald_table
 from .sources import input_fingerprint, read_frame
@@ -411,12 +412,13 @@ def fit_model(
     eval_times: list[dict] = []
 
     design_scales: dict = {}  # weight total and column sums of squares, from the first result
+    log_det_t = 0.0  # log |det T| of the working fixed design (set below)
 
     def evaluate(params_list, hessian):
         t0 = time.perf_counter()
         out = evaluator.evaluate([np.asarray(x, float) for x in params_list], hessian)
         if reml:
-            out = [reml_adjust(r, layout.p) for r in out]
+            out = [reml_adjust(r, layout.p, log_det_t) for r in out]
         eval_times.append({"n": len(params_list), "seconds": time.perf_counter() - t0})
         if not design_scales and out:
             _check_weights(out[0], spec, n_obs)
@@ -458,6 +460,11 @@ def fit_model(
                         design_scales=design_scales, progress=progress,
                         random_effects=random_effects, checkpoint=checkpoint,
                         model_key=model_key, fingerprint=fingerprint)  # fmt: skip
+    # the optimiser works on an orthogonalised fixed design (dglmm.conditioning)
+    work = _working_design(evaluator, spec, model, layout)
+    if work is not None:
+        model_key["fixed_design"] = "orthogonalised"  # older checkpoints: the raw design
+    log_det_t = 0.0 if work is None else work.log_abs_det
     if n_agq == "auto":
         from .agq_auto import check_applicable as _auto_applicable
 
@@ -500,8 +507,8 @@ def fit_model(
             glm_state = resumed
         else:
             x0, hess0 = _glm_start(evaluate, layout, fam, P)
-            hess0_for_scale = hess0
-            _check_rank(hess0[: layout.p, : layout.p], spec.fixed_columns)
+            hess0_for_scale = hess0 if work is None else hessian_to_original(work.T, hess0)
+            _check_rank(hess0_for_scale[: layout.p, : layout.p], spec.fixed_columns)
             glm_state = NewtonState(params=x0)
         active = np.ones(P, dtype=bool)
         active[layout.theta] = False
@@ -511,7 +518,8 @@ def fit_model(
                              callback=lambda s: save("glm", s), unit=_start_units())  # fmt: skip
         # ---- stage 2: all parameters
         x1 = glm_state.params.copy()
-        x1[layout.theta] = _theta_start(glm_state, spec, layout, fam)
+        x1[layout.theta] = _theta_start(glm_state, spec, layout, fam, None if work is None
+                                        else hessian_to_original(work.T, glm_state.hessian))
         state = NewtonState(
             params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
             history=list(glm_state.history),
@@ -539,7 +547,12 @@ def fit_model(
     vcov, info_ok = _invert_information(-hess_fd, unit)
     total_s = time.perf_counter() - t_start
 
+    params_w = params  # the working design's: what the evaluator takes
+    if work is not None:
+        params, vcov = to_original(work.T, params_w, vcov)
     warn_msgs: list[str] = [agq_warning] if agq_warning else []
+    if work is not None and work.warning:
+        warn_msgs.append(work.warning)
     L = _cholesky_factor(params, spec, layout)
     # a variance is at the boundary when the random effect's size on the linear predictor
     # (its conditional sd times the root-mean-square of its Z column) is negligible
@@ -579,11 +592,11 @@ def fit_model(
     }
     if random_effects is not None:
         t0 = time.perf_counter()
-        evaluator.random_effects(params, random_effects)
+        evaluator.random_effects(params_w, random_effects)
         timings["random_effects_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if auto is None:
-        error, error_nodes = integration_error(evaluator, params, state.loglik, n_obs)
+        error, error_nodes = integration_error(evaluator, params_w, state.loglik, n_obs)
     else:  # measured at the last choice: each group's next order against its own
         error, error_nodes = float(auto.integration_error), None
         timings["agq_auto"] = {"orders": {str(k): int(n) for k, n in auto.counts.items()},
@@ -598,6 +611,8 @@ def fit_model(
     result.method = method
     result.laplace_order = int(laplace_order)
     result.reml = bool(reml)
+    if work is not None:
+        result.condition_number = work.to_dict()
     if auto is not None:
         result.agq_orders = {int(k): int(n) for k, n in auto.counts.items() if n}
         result.message = f"{result.message}; {auto.message()}"
@@ -929,9 +944,12 @@ def _eta_unit(fam: Family, params: np.ndarray) -> float:
     return 1.0
 
 
-def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: Family):
-    """Diagonal starting factor: sd 0.5 on the scale of each random-effect column."""
-    h = -glm_state.hessian[: layout.p, : layout.p]
+def _theta_start(glm_state: NewtonState, spec: ModelSpec, layout: _Layout, fam: Family,
+                 hessian: np.ndarray | None = None):
+    """Diagonal starting factor: sd 0.5 on the scale of each random-effect column
+    (``hessian``: the GLM Hessian in the original design's parameters, when the fit works
+    on another)."""
+    h = -(glm_state.hessian if hessian is None else hessian)[: layout.p, : layout.p]
     fixed = list(spec.fixed_columns)
     sigma = _eta_unit(fam, glm_state.params)
     base = h[0, 0] if fixed and fixed[0] == "Intercept" and h[0, 0] > 0 else None
@@ -1053,6 +1071,18 @@ def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
                 if b == col:
                     out[layout.p + j] = -out[layout.p + j]
     return out
+
+
+def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
+    """Learn the orthogonalised fixed design in one pass and put it on the blocks (None
+    for the nominal family, whose fixed effects are per category, and without columns)."""
+    if layout.p == 0 or getattr(model, "family_code", None) == FAMILY_NOMINAL:
+        return None
+    cross = evaluator.map_blocks(fixed_crossproducts)
+    _check_rank(-cross[: layout.p, : layout.p], spec.fixed_columns)
+    work = working_design(cross, spec.fixed_columns)
+    evaluator.transform_fixed_design(work.T)
+    return work
 
 
 def _linear_model_information(hess: np.ndarray, p: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .conditioning import transform_block
 from .design import Block, ModelSpec
 from .errors import SpecificationError
 from .families import FAMILY_GAUSSIAN, FAMILY_ORDINAL, Family
@@ -91,6 +92,11 @@ class InProcessEvaluator:
 
     def fingerprint(self) -> dict:
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self.sources}
+
+    def transform_fixed_design(self, T: np.ndarray) -> None:
+        """Replace every block's fixed design ``X`` by ``X T`` (the working design of
+        :mod:`dglmm.conditioning`)."""
+        self.blocks = [transform_block(b, T) for b in self.blocks]
 
     def map_blocks(self, func, *args):
         """``sum(func(block, *args) for block in blocks)``: a reduction of an estimation

@@ -221,6 +221,14 @@ def _add_task(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _transform_task(entry: tuple[Any, int], T: np.ndarray) -> tuple[Any, int]:
+    """A persisted block with the working fixed design ``X T`` (a new block: a lost one is
+    recomputed from its lineage, the old block and this task)."""
+    from dglmm.conditioning import transform_block
+
+    return transform_block(entry[0], T), entry[1]
+
+
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
     total, timing = list(parts[0][0]), parts[0][1]
     for other, other_timing in parts[1:]:
@@ -530,6 +538,32 @@ class DaskEvaluator:
             return self._map_once(func, args)
         except (KilledWorker, CancelledError, MemoryError) as exc:
             raise ClusterError(self._failure_message("evaluating", exc)) from None
+
+    def transform_fixed_design(self, T: np.ndarray) -> None:
+        """Replace every persisted block's fixed design ``X`` by ``X T`` on the workers
+        (:mod:`dglmm.conditioning`); blocks rebuilt later (after a lost worker) get it too."""
+        from dglmm.conditioning import TransformedBuilder
+
+        T = np.ascontiguousarray(T, dtype=np.float64)
+        self.block_builder = TransformedBuilder(self.block_builder, T)
+        if not self._blocks:
+            self._build()
+            return
+        tag = uuid.uuid4().hex[:12]
+        new = [self.client.submit(_transform_task, entry, T, key=f"dglmm-xt-{tag}-{i}",
+                                  retries=self.retries)
+               for i, entry in enumerate(self._blocks)]  # fmt: skip
+        try:
+            self.handle.wait(new)
+        except (KilledWorker, CancelledError):  # blocks lost: rebuilt with the transform
+            for f in new:
+                f.release()
+            self._release()
+            self._build()
+            return
+        old, self._blocks = self._blocks, new
+        for f in old:
+            f.release()
 
     def _map_once(self, func: Callable, args: tuple) -> Any:
         submit = self.client.submit
