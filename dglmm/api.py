@@ -440,6 +440,10 @@ def fit_model(
         model_key["laplace_order"] = int(laplace_order)
     if reml:  # an ML checkpoint never resumes a REML fit (and back)
         model_key["reml"] = True
+    orthogonalise = (method not in _QUASI and method != "npml" and layout.p > 0
+                     and getattr(model, "family_code", None) != FAMILY_NOMINAL)
+    if orthogonalise:  # the state is in the working design's parameters (older: the raw)
+        model_key["fixed_design"] = "orthogonalised"
     if method != "newton":  # a Newton checkpoint of an older version keeps its key
         model_key["method"] = method if method != "em-newton" else "em"
     if method == "npml":
@@ -461,9 +465,7 @@ def fit_model(
                         random_effects=random_effects, checkpoint=checkpoint,
                         model_key=model_key, fingerprint=fingerprint)  # fmt: skip
     # the optimiser works on an orthogonalised fixed design (dglmm.conditioning)
-    work = _working_design(evaluator, spec, model, layout)
-    if work is not None:
-        model_key["fixed_design"] = "orthogonalised"  # older checkpoints: the raw design
+    work = _working_design(evaluator, spec, model, layout) if orthogonalise else None
     log_det_t = 0.0 if work is None else work.log_abs_det
     if n_agq == "auto":
         from .agq_auto import check_applicable as _auto_applicable
@@ -1074,10 +1076,8 @@ def _normalise_signs(params, cov_pattern, layout: _Layout) -> np.ndarray:
 
 
 def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
-    """Learn the orthogonalised fixed design in one pass and put it on the blocks (None
-    for the nominal family, whose fixed effects are per category, and without columns)."""
-    if layout.p == 0 or getattr(model, "family_code", None) == FAMILY_NOMINAL:
-        return None
+    """Learn the orthogonalised fixed design in one pass and put it on the blocks (not for
+    the nominal family, whose fixed effects are per category, nor without columns)."""
     cross = evaluator.map_blocks(fixed_crossproducts)
     _check_rank(-cross[: layout.p, : layout.p], spec.fixed_columns)
     work = working_design(cross, spec.fixed_columns)

@@ -102,8 +102,11 @@ def working_design(cross: np.ndarray, names: Sequence[str]) -> WorkingDesign:
     R = np.linalg.cholesky(0.5 * (corr + corr.T)).T  # corr = R'R, R upper triangular
     # an intercept (first column, rms 1) stays itself: R^-1 is triangular, R_00 = 1
     T = np.linalg.solve(R, np.eye(p)) / rms[:, None]
-    original = _condition(m)
-    working = _condition(T.T @ m @ T)
+    # X / sqrt(N) = Q R D (Q orthonormal): the condition numbers are those of R D and R D T,
+    # accurate even when X'X's own eigenvalues would lose the small ones
+    RD = R * rms[None, :]
+    original = float(np.linalg.cond(RD)) if p else 1.0
+    working = float(np.linalg.cond(RD @ T)) if p else 1.0
     return WorkingDesign(T=T, original=original, working=working,
                          warning=_warning(original, corr, rms, names))  # fmt: skip
 
