@@ -753,8 +753,10 @@ def _model_matrix(rhs: str, frame: pd.DataFrame, allow_python: bool = False,
     except DglmmError:
         raise
     except Exception as exc:  # formulaic raises many exception types
-        if isinstance(exc.__cause__, DglmmError):  # ours, raised inside a factor
-            raise exc.__cause__ from None
+        cause = exc.__cause__
+        if isinstance(cause, DglmmError):  # ours, raised inside a factor
+            exc.__cause__ = exc.__context__ = None  # no cycle (Dask pickles the chain)
+            raise cause from None
         message = one_line(str(exc))
         raise DataError(f"cannot build the design of {rhs!r}: {message}") from exc
 
