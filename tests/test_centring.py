@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 
 import dglmm
-from dglmm.predict import predict
 from dglmm import dask_driver as drv
 from dglmm.centring import group_means, merge_sums
 from dglmm.design import ModelSpec, build_block, build_design, grand_sums, learn_spec
@@ -27,6 +26,7 @@ from dglmm.errors import DataError, SpecificationError
 from dglmm.evaluator import IN_PROCESS, kernel_model
 from dglmm.families import get_family
 from dglmm.formula import parse_formula
+from dglmm.predict import predict
 
 TOL = 1e-12
 MODEL_COLUMNS = ["y", "ses", "z", "sector", "school", "klass"]
