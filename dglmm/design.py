@@ -1978,7 +1978,10 @@ def build_design(
     """Fixed and random designs of ``df`` for prediction, rows in input order.
 
     Unlike :func:`build_block`, the response, trials and weights columns are not
-    needed, the rows are not sorted by group and groups need not be whole.
+    needed, the rows are not sorted by group and groups need not be whole; but the group
+    means of ``group_centre``/``group_mean`` are those of ``df``'s rows of each group (its
+    rows without missing values), so they need the grouping columns and whole groups to
+    match the fit.  ``grand_centre`` uses :attr:`ModelSpec.grand_means`.
 
     Args:
         spec: the model spec of a fit.

@@ -23,6 +23,13 @@ Pandas frames and single CSV/Parquet files are predicted in this process; a Dask
 DataFrame, a directory or a glob partition by partition (``map_partitions``),
 never collected whole: :func:`predict` then returns a lazy Dask DataFrame and
 :func:`predict_to_parquet` writes a Parquet directory.
+
+Centring (``docs/centring.md``): ``grand_centre(x)`` subtracts the grand mean the fit
+learned (``spec.grand_means`` of the result), whatever the new rows are;
+``group_centre(x)`` and ``group_mean(x)`` use the means of each group over the new data's
+rows of that group (the rows predicted together: a pandas frame, or one partition of a Dask
+input), so pass whole groups.  The rows the fit used, passed as new data, reproduce the
+fitted linear predictor exactly.
 """
 
 from __future__ import annotations
@@ -540,7 +547,9 @@ def predict(
     data : DataFrame, dask DataFrame or str
         The rows to predict (the response column is not needed): a pandas frame or a
         CSV/Parquet file (predicted here), or a Dask DataFrame, directory or glob
-        (predicted partition by partition; a lazy Dask DataFrame is returned).
+        (predicted partition by partition; a lazy Dask DataFrame is returned).  With
+        ``group_centre``/``group_mean`` in the formula the group means come from these
+        rows (per partition for Dask input): pass whole groups, with their grouping columns.
     type : {"response", "link"}
         What the ``prediction`` column holds: ``mu`` or ``eta``.
     re_form : {"conditional", "population", "marginal"}
