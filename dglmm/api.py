@@ -1079,8 +1079,13 @@ def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
     """Learn the orthogonalised fixed design in one pass and put it on the blocks (not for
     the nominal family, whose fixed effects are per category, nor without columns)."""
     cross = evaluator.map_blocks(fixed_crossproducts)
+    if not cross[-1, -1] > 0 or not np.all(np.isfinite(cross)):
+        return None  # no weight at all: the fit's own checks say what is wrong
     _check_rank(-cross[: layout.p, : layout.p], spec.fixed_columns)
-    work = working_design(cross, spec.fixed_columns)
+    try:
+        work = working_design(cross, spec.fixed_columns)
+    except np.linalg.LinAlgError:  # a zero column: the GLM stage's rank check names it
+        return None
     evaluator.transform_fixed_design(work.T)
     return work
 

@@ -2050,7 +2050,9 @@ def test_num_standard_errors_and_singular_flag_are_scale_free(scale):
     np.testing.assert_allclose(np.array(re["sd_std_error"]) * per_unit, re_ref["sd_std_error"],
                                rtol=1e-3)  # fmt: skip
     np.testing.assert_allclose(re["corr"], re_ref["corr"], atol=1e-4)
-    assert sorted(warned) == sorted(ref_warn)
+    # the rescaled design is ill-conditioned (it says so), nothing else differs
+    assert sorted(w for w in warned if "ill-conditioned" not in w) == sorted(ref_warn)
+    assert res.condition_number["working"] == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e8])
