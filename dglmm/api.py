@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conditioning import fixed_crossproducts, hessian_to_original, to_original, working_design
 from .design import ModelSpec, build_block, for_family, learn_spec
 from .errors import (
     CheckpointError,
@@ -65,7 +66,6 @@ from .optimizer import (
 from .outputs import check_fit_outputs
 from .progress import Progress, _in_notebook, _isatty
 from .quadrature import check_nodes
-from .conditioning import fixed_crossproducts, hessian_to_original, to_original, working_design
 from .reml import REMLModel, check_reml, reml_adjust, resolve_reml
 from .results import FitResult, wald_table
 from .sources import input_fingerprint, read_frame
