@@ -396,6 +396,47 @@ def dask_fit(data_dir: Path, cfg: dict, workers: int, client=None) -> dict:
     }
 
 
+def cli_vs_statsmodels(data_dir: Path, cfg: dict, workers: int, tmp: Path) -> dict:
+    """The issue-14 yardstick: dglmm's whole command-line fit (a new process: start-up,
+    embedded cluster, loading, fit, result) against statsmodels' plain logistic GLM with the
+    same fixed part (``smf.glm(...).fit()``, reading the same file), one run each.
+
+    ``passes`` is the fit's evaluations: each a pass over the data (line-search trials and
+    finite-difference points included).  statsmodels is optional: without it only dglmm's row
+    is measured.
+    """
+    out = tmp / "cli-result.json"
+    cmd = [sys.executable, "-m", "dglmm.cli", "fit", str(data_dir), "--formula", cfg["formula"],
+           "--family", "binomial", "--n-agq", str(cfg["n_agq"]), "--workers", str(workers),
+           "--quiet", "--overwrite", "--output", str(out)]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    res = json.loads(out.read_text())
+    tm = res["timings"]
+    row = {"config": cfg["config"], "dglmm_cli_wall_s": wall, "dglmm_load_s": tm["load_s"],
+           "dglmm_evaluation_s": tm["evaluation_s"], "dglmm_passes": tm["n_evaluations"],
+           "dglmm_iterations": res["n_iterations"]}  # fmt: skip
+    try:
+        import statsmodels.api as sm
+        import statsmodels.formula.api as smf
+    except ImportError:
+        row["statsmodels_glm_s"] = None
+        return row
+    fixed = cfg["formula"].split("+ (")[0].strip()
+    t0 = time.perf_counter()
+    frame = pd.read_parquet(data_dir)
+    smf.glm(fixed, data=frame, family=sm.families.Binomial()).fit()
+    row["statsmodels_glm_s"] = time.perf_counter() - t0
+    row["ratio_dglmm_vs_statsmodels"] = wall / row["statsmodels_glm_s"]
+    return row
+
+
+VS_COLUMNS = ["config", "dglmm_cli_wall_s", "dglmm_load_s", "dglmm_evaluation_s",
+              "dglmm_passes", "dglmm_iterations", "statsmodels_glm_s",
+              "ratio_dglmm_vs_statsmodels"]
+
+
 def per_eval_from_timings(tm: dict) -> dict:
     """Seconds per evaluation during a fit from ``FitResult.timings``.
 
@@ -620,6 +661,8 @@ def main(argv=None) -> int:
                     help="skip the in-process fit (seconds per evaluation during a fit)")
     ap.add_argument("--agq-sweep", default="",
                     help="numbers of AGQ nodes for the per-node kernel cost, e.g. 1,3,7,15")
+    ap.add_argument("--vs-statsmodels", action="store_true",
+                    help="also time the whole CLI fit against statsmodels' plain GLM")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = min(args.repeats, 2)
@@ -745,6 +788,11 @@ def main(argv=None) -> int:
     stem = out / f"{'rcmp' if args.r_only else 'bench'}-{args.rows}{args.tag}"
     if not args.r_only:
         print(write_table(rows, COLUMNS, stem))
+    if args.vs_statsmodels and not args.r_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            vs = [cli_vs_statsmodels(data_dir, cfg, args.workers, Path(tmp)) for cfg in cfgs]
+        info["vs_statsmodels"] = vs
+        print(write_table(vs, VS_COLUMNS, out / f"vs-statsmodels-{args.rows}{args.tag}"))
     if args.agq_sweep and not args.r_only:
         sweep = agq_sweep(df, truth, [int(k) for k in args.agq_sweep.split(",") if k],
                           args.repeats)  # fmt: skip
