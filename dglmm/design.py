@@ -1804,7 +1804,10 @@ def build_block(
     else:
         order, group_ptr, group_keys = _group_order(frame[spec.group])
     if order is not None:
-        X, Z, y, trials, offset, weights = (a[order] for a in (X, Z, y, trials, offset, weights))
+        # np.take along rows: several times faster than fancy indexing of formulaic's
+        # column-major designs, and the result is C-ordered
+        X, Z, y, trials, offset, weights = (np.take(a, order, axis=0)
+                                            for a in (X, Z, y, trials, offset, weights))
     if check_response is not None:
         check_response(y, trials, spec.response)
     return Block(
