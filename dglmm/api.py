@@ -543,7 +543,11 @@ def fit_model(
     sigma = _eta_unit(fam, params)
     rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
     unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
-    hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
+    # the compiled kernel's Hessian is exact for the one-level Gaussian model (the Laplace
+    # rule is exact there and so are its derivatives): one pass instead of 2 P differences
+    hess_fd = (evaluate([params], True)[0].hessian
+               if _exact_kernel_hessian(fam, model, spec, approximate)
+               else finite_difference_hessian(evaluate, params, unit=unit))
     if fam.code == FAMILY_GAUSSIAN and fam.link.name == "identity":
         hess_fd = _linear_model_information(hess_fd, layout.p)
     vcov, info_ok = _invert_information(-hess_fd, unit)
@@ -1088,6 +1092,14 @@ def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
         return None
     evaluator.transform_fixed_design(work.T)
     return work
+
+
+def _exact_kernel_hessian(fam: Family, model, spec: ModelSpec, approximate: bool) -> bool:
+    """Whether the kernel's Hessian is the exact Hessian of the objective: the compiled
+    one-level Gaussian model fitted by ML (Laplace is exact there, and so are its
+    derivatives), so the information needs no finite differences."""
+    return bool(not approximate and fam.code == FAMILY_GAUSSIAN and not spec.inner
+                and isinstance(model, KernelModel) and model.compiled)
 
 
 def _linear_model_information(hess: np.ndarray, p: int) -> np.ndarray:

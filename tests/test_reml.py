@@ -164,3 +164,18 @@ def test_reml_on_a_real_cluster_equals_in_process(process_cluster):
     assert remote.reml and remote.n_partitions == 3
     assert remote.loglik == pytest.approx(local.loglik, abs=1e-8)
     np.testing.assert_allclose(remote.params, local.params, rtol=1e-6, atol=1e-8)
+
+
+def test_ml_standard_errors_come_from_the_exact_kernel_hessian(monkeypatch):
+    """A one-level Gaussian ML fit takes its information from the kernel's exact Hessian
+    (one pass), equal to the 2 P central differences it replaces."""
+    import dglmm.api as api
+
+    case = REFS["sleepstudy_ml"]
+    exact = _fit(case)
+    monkeypatch.setattr(api, "_exact_kernel_hessian", lambda *a: False)
+    by_fd = _fit(case)
+    np.testing.assert_allclose(exact.vcov, by_fd.vcov, rtol=1e-5, atol=1e-12)
+    P = exact.params.size
+    assert exact.timings["n_evaluations"] == by_fd.timings["n_evaluations"] - 2 * P + 1
+    check_reference(exact, case)
