@@ -405,7 +405,7 @@ def fit_model(
     # the NumPy kernels (nested levels, the families outside the compiled kernel) give a
     # Newton Hessian without the log-determinant's curvature, so a measured correction is
     # allowed whenever convergence turns linear
-    approximate = reml or laplace_order > 1 or spec.inner or not model.compiled or (
+    approximate = laplace_order > 1 or spec.inner or not model.compiled or (
         model.has_dispersion and model.family_code != FAMILY_GAUSSIAN)  # no d2H/dtau2
     settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
     n_obs = evaluator.n_obs
@@ -1096,10 +1096,12 @@ def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
 
 def _exact_kernel_hessian(fam: Family, model, spec: ModelSpec, approximate: bool) -> bool:
     """Whether the kernel's Hessian is the exact Hessian of the objective: the compiled
-    one-level Gaussian model fitted by ML (Laplace is exact there, and so are its
-    derivatives), so the information needs no finite differences."""
+    one-level Gaussian model (Laplace is exact there, and so are its derivatives; REML adds
+    the exact curvature of its log-determinant), so the information needs no finite
+    differences."""
+    base = model.base if isinstance(model, REMLModel) else model  # REML's Hessian: exact too
     return bool(not approximate and fam.code == FAMILY_GAUSSIAN and not spec.inner
-                and isinstance(model, KernelModel) and model.compiled)
+                and isinstance(base, KernelModel) and base.compiled)
 
 
 def _linear_model_information(hess: np.ndarray, p: int) -> np.ndarray:

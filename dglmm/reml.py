@@ -29,10 +29,10 @@ and, for an entry ``(a, b)`` of a factor ``Lambda`` (``T = Lambda C Lambda'``,
 One grouping level is vectorised over the groups of a block (their cross-products
 ``X'WZ``, ``Z'WZ`` are computed once per block and kept on it); a nested model stacks each top
 unit's random columns of every level into one dense ``Z`` (its cost grows with the cube of a
-top unit's number of random effects).  The Hessian returned for the optimiser holds the
-``tr(M^-1 dM_a M^-1 dM_b)`` part of the extra term's curvature (the second derivatives of
-``M`` are left out); the optimiser measures the rest when its convergence turns linear, and
-standard errors come from differences of the exact gradient.
+top unit's number of random effects).  With the Hessian the blocks also add
+``d2 M_j / dpsi_a dpsi_b`` (:func:`_second`), and the Hessian of the criterion is exact:
+``1/2 tr(M^-1 dM_a M^-1 dM_b) - 1/2 tr(M^-1 d2M_ab)`` on top of the likelihood's, so a
+one-level REML fit converges quadratically and takes its standard errors from it.
 """
 
 from __future__ import annotations
@@ -106,15 +106,17 @@ def _group_products(block, p: int, q: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _unit_moments(sxz: np.ndarray, szz: np.ndarray, lam: np.ndarray, s: float,
-                  entries: list[tuple[np.ndarray, np.ndarray]]):
+                  entries: list[tuple[np.ndarray, np.ndarray]], second: bool = False):
     """``sum_j B C B'`` (p, p), ``sum_j d(B C B')/dLambda_k`` (K, p, p) for each entry set
-    ``k`` (row and column indices of ``Lambda`` that the parameter multiplies) and
-    ``sum_j (X'WZ F')(X'WZ F')'`` for groups stacked on the first axis."""
+    ``k`` (row and column indices of ``Lambda`` that the parameter multiplies),
+    ``sum_j (X'WZ F')(X'WZ F')'`` for groups stacked on the first axis, and with ``second``
+    the second derivatives of ``sum_j M_j`` without its ``S_xx`` part (:func:`_second`)."""
     r = szz.shape[1]
     K = s * np.eye(r) + lam.T @ szz @ lam
     C = np.linalg.inv(K)
     F = C @ lam.T  # (G, r, r)
-    E = np.eye(r) - lam @ F @ szz  # I - T Z'WZ
+    T = lam @ F
+    E = np.eye(r) - T @ szz  # I - T Z'WZ
     B = sxz @ lam  # (G, p, r)
     bcb = (B @ C @ np.swapaxes(B, 1, 2)).sum(axis=0)
     XE = sxz @ E  # (G, p, r)
@@ -124,7 +126,51 @@ def _unit_moments(sxz: np.ndarray, szz: np.ndarray, lam: np.ndarray, s: float,
         part = (XE[:, :, rows] @ np.swapaxes(XF[:, :, cols], 1, 2)).sum(axis=0)
         d[k] = part + part.T
     ff = (XF @ np.swapaxes(XF, 1, 2)).sum(axis=0)
-    return bcb, d, ff
+    if not second:
+        return bcb, d, ff, None
+    return bcb, d, ff, _second(sxz, szz, lam, s, entries, T, E, XE)
+
+
+def _second(sxz, szz, lam, s, entries, T, E, XE) -> np.ndarray:
+    """``d2 M / dpsi_a dpsi_b`` summed over the groups, without the ``S_xx`` part (added by
+    the caller).  With ``P = V^-1``, ``G_a = dLambda_a Lambda' + Lambda dLambda_a'`` and
+    ``B = X'PZ``, ``Cz = Z'PZ``, ``Q = X'P W^-1 P Z`` (all from the cross-products)::
+
+        theta, theta: B G_a Cz G_b B' + its transpose - B (dL_a dL_b' + dL_b dL_a') B'
+        theta, tau:   2 s (B G_a Q' + its transpose)
+        tau, tau:     8 s^2 X'P W^-1 P W^-1 P X - 4 s X'P W^-1 P X
+    """
+    G, p, r = sxz.shape
+    n_theta = len(entries)
+    Bz = XE / s
+    Cz = szz @ E / s
+    Q = XE @ E / s**2  # X'WZ (I - T S)^2 / s^2
+    dls = []
+    for rows, cols in entries:
+        dl = np.zeros((r, r))
+        dl[rows, cols] = 1.0
+        dls.append(dl)
+    BG = [Bz @ (dl @ lam.T + lam @ dl.T) for dl in dls]  # (G, p, r) each
+    out = np.zeros((n_theta + 1, n_theta + 1, p, p))
+    for a in range(n_theta):
+        for b in range(a + 1):
+            x = (BG[a] @ Cz @ np.swapaxes(BG[b], 1, 2)).sum(axis=0)
+            g2 = dls[a] @ dls[b].T + dls[b] @ dls[a].T
+            out[a, b] = x + x.T - (Bz @ g2 @ np.swapaxes(Bz, 1, 2)).sum(axis=0)
+            out[b, a] = out[a, b]
+        y = (BG[a] @ np.swapaxes(Q, 1, 2)).sum(axis=0)
+        out[a, -1] = out[-1, a] = 2.0 * s * (y + y.T)
+    # X'(I - W Z T Z')^m W X without S_xx: sum_k binom(m, k) (-1)^k S_xz (T S)^(k-1) T S_zx
+    TS = T @ szz
+    XT = sxz @ T  # (G, p, r)
+    k1 = (XT @ np.swapaxes(sxz, 1, 2)).sum(axis=0)
+    XTS = XT @ szz
+    k2 = (XTS @ np.swapaxes(XT, 1, 2)).sum(axis=0)
+    k3 = (XTS @ TS @ np.swapaxes(XT, 1, 2)).sum(axis=0)
+    q2 = (-2.0 * k1 + k2) / s**2
+    r3 = (-3.0 * k1 + 3.0 * k2 - k3) / s**3
+    out[-1, -1] = 8.0 * s**2 * r3 - 4.0 * s * q2
+    return out
 
 
 def _entries(pattern, offsets, q: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -134,10 +180,9 @@ def _entries(pattern, offsets, q: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(offsets + a, offsets + b) for a, b in pattern]
 
 
-def _single_level(block, beta_p: int, L: np.ndarray, pattern, s: float):
+def _single_level(block, beta_p: int, L: np.ndarray, pattern, s: float, second: bool):
     sxx, sxz, szz = _group_products(block, beta_p, L.shape[0])
-    bcb, d, ff = _unit_moments(sxz, szz, L, s, _entries(pattern, [0], L.shape[0]))
-    return sxx, bcb, d, ff
+    return (sxx, *_unit_moments(sxz, szz, L, s, _entries(pattern, [0], L.shape[0]), second))
 
 
 def _nested_units(block, j: int) -> list[np.ndarray]:
@@ -178,7 +223,7 @@ def _nested_products(block, model) -> list[tuple[np.ndarray, np.ndarray, tuple[i
     return out
 
 
-def _nested(block, model, Ls: list[np.ndarray], s: float):
+def _nested(block, model, Ls: list[np.ndarray], s: float, second: bool):
     """The same sums for a nested model, one top unit at a time, each unit's random
     columns of every level stacked into one dense design."""
     X, w = block.X, block.weights
@@ -186,6 +231,7 @@ def _nested(block, model, Ls: list[np.ndarray], s: float):
     sxx = X.T @ (X * w[:, None])
     bcb, ff = np.zeros((p, p)), np.zeros((p, p))
     d = np.zeros((model.n_theta, p, p))
+    d2 = np.zeros((model.n_theta + 1, model.n_theta + 1, p, p)) if second else None
     for sxz, szz, counts in _nested_products(block, model):
         lam_blocks, entries = [Ls[0]], _entries(model.cov_pattern, [0], model.q)
         offset = model.q
@@ -193,11 +239,14 @@ def _nested(block, model, Ls: list[np.ndarray], s: float):
             lam_blocks += [L] * n_units
             entries += _entries(pattern, offset + ql * np.arange(n_units), ql)
             offset += ql * n_units
-        b_, d_, f_ = _unit_moments(sxz[None], szz[None], _block_diag(lam_blocks), s, entries)
+        b_, d_, f_, s_ = _unit_moments(sxz[None], szz[None], _block_diag(lam_blocks), s,
+                                       entries, second)  # fmt: skip
         bcb += b_
         d += d_
         ff += f_
-    return sxx, bcb, d, ff
+        if second:
+            d2 += s_
+    return sxx, bcb, d, ff, d2
 
 
 def _block_diag(mats: list[np.ndarray]) -> np.ndarray:
@@ -211,26 +260,35 @@ def _block_diag(mats: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def reml_moments(block, params: np.ndarray, model) -> dict[str, np.ndarray]:
-    """``{"reml_M": M (p, p), "reml_D": dM/dpsi (n_theta + 1, p, p)}`` of a block's groups
-    at ``params`` (``psi`` = the theta of every level, then ``log sigma``)."""
+def reml_moments(block, params: np.ndarray, model, second: bool = False) -> dict:
+    """``{"reml_M": M (p, p), "reml_D": dM/dpsi (n_psi, p, p)}`` of a block's groups at
+    ``params`` (``psi`` = the theta of every level, then ``log sigma``), with ``second``
+    also ``"reml_D2"``, ``d2 M / dpsi dpsi`` (n_psi, n_psi, p, p)."""
     beta, Ls, tau = model.split_levels(params)
     p = beta.size
+    n_psi = model.n_theta + 1
     try:  # a trial point far out (a vanishing s, a huge factor) gives a criterion of -inf
         with np.errstate(over="raise", invalid="raise", divide="raise"):
             s = math.exp(2.0 * tau)
             if model.inner:
-                sxx, bcb, d, ff = _nested(block, model, Ls, s)
+                sxx, bcb, d, ff, d2 = _nested(block, model, Ls, s, second)
             else:
-                sxx, bcb, d, ff = _single_level(block, p, Ls[0], model.cov_pattern, s)
+                sxx, bcb, d, ff, d2 = _single_level(block, p, Ls[0], model.cov_pattern, s,
+                                                    second)  # fmt: skip
     except (np.linalg.LinAlgError, FloatingPointError, OverflowError):
-        nan = np.full((p, p), np.nan)
-        return {"reml_M": nan, "reml_D": np.full((model.n_theta + 1, p, p), np.nan)}
+        out = {"reml_M": np.full((p, p), np.nan), "reml_D": np.full((n_psi, p, p), np.nan)}
+        if second:
+            out["reml_D2"] = np.full((n_psi, n_psi, p, p), np.nan)
+        return out
     M = (sxx - bcb) / s
-    D = np.empty((d.shape[0] + 1, p, p))
+    D = np.empty((n_psi, p, p))
     D[:-1] = -d / s
     D[-1] = -2.0 * M + 2.0 * ff
-    return {"reml_M": M, "reml_D": D}
+    out = {"reml_M": M, "reml_D": D}
+    if second:
+        d2[-1, -1] += 4.0 * sxx / s  # the S_xx part of d2 M / dlog sigma^2
+        out["reml_D2"] = d2
+    return out
 
 
 # ---------------------------------------------------------------- the plug-in model
@@ -252,7 +310,8 @@ class REMLModel:
         from .kernels import evaluate_block
 
         out = evaluate_block(block, params, self.base, hessian=hessian, u_init=u_init)
-        out.extra = reml_moments(block, np.asarray(params, dtype=float), self.base)
+        out.extra = reml_moments(block, np.asarray(params, dtype=float), self.base,
+                                 second=hessian)
         return out
 
     def random_effects_block(self, block, params, *, u_init=None):
@@ -292,5 +351,7 @@ def reml_adjust(result, p: int, log_det_transform: float = 0.0):
     if result.hessian is not None:
         hessian = result.hessian.copy()
         hessian[psi, psi] += 0.5 * np.einsum("kab,lba->kl", MD, MD)
+        if "reml_D2" in extra:  # the exact curvature: - 1/2 tr(M^-1 d2M)
+            hessian[psi, psi] -= 0.5 * np.einsum("ab,klba->kl", Minv, extra["reml_D2"])
         result.hessian = hessian
     return result

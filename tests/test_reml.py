@@ -76,6 +76,7 @@ def test_moments_equal_dense_algebra_and_their_derivatives(name):
     # the kernel's exact Hessian in beta is -M (the Gaussian marginal is quadratic in beta)
     res = evaluate_block(block, params, model, hessian=True)
     assert np.max(np.abs(res.hessian[: model.p, : model.p] + M)) < 1e-9 * np.max(np.abs(M))
+    second = reml_moments(block, params, model, second=True)
     for k in range(model.n_theta + 1):
         h = 1e-5
         e = np.zeros_like(params)
@@ -83,6 +84,11 @@ def test_moments_equal_dense_algebra_and_their_derivatives(name):
         fd = (_dense_M(block, model, params + e) - _dense_M(block, model, params - e)) / (2 * h)
         err = np.max(np.abs(mom["reml_D"][k] - fd))
         assert err < 1e-6 * max(np.max(np.abs(fd)), 1.0), (k, err)
+        # the second derivatives against differences of the (checked) first
+        fd2 = (reml_moments(block, params + e, model)["reml_D"]
+               - reml_moments(block, params - e, model)["reml_D"]) / (2 * h)
+        err2 = np.max(np.abs(second["reml_D2"][:, k] - fd2))
+        assert err2 < 1e-6 * max(np.max(np.abs(fd2)), 1.0), (k, err2)
 
 
 def _fit(case, **kw):
@@ -166,12 +172,13 @@ def test_reml_on_a_real_cluster_equals_in_process(process_cluster):
     np.testing.assert_allclose(remote.params, local.params, rtol=1e-6, atol=1e-8)
 
 
-def test_ml_standard_errors_come_from_the_exact_kernel_hessian(monkeypatch):
-    """A one-level Gaussian ML fit takes its information from the kernel's exact Hessian
-    (one pass), equal to the 2 P central differences it replaces."""
+@pytest.mark.parametrize("name", ["sleepstudy_ml", "sleepstudy_reml", "dyestuff_reml"])
+def test_standard_errors_come_from_the_exact_kernel_hessian(monkeypatch, name):
+    """A one-level Gaussian fit, ML or REML, takes its information from the exact Hessian
+    (one pass), equal to the 2 P central differences of the exact gradient it replaces."""
     import dglmm.api as api
 
-    case = REFS["sleepstudy_ml"]
+    case = REFS[name]
     exact = _fit(case)
     monkeypatch.setattr(api, "_exact_kernel_hessian", lambda *a: False)
     by_fd = _fit(case)
