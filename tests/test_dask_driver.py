@@ -558,3 +558,22 @@ def test_make_evaluator_matches_in_process_fit_path(handle, tmp_path):
             np.testing.assert_allclose(a.gradient, w.gradient, rtol=1e-8, atol=1e-8)
             np.testing.assert_allclose(a.hessian, w.hessian, rtol=1e-8, atol=1e-8)
             assert a.modes is None
+
+
+def test_balanced_partitioning_on_a_cluster_scatters_its_table(handle):
+    """balance="rows" with a distributed client: the key -> partition table of 300,000
+    groups goes to the workers as data, not inside the task graph (no large-graph warning),
+    and every group still lands in one partition."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"g": rng.integers(0, 300_000, 600_000), "x": rng.random(600_000)})
+    ddf = dd.from_pandas(df, npartitions=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "Sending large graph of size ..."
+        out = drv.partition_by_group(ddf, "g", 3, balance="rows")
+        parts = handle.client.compute(out.to_delayed())
+        parts = handle.client.gather(parts)
+    seen = [set(p["g"]) for p in parts]
+    assert sum(len(s) for s in seen) == len(set().union(*seen)) == df["g"].nunique()
+    assert sum(len(p) for p in parts) == len(df)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pandas as pd
 
@@ -235,6 +236,17 @@ def _balanced_mapping(ddf: dd.DataFrame, group: str, npartitions: int) -> pd.Ser
     return pd.Series(parts, index=sizes.index)
 
 
+def _scattered(mapping: pd.Series):
+    """The key -> partition table on the workers (a future), so that the task graph does not
+    carry it (a table of millions of groups is a graph of hundreds of MB); as it is without a
+    distributed client."""
+    try:
+        client = distributed.get_client()
+    except ValueError:
+        return mapping
+    return client.scatter(mapping, broadcast=True, hash=False)
+
+
 def partition_by_group(
     ddf: dd.DataFrame, group: str, npartitions: int | None = None, *, balance: str = "hash"
 ) -> dd.DataFrame:
@@ -242,8 +254,8 @@ def partition_by_group(
 
     Partition ``i`` holds the groups whose key hashes to ``i`` modulo ``npartitions``
     (``balance="hash"``, no extra pass), or, with ``balance="rows"``, the groups a greedy
-    largest-group-first packing of the group sizes assigns to it (one extra pass, and the
-    key -> partition table of size n_groups travels in the graph).  Rows are not sorted
+    largest-group-first packing of the group sizes assigns to it (one extra pass; the
+    key -> partition table of size n_groups is scattered to the workers).  Rows are not sorted
     within a partition; the block builder sorts by group.  A group is never split, so the
     largest partition holds at least the largest group.
 
@@ -269,7 +281,7 @@ def partition_by_group(
         mapping = _balanced_mapping(ddf, group, n)
         # more partitions than groups would leave some empty: one group per partition at most
         n = max(1, min(n, len(mapping)))
-        mapping = mapping.clip(upper=n - 1)
+        mapping = _scattered(mapping.clip(upper=n - 1))
     meta = _assign_part(ddf._meta, group, n, None)
     tagged = ddf.map_partitions(_assign_part, group, n, mapping, meta=meta)
     shuffled = tagged.set_index(_PART_COLUMN, divisions=list(range(n + 1)))
