@@ -96,7 +96,8 @@ class InProcessEvaluator:
     def transform_fixed_design(self, T: np.ndarray) -> None:
         """Replace every block's fixed design ``X`` by ``X T`` (the working design of
         :mod:`dglmm.conditioning`)."""
-        self.blocks = [transform_block(b, T) for b in self.blocks]
+        for i in range(len(self.blocks)):  # one at a time: each old one is freed
+            self.blocks[i] = transform_block(self.blocks[i], T)
 
     def map_blocks(self, func, *args):
         """``sum(func(block, *args) for block in blocks)``: a reduction of an estimation

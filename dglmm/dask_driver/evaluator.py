@@ -553,17 +553,17 @@ class DaskEvaluator:
         new = [self.client.submit(_transform_task, entry, T, key=f"dglmm-xt-{tag}-{i}",
                                   retries=self.retries)
                for i, entry in enumerate(self._blocks)]  # fmt: skip
-        try:
-            self.handle.wait(new)
-        except (KilledWorker, CancelledError):  # blocks lost: rebuilt with the transform
-            for f in new:
-                f.release()
-            self._release()
-            self._build()
-            return
+        # the old blocks are released now: the scheduler keeps each until its transform has
+        # run, so at most the blocks in flight are held twice (not the whole data)
         old, self._blocks = self._blocks, new
         for f in old:
             f.release()
+        del old
+        try:
+            self.handle.wait(new)
+        except (KilledWorker, CancelledError):  # blocks lost: rebuilt with the transform
+            self._release()
+            self._build()
 
     def _map_once(self, func: Callable, args: tuple) -> Any:
         submit = self.client.submit
