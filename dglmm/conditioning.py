@@ -50,10 +50,13 @@ COND_WARN = 1e6
 def fixed_crossproducts(block) -> np.ndarray:
     """``[[X'WX, X'w], [w'X, sum w]]`` of one block, (p + 1, p + 1): summed over blocks."""
     X, w = block.X, block.weights
-    aug = np.empty((X.shape[0], X.shape[1] + 1))
-    aug[:, :-1] = X
-    aug[:, -1] = 1.0
-    return aug.T @ (aug * w[:, None])
+    wX = X * w[:, None]
+    p = X.shape[1]
+    out = np.empty((p + 1, p + 1))
+    out[:p, :p] = X.T @ wX
+    out[:p, p] = out[p, :p] = wX.sum(axis=0)
+    out[p, p] = w.sum()
+    return out
 
 
 def _condition(m: np.ndarray) -> float:

@@ -84,7 +84,7 @@ def _group_products(block, p: int, q: int) -> tuple[np.ndarray, np.ndarray, np.n
     """``S_xx`` (p, p) of the whole block, ``X'WZ`` (G, p, q) and ``Z'WZ`` (G, q, q) per
     group; computed once and kept on the block (they do not depend on the parameters)."""
     cached = getattr(block, _CACHE_ATTR, None)
-    if cached is not None and cached[1].shape[1:] == (p, q):
+    if isinstance(cached, tuple) and len(cached) == 3 and cached[1].shape[1:] == (p, q):
         return cached
     X, Z, w = block.X, block.Z, block.weights
     starts = np.asarray(block.group_ptr[:-1], dtype=np.int64)
@@ -193,12 +193,12 @@ def _nested_units(block, j: int) -> list[np.ndarray]:
     return units[1:]
 
 
-def _nested_products(block, model) -> list[tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
-    """Per top unit: ``X'WZ`` and ``Z'WZ`` of its stacked random columns (the top level's,
-    then every unit of each inner level) and the number of units of each inner level;
-    computed once and kept on the block."""
+def _nested_products(block, model) -> tuple[np.ndarray, list]:
+    """``S_xx`` of the block and, per top unit, ``X'WZ`` and ``Z'WZ`` of its stacked random
+    columns (the top level's, then every unit of each inner level) and the number of units
+    of each inner level; computed once and kept on the block."""
     cached = getattr(block, _CACHE_ATTR, None)
-    if isinstance(cached, list):
+    if isinstance(cached, tuple) and len(cached) == 2:
         return cached
     X, w = block.X, block.weights
     out = []
@@ -216,6 +216,7 @@ def _nested_products(block, model) -> list[tuple[np.ndarray, np.ndarray, tuple[i
         zj = np.hstack(cols)
         wz = zj * w[r0:r1, None]
         out.append((X[r0:r1].T @ wz, zj.T @ wz, tuple(counts)))
+    out = (X.T @ (X * w[:, None]), out)
     try:
         setattr(block, _CACHE_ATTR, out)
     except AttributeError:  # pragma: no cover - a block type without a __dict__
@@ -226,13 +227,12 @@ def _nested_products(block, model) -> list[tuple[np.ndarray, np.ndarray, tuple[i
 def _nested(block, model, Ls: list[np.ndarray], s: float, second: bool):
     """The same sums for a nested model, one top unit at a time, each unit's random
     columns of every level stacked into one dense design."""
-    X, w = block.X, block.weights
-    p = X.shape[1]
-    sxx = X.T @ (X * w[:, None])
+    p = block.X.shape[1]
+    sxx, units = _nested_products(block, model)
     bcb, ff = np.zeros((p, p)), np.zeros((p, p))
     d = np.zeros((model.n_theta, p, p))
     d2 = np.zeros((model.n_theta + 1, model.n_theta + 1, p, p)) if second else None
-    for sxz, szz, counts in _nested_products(block, model):
+    for sxz, szz, counts in units:
         lam_blocks, entries = [Ls[0]], _entries(model.cov_pattern, [0], model.q)
         offset = model.q
         for (ql, pattern), n_units, L in zip(model.inner, counts, Ls[1:], strict=True):
