@@ -407,7 +407,11 @@ def fit_model(
     # allowed whenever convergence turns linear
     approximate = laplace_order > 1 or spec.inner or not model.compiled or (
         model.has_dispersion and model.family_code != FAMILY_GAUSSIAN)  # no d2H/dtau2
-    settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2)
+    # the compiled one-level kernel computes the exact Hessian (dglmm.kernel_hessian): the
+    # last iterations use it (quadratic convergence) and the standard errors come from it
+    exact = _has_exact_hessian(model) and laplace_order == 1 and n_agq != "auto"
+    settings = NewtonSettings(max_iter=max_iter, max_corrections=20 if approximate else 2,
+                              exact_below=EXACT_BELOW if exact else None)
     n_obs = evaluator.n_obs
     eval_times: list[dict] = []
 
@@ -543,11 +547,14 @@ def fit_model(
     sigma = _eta_unit(fam, params)
     rms_x, rms_z = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
     unit = _parameter_units(spec, layout, rms_x, rms_z, sigma)
-    # the compiled kernel's Hessian is exact for the one-level Gaussian model (the Laplace
-    # rule is exact there and so are its derivatives): one pass instead of 2 P differences
-    hess_fd = (evaluate([params], True)[0].hessian
-               if _exact_kernel_hessian(fam, model, spec, approximate)
-               else finite_difference_hessian(evaluate, params, unit=unit))
+    # the exact Hessian of the objective where the kernel computes it: that of the converged
+    # point when its last evaluation had it, else one pass (instead of 2 P differences)
+    if exact and state.hessian_exact and np.array_equal(params, state.params):
+        hess_fd = state.hessian
+    elif exact:
+        hess_fd = evaluate([params], "exact")[0].hessian
+    else:
+        hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
     if fam.code == FAMILY_GAUSSIAN and fam.link.name == "identity":
         hess_fd = _linear_model_information(hess_fd, layout.p)
     vcov, info_ok = _invert_information(-hess_fd, unit)
@@ -624,6 +631,10 @@ def fit_model(
         result.message = f"{result.message}; {auto.message()}"
     return result
 
+
+# the Newton decrement below which the iterations ask for the exact Hessian (a few times the
+# cost of the Newton Hessian; from there Newton converges quadratically)
+EXACT_BELOW = 1.0
 
 # n_agq="auto": the log-likelihood tolerance (each group's is AUTO_TOL / G)
 AUTO_TOL = 1e-4
@@ -1094,14 +1105,12 @@ def _working_design(evaluator, spec: ModelSpec, model, layout: _Layout):
     return work
 
 
-def _exact_kernel_hessian(fam: Family, model, spec: ModelSpec, approximate: bool) -> bool:
-    """Whether the kernel's Hessian is the exact Hessian of the objective: the compiled
-    one-level Gaussian model (Laplace is exact there, and so are its derivatives; REML adds
-    the exact curvature of its log-determinant), so the information needs no finite
-    differences."""
-    base = model.base if isinstance(model, REMLModel) else model  # REML's Hessian: exact too
-    return bool(not approximate and fam.code == FAMILY_GAUSSIAN and not spec.inner
-                and isinstance(base, KernelModel) and base.compiled)
+def _has_exact_hessian(model) -> bool:
+    """Whether the evaluator's model computes the exact Hessian of the objective
+    (``hessian="exact"``): the compiled one-level kernel, Laplace or AGQ, every family
+    there (REML adds the exact curvature of its log-determinant to the Gaussian's)."""
+    base = model.base if isinstance(model, REMLModel) else model
+    return bool(isinstance(base, KernelModel) and base.has_exact_hessian)
 
 
 def _linear_model_information(hess: np.ndarray, p: int) -> np.ndarray:

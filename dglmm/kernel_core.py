@@ -47,6 +47,7 @@ from .kernel_group import (
     psi_map,
     set_theta_coef,
 )
+from .kernel_hessian import group_exact_hessian, hess_work
 from .kernel_laplace import laplace_group
 from .kernel_mode import _find_mode_robust, _invert_lower, _mode_factor, _mode_work
 
@@ -57,8 +58,9 @@ def _block_kernel(
     nodes, logw, want_hess, u_init, modes, grad, hess, d1s, slopes, k_centre,
 ):  # fmt: skip
     """Log-likelihood of the block (returned) without the families' normalising
-    constants; its gradient added to ``grad``, the Newton Hessian to ``hess`` (when
-    ``want_hess``), the modes into ``modes`` and ``du_hat/dpsi`` into ``slopes``."""
+    constants; its gradient added to ``grad``, a Hessian to ``hess`` (``want_hess``: 0
+    none, 1 the Newton Hessian, 2 the exact Hessian, :mod:`dglmm.kernel_hessian`), the
+    modes into ``modes`` and ``du_hat/dpsi`` into ``slopes``."""
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
     q = Z.shape[1]
@@ -79,6 +81,9 @@ def _block_kernel(
     )
     XWX = np.zeros((p, p))
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
+    exact = want_hess == 2
+    hw = hess_work(p, q, P, nodes.shape[0], max_rows if exact else 0)
+    node_xx = want_hess == 1 or (exact and laplace)  # the x-x block at the mode (mode_sums)
     loglik = 0.0
     for g in range(n_groups):
         i0 = gptr[g]
@@ -95,7 +100,7 @@ def _block_kernel(
         # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
         logdetH = _mode_factor(Hm, Hi, LH)
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
-                                    want_hess, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
+                                    node_xx, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
                                     Stz)  # fmt: skip
         set_theta_coef(tcoef, p, pat_c, u)
         mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du)
@@ -120,7 +125,17 @@ def _block_kernel(
                 X, Z, i0, i1, fk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp,
                 sx, szb, dub, grad,
             )  # fmt: skip
-        if want_hess:
+        if exact:
+            if laplace:
+                hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
+                agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH)
+                _invert_lower(LH, LHi)
+            group_exact_hessian(
+                X, Z, y, ntr, w, i0, i1, geta, gV, u, L, fam, link, tau, has_disp, Hi, LHi,
+                dH, du, tcol, tcoef, Sw, pat_r, pat_c, laplace, uk, fk, nodes, dA, hw, XWX,
+                hess,
+            )  # fmt: skip
+        elif want_hess:
             hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
             hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess)
     if want_hess:

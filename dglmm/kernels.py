@@ -40,6 +40,7 @@ from .quadrature import gauss_hermite_rule
 # gamma, beta); ordinal (a vector of thresholds) and nominal are NumPy kernels
 _COMPILED_FAMILIES = (0, 1, 2, 3, 4, 5, 6)
 _NOMINAL = 8  # dglmm.families.FAMILY_NOMINAL
+_GAUSSIAN = 2  # dglmm.families.FAMILY_GAUSSIAN
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class KernelModel:
         """Whether the compiled two-level kernel evaluates this family (else the nested
         kernel's NumPy path does, for one level as for several)."""
         return self.family_code in _COMPILED_FAMILIES and self.n_family is None
+
+    @property
+    def has_exact_hessian(self) -> bool:
+        """Whether ``evaluate_block(..., hessian="exact")`` gives the exact Hessian of the
+        objective (the compiled one-level kernel, Laplace or AGQ, every family there)."""
+        return self.compiled and not self.inner and self.family_code != _NOMINAL
 
     @property
     def n_theta(self) -> int:
@@ -297,8 +304,10 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     params : ndarray, shape (P,)
         ``[beta | theta | log_sigma]``.
     model : KernelModel
-    hessian : bool
-        Also return the Newton Hessian.
+    hessian : bool or "exact"
+        Also return a Hessian: True the Newton Hessian (cheaper; exact for the Gaussian),
+        ``"exact"`` the exact Hessian of the Laplace/AGQ objective (the compiled one-level
+        kernel only, :attr:`KernelModel.has_exact_hessian`; :mod:`dglmm.kernel_hessian`).
     u_init : ndarray (G, q) or WarmStart, optional
         Starting values of the conditional modes (warm start); zeros by default.  A
         :class:`WarmStart` from an earlier call is extrapolated to ``params``.
@@ -315,6 +324,8 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     """
     if not isinstance(model, KernelModel):  # a rule of its own (point masses, PQL, ...)
         return model.evaluate_block(block, params, hessian=hessian, u_init=u_init)
+    if isinstance(hessian, str) and not model.has_exact_hessian:
+        raise ValueError("the exact Hessian is computed by the compiled one-level kernel only")
     if model.family_code == _NOMINAL:  # a linear predictor per category: dglmm.nominal
         from .nominal import evaluate_nominal_block
 
@@ -326,6 +337,9 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         out = evaluate_nested_block(block, params, model, hessian=hessian, u_init=u_init)
         return BlockResult(**vars(out))
     params = np.asarray(params, dtype=np.float64)
+    want_hess = hessian_code(hessian)
+    if want_hess == 2 and model.family_code == _GAUSSIAN:
+        want_hess = 1  # the Newton Hessian is the exact one there (a Gaussian rule)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
     X = np.ascontiguousarray(block.X, dtype=np.float64)
@@ -348,7 +362,7 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         np.asarray(block.offset, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
         beta, L, tau, model.family_code, model.link_code,
         pattern[:, 0].copy(), pattern[:, 1].copy(), model.has_dispersion,
-        rule.nodes, rule.log_weights, hessian,
+        rule.nodes, rule.log_weights, want_hess,
         np.ascontiguousarray(u0), modes, grad, hess, d1s, slopes,
         _centre_node(rule.nodes),
     )  # fmt: skip
@@ -366,6 +380,15 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         x_sumsq=x_sumsq.copy(),
         z_sumsq=z_sumsq.copy(),
     )
+
+
+def hessian_code(hessian) -> int:
+    """The compiled kernel's ``want_hess``: 0 none, 1 Newton, 2 exact."""
+    if isinstance(hessian, str):
+        if hessian != "exact":
+            raise ValueError(f"hessian must be True, False or 'exact', not {hessian!r}")
+        return 2
+    return int(bool(hessian))
 
 
 def _centre_node(nodes: np.ndarray) -> int:

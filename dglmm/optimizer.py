@@ -51,12 +51,19 @@ class NewtonSettings:
         How many times linear convergence may trigger a measured Hessian correction
         (nested models, whose kernel Hessian leaves out the log-determinant's
         curvature, allow more).
+    exact_below : float or None
+        The evaluator can compute the exact Hessian (``hessian="exact"``, a few times the
+        cost of the Newton Hessian): evaluations ask for it once the Newton decrement is
+        below this (or convergence turns linear, instead of a measured correction), so
+        the last iterations converge quadratically and the converged point carries its
+        exact Hessian (``NewtonState.hessian_exact``).  None: never.
     """
 
     max_iter: int = 100
     tol: float = 1e-8
     gtol: float = 1e-5
     max_corrections: int = MAX_CORRECTIONS
+    exact_below: float | None = None
 
 
 @dataclass
@@ -87,6 +94,7 @@ class NewtonState:
     message: str = ""
     history: list[IterationRecord] = field(default_factory=list)
     correction: np.ndarray | None = None
+    hessian_exact: bool = False  # state.hessian is the exact Hessian at state.params
     slow_iterations: int = 0
     last_decrement: float | None = None
     n_corrections: int = 0
@@ -405,7 +413,10 @@ def maximize(
         g = np.where(act, state.gradient, 0.0)
         eig = ScaledEigen(g[act], _newton_hessian(state)[np.ix_(act, act)])
         decrement = eig.decrement()
-        if _slow(state, decrement) and state.n_corrections < settings.max_corrections:
+        slow = _slow(state, decrement)
+        exact = settings.exact_below is not None and (
+            decrement < settings.exact_below or slow or state.hessian_exact)
+        if slow and not exact and state.n_corrections < settings.max_corrections:
             # Linear convergence: the kernel's Hessian is off in some direction (it
             # leaves out third-derivative terms).  Measure the true one once by
             # differences of the exact gradient (one round trip) and keep the
@@ -423,7 +434,7 @@ def maximize(
             state.converged = True
             state.message = "converged: gradient and Newton decrement below tolerance"
             break
-        chosen, n_eval = _step(evaluate, state, eig, act, decrement)
+        chosen, n_eval = _step(evaluate, state, eig, act, decrement, "exact" if exact else True)
         state.n_evaluations += n_eval
         if chosen is None:
             # No uphill progress along the direction: the objective is flat to
@@ -438,6 +449,7 @@ def maximize(
             break
         step, x, r = chosen
         _take(state, x, r)
+        state.hessian_exact = exact
         _record(state, step, decrement, time.perf_counter() - t0, stage, n_eval)
         if callback is not None:
             callback(state)
@@ -463,8 +475,10 @@ def _slow(state: NewtonState, decrement: float) -> bool:
     return state.slow_iterations >= SLOW_ITERATIONS
 
 
-def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decrement: float):
+def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decrement: float,
+          hessian=True):
     """One Newton step; Levenberg-Marquardt trials (sent together) when it fails.
+    ``hessian``: what the trial evaluations ask for (True or ``"exact"``).
 
     Returns ``((step_label, params, result) or None, n_evaluations)``.  The step
     label is 1.0 for a full Newton step, otherwise the relative damping used.
@@ -478,14 +492,14 @@ def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decre
 
     if eig.positive_definite:
         trial = full(eig.direction())
-        (res,) = evaluate([trial], True)
+        (res,) = evaluate([trial], hessian)
         n_eval += 1
         if _acceptable(res, state.loglik, decrement, 1.0):
             return (1.0, trial, res), n_eval
     for factors in DAMPING_ROUNDS:
         mus = eig.damping_values(factors)
         trials = [full(eig.direction(mu)) for mu in mus]
-        results = evaluate(trials, True)
+        results = evaluate(trials, hessian)
         n_eval += len(trials)
         ok = [
             i
