@@ -594,3 +594,26 @@ def row_higher(family, link, y, n, w, eta, tau):
     rm = own_parameter_row(family, link, y, w, eta, tau - ht)
     return ((d3p - d3m) / (2.0 * he), (rp[3] - rm[3]) / (2.0 * ht),
             (rp[6] - rm[6]) / (2.0 * ht), (rp[7] - rm[7]) / (2.0 * ht))  # fmt: skip
+
+
+@numba.njit(cache=True)
+def row_d1234(family, link, y, n, w, eta, tau):
+    """``(d1, d2, d3, d4, d1t, d2t, d3t, d1tt, d2tt)``: the derivatives of
+    :func:`row_all` and :func:`row_higher` the exact Hessian takes at the mode, without the
+    log-density (one exponential for the logit and log links)."""
+    if family == FAMILY_BINOMIAL and link == LINK_LOGIT:
+        if eta >= 0.0:
+            mu = 1.0 / (1.0 + math.exp(-eta))
+        else:
+            e = math.exp(eta)
+            mu = e / (1.0 + e)
+        v = mu * (1.0 - mu)
+        wn = w * n
+        return (w * (y - n * mu), -wn * v, -wn * v * (1.0 - 2.0 * mu),
+                -wn * v * (1.0 - 6.0 * v), 0.0, 0.0, 0.0, 0.0, 0.0)  # fmt: skip
+    if family == FAMILY_POISSON:
+        mu = w * math.exp(min(eta, _ETA_MAX))
+        return w * y - mu, -mu, -mu, -mu, 0.0, 0.0, 0.0, 0.0, 0.0
+    _l, d1, d2, d3, _lt, _ltt, d1t, d2t = row_all(family, link, y, n, w, eta, tau)
+    d4, d3t, d1tt, d2tt = row_higher(family, link, y, n, w, eta, tau)
+    return d1, d2, d3, d4, d1t, d2t, d3t, d1tt, d2tt

@@ -40,7 +40,7 @@ import math
 import numba
 import numpy as np
 
-from .families import row_all, row_higher
+from .families import row_all, row_d12, row_d1234
 
 
 @numba.njit(cache=True)
@@ -49,7 +49,7 @@ def hess_work(p, q, P, K, max_rows):
     sig, ez, Rz, Vz, Gz, dun, gn, gbar, XZn, ZZn, S1n, St1n, lttn, ltn, Y, Phi, C, PhiC,
     Gt``."""
     m = p + q
-    return (np.empty((max_rows, P)), np.empty((max_rows, 11)), np.empty((q, q)),
+    return (np.empty(P), np.empty((max_rows, 11)), np.empty((q, q)),
             np.empty(q), np.empty(q), np.empty(q), np.empty((q, q, P)), np.empty((q, P)),
             np.empty((q, P)), np.empty((q, P)), np.empty((K, P)), np.empty(P),
             np.empty((K, p, q)), np.empty((K, q, q)), np.empty((K, m)), np.empty((K, m)),
@@ -57,18 +57,17 @@ def hess_work(p, q, P, K, max_rows):
             np.empty((q, q)), np.empty((q, q)), np.empty((q, q)))  # fmt: skip
 
 
-@numba.njit(cache=True)
-def mode_tangents(X, Z, i0, i1, gV, tcol, tcoef, du, T):
-    """``T[i, k] = d eta_i / d psi_k`` along the mode: ``tcoef_k r_i[tcol_k] + v_i' du_k``."""
+@numba.njit(cache=True, inline="always")
+def row_tangent(X, Z, i, v, tcol, tcoef, du, T):
+    """``T[k] = d eta_i / d psi_k`` along the mode: ``tcoef_k r_i[tcol_k] + v_i' du_k``."""
     p = X.shape[1]
     q, P = du.shape
-    for i in range(i0, i1):
-        for k in range(P):
-            c = tcol[k]
-            acc = tcoef[k] * (X[i, c] if c < p else Z[i, c - p])
-            for d in range(q):
-                acc += gV[i - i0, d] * du[d, k]
-            T[i - i0, k] = acc
+    for k in range(P):
+        c = tcol[k]
+        acc = tcoef[k] * (X[i, c] if c < p else Z[i, c - p])
+        for d in range(q):
+            acc += v[d] * du[d, k]
+        T[k] = acc
 
 
 @numba.njit(cache=True)
@@ -93,13 +92,13 @@ def dH_products(Hi, dH, Y, hess):
 
 @numba.njit(cache=True)
 def logdet_rows(
-    X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, T,
-    Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
+    X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, tcol,
+    tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
 ):  # fmt: skip
     """Adds ``<Wd, d2H_kl> + rho' d2 u_hat_kl`` (lower triangle) to ``hess``.
 
     ``rho`` enters holding the nodes' ``gbar_u`` (zero for Laplace); the rows' own part
-    ``-sum_i d3_i m_i v_i`` is added here.  ``T``: the tangents of :func:`mode_tangents`."""
+    ``-sum_i d3_i m_i v_i`` is added here.  ``T`` (P,): scratch for a row's tangent."""
     p = X.shape[1]
     q, P = du.shape
     nth = pat_r.shape[0]
@@ -108,8 +107,8 @@ def logdet_rows(
         eta = geta[i - i0]
         for c in range(q):
             eta += gV[i - i0, c] * u[c]
-        _l, d1, d2, d3, _lt, _ltt, d1t, d2t = row_all(fam, link, y[i], ntr[i], w[i], eta, tau)
-        d4, d3t, d1tt, d2tt = row_higher(fam, link, y[i], ntr[i], w[i], eta, tau)
+        d1, d2, d3, d4, d1t, d2t, d3t, d1tt, d2tt = row_d1234(fam, link, y[i], ntr[i], w[i],
+                                                               eta, tau)  # fmt: skip
         mi = 0.0
         for c in range(q):
             acc = 0.0
@@ -142,6 +141,7 @@ def logdet_rows(
     Wv = np.empty(q)
     for i in range(i0, i1):  # pass 2: the sums
         j = i - i0
+        row_tangent(X, Z, i, gV[j], tcol, tcoef, du, T)
         d2 = rowd[j, 1]
         d3 = rowd[j, 2]
         d4 = rowd[j, 3]
@@ -160,13 +160,13 @@ def logdet_rows(
             Wv[c] = acc
         a = -d4 * mi + d3 * sv
         for k in range(P):
-            tk = a * T[i - i0, k]
+            tk = a * T[k]
             for l in range(k + 1):
-                hess[k, l] += tk * T[i - i0, l]
+                hess[k, l] += tk * T[l]
         if has_disp:
             bt = -d3t * mi + d2t * sv
             for k in range(P):
-                vt[k] += bt * T[i - i0, k]
+                vt[k] += bt * T[k]
             ctt += -d2tt * mi + d1tt * sv
         e = -d3 * mi + d2 * sv
         for a_ in range(q):
@@ -175,7 +175,7 @@ def logdet_rows(
                 continue
             ez[a_] += e * za
             for l in range(P):
-                tl = T[i - i0, l]
+                tl = T[l]
                 Vz[a_, l] += za * d2 * tl
                 for c in range(q):
                     Rz[a_, c, l] -= za * Wv[c] * d3 * tl
@@ -313,8 +313,12 @@ def node_sums(X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, fam, link, tau, has_dis
             eta = geta[i - i0]
             for c in range(q):
                 eta += gV[i - i0, c] * uk[n, c]
-            _l, d1, d2, _d3, lt, ltt, d1t, _d2t = row_all(fam, link, y[i], ntr[i], w[i], eta,
-                                                           tau)  # fmt: skip
+            if has_disp:
+                _l, d1, d2, _d3, lt, ltt, d1t, _d2t = row_all(fam, link, y[i], ntr[i], w[i],
+                                                               eta, tau)  # fmt: skip
+            else:  # no log-density needed
+                d1, d2 = row_d12(fam, link, y[i], ntr[i], w[i], eta, tau)
+                lt = ltt = d1t = 0.0
             wbar -= pk[n] * d2
             for a in range(p):
                 S1n[n, a] += d1 * X[i, a]
@@ -447,8 +451,7 @@ def group_exact_hessian(
         )  # fmt: skip
         chol_adjoint(LHi, dH, Gt, Phi, C, PhiC, Wd, hess)
     dH_products(Hi, dH, Y, hess)
-    mode_tangents(X, Z, i0, i1, gV, tcol, tcoef, du, T)
     logdet_rows(
-        X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, T, Sw,
-        pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
+        X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, tcol,
+        tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
     )  # fmt: skip

@@ -19,8 +19,8 @@ parameters (see ``docs/MATH.md`` of the project and the comments below).  The
 Hessian returned for Newton steps is the exact Hessian of the "fixed weights"
 approximation (the exact Hessian of ``h(u_hat(psi), psi)`` plus that of
 ``-1/2 log det H`` with the working weights held fixed); it is exact for the
-Gaussian family.  Standard errors are computed elsewhere from differences of the
-exact gradient.
+Gaussian family.  ``hessian="exact"`` returns the exact Hessian of ``l_A`` instead
+(:mod:`dglmm.kernel_hessian`), from which the fit takes its standard errors.
 
 Parameters are laid out as ``[beta (p) | theta (n_theta) | log_sigma (dispersion)]``
 (``docs/ARCHITECTURE.md``).  All sums are accumulated in float64.

@@ -175,14 +175,15 @@ def test_reml_on_a_real_cluster_equals_in_process(process_cluster):
 @pytest.mark.parametrize("name", ["sleepstudy_ml", "sleepstudy_reml", "dyestuff_reml"])
 def test_standard_errors_come_from_the_exact_kernel_hessian(monkeypatch, name):
     """A one-level Gaussian fit, ML or REML, takes its information from the exact Hessian
-    (one pass), equal to the 2 P central differences of the exact gradient it replaces."""
+    (that of the converged point's evaluation, or one more pass), equal to the 2 P central
+    differences of the exact gradient it replaces."""
     import dglmm.api as api
 
     case = REFS[name]
     exact = _fit(case)
-    monkeypatch.setattr(api, "_exact_kernel_hessian", lambda *a: False)
+    monkeypatch.setattr(api, "_has_exact_hessian", lambda *a: False)
     by_fd = _fit(case)
     np.testing.assert_allclose(exact.vcov, by_fd.vcov, rtol=1e-5, atol=1e-12)
     P = exact.params.size
-    assert exact.timings["n_evaluations"] == by_fd.timings["n_evaluations"] - 2 * P + 1
+    assert exact.timings["n_evaluations"] <= by_fd.timings["n_evaluations"] - 2 * P + 1
     check_reference(exact, case)
