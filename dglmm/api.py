@@ -753,7 +753,7 @@ def integration_error(evaluator, params: np.ndarray, loglik: float, n_obs: int):
         return None, None
     evaluator.model = dataclasses.replace(base, n_agq=k)
     try:
-        [res] = evaluator.evaluate([np.asarray(params, float)], False)
+        [res] = evaluator.evaluate([np.asarray(params, float)], "value")
     except (FloatingPointError, np.linalg.LinAlgError, ValueError, DglmmError):
         return None, None  # e.g. a ClusterError: a diagnostic never costs the fit
     finally:

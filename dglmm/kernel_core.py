@@ -59,8 +59,9 @@ def _block_kernel(
 ):  # fmt: skip
     """Log-likelihood of the block (returned) without the families' normalising
     constants; its gradient added to ``grad``, a Hessian to ``hess`` (``want_hess``: 0
-    none, 1 the Newton Hessian, 2 the exact Hessian, :mod:`dglmm.kernel_hessian`), the
-    modes into ``modes`` and ``du_hat/dpsi`` into ``slopes``."""
+    none, 1 the Newton Hessian, 2 the exact Hessian, :mod:`dglmm.kernel_hessian`; -1 the
+    log-likelihood alone, no gradient, slopes zero), the modes into ``modes`` and
+    ``du_hat/dpsi`` into ``slopes``."""
     n_groups = gptr.shape[0] - 1
     p = X.shape[1]
     q = Z.shape[1]
@@ -82,6 +83,8 @@ def _block_kernel(
     XWX = np.zeros((p, p))
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
     exact = want_hess == 2
+    rule_bounds = np.array([0, nodes.shape[0]])  # the rule as a ladder of one (_rule_value)
+    rule_centre = np.array([k_centre])
     hw = hess_work(p, q, P, nodes.shape[0], max_rows if exact else 0)
     node_xx = want_hess == 1 or (exact and laplace)  # the x-x block at the mode (mode_sums)
     loglik = 0.0
@@ -102,6 +105,13 @@ def _block_kernel(
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     node_xx, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
                                     Stz)  # fmt: skip
+        if want_hess < 0:  # the value only (a diagnostic pass): no gradient, no slopes
+            slopes[g, :, :] = 0.0
+            loglik += _rule_value(
+                y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
+                nodes, logw, rule_bounds, rule_centre, 0, d1s, LHi, uk, fk, ltk, svk,
+            ) if not laplace else hsum - 0.5 * (u @ u) - 0.5 * logdetH  # fmt: skip
+            continue
         set_theta_coef(tcoef, p, pat_c, u)
         mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du)
         for c in range(q):
@@ -138,7 +148,7 @@ def _block_kernel(
         elif want_hess:
             hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
             hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess)
-    if want_hess:
+    if want_hess > 0:
         for a in range(p):
             for b in range(a + 1):
                 hess[a, b] -= XWX[a, b]

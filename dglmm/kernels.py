@@ -307,7 +307,9 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     hessian : bool or "exact"
         Also return a Hessian: True the Newton Hessian (cheaper; exact for the Gaussian),
         ``"exact"`` the exact Hessian of the Laplace/AGQ objective (the compiled one-level
-        kernel only, :attr:`KernelModel.has_exact_hessian`; :mod:`dglmm.kernel_hessian`).
+        kernel only, :attr:`KernelModel.has_exact_hessian`; :mod:`dglmm.kernel_hessian`);
+        ``"value"`` the log-likelihood alone (the gradient is zeros; a diagnostic pass such
+        as the integration error's, compiled kernel only).
     u_init : ndarray (G, q) or WarmStart, optional
         Starting values of the conditional modes (warm start); zeros by default.  A
         :class:`WarmStart` from an earlier call is extrapolated to ``params``.
@@ -325,7 +327,11 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     if not isinstance(model, KernelModel):  # a rule of its own (point masses, PQL, ...)
         return model.evaluate_block(block, params, hessian=hessian, u_init=u_init)
     if isinstance(hessian, str) and not model.has_exact_hessian:
-        raise ValueError("the exact Hessian is computed by the compiled one-level kernel only")
+        if hessian == "value":  # the NumPy kernels compute the gradient anyway
+            hessian = False
+        else:
+            raise ValueError("the exact Hessian is computed by the compiled one-level kernel "
+                             "only")  # fmt: skip
     if model.family_code == _NOMINAL:  # a linear predictor per category: dglmm.nominal
         from .nominal import evaluate_nominal_block
 
@@ -383,11 +389,11 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
 
 
 def hessian_code(hessian) -> int:
-    """The compiled kernel's ``want_hess``: 0 none, 1 Newton, 2 exact."""
+    """The compiled kernel's ``want_hess``: 0 none, 1 Newton, 2 exact, -1 ``"value"``."""
     if isinstance(hessian, str):
-        if hessian != "exact":
-            raise ValueError(f"hessian must be True, False or 'exact', not {hessian!r}")
-        return 2
+        if hessian not in ("exact", "value"):
+            raise ValueError(f"hessian must be True, False, 'exact' or 'value', not {hessian!r}")
+        return 2 if hessian == "exact" else -1
     return int(bool(hessian))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy.special import ndtr
 
 from . import outputs
 
@@ -669,7 +669,7 @@ def wald_table(terms, estimates, std_errors) -> pd.DataFrame:
     se = np.asarray(std_errors, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = est / se
-    p = 2.0 * stats.norm.sf(np.abs(z))
+    p = 2.0 * ndtr(-np.abs(z))  # (scipy.special: scipy.stats costs 0.3 s of import)
     return pd.DataFrame(
         {"estimate": est, "std_error": se, "z_value": z, "p_value": p},
         index=pd.Index(list(terms), name="term"),
