@@ -137,10 +137,12 @@ def _warning(original: float, corr: np.ndarray, rms: np.ndarray, names) -> str |
 
 
 def transform_block(block, T: np.ndarray):
-    """A copy of ``block`` with ``X T`` as its fixed design (nothing cached is kept)."""
+    """A copy of ``block`` with ``X T`` as its fixed design (nothing cached is kept), stored
+    in the block's own precision (float32 storage stays float32)."""
     if block is None:
         return None
-    return dataclasses.replace(block, X=np.ascontiguousarray(block.X @ T))
+    dtype = block.X.dtype if block.X.dtype == np.float32 else np.float64
+    return dataclasses.replace(block, X=np.ascontiguousarray(block.X @ T, dtype=dtype))
 
 
 @dataclass(frozen=True, eq=False)

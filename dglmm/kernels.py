@@ -348,8 +348,8 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         want_hess = 1  # the Newton Hessian is the exact one there (a Gaussian rule)
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
-    X = np.ascontiguousarray(block.X, dtype=np.float64)
-    Z = np.ascontiguousarray(block.Z, dtype=np.float64)
+    X = design_array(block.X)
+    Z = design_array(block.Z)
     n_rows = X.shape[0]
     n_groups = len(block.group_ptr) - 1
     P = model.n_params
@@ -386,6 +386,14 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         x_sumsq=x_sumsq.copy(),
         z_sumsq=z_sumsq.copy(),
     )
+
+
+def design_array(a) -> np.ndarray:
+    """``X`` or ``Z`` for the compiled kernel: C order, float64 or float32 as stored (float32
+    storage halves the design's memory; the kernel accumulates in float64)."""
+    if isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64) and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 def hessian_code(hessian) -> int:
