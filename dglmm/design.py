@@ -1840,6 +1840,8 @@ def _block_designs(spec: ModelSpec, parsed: ParsedFormula, frame: pd.DataFrame):
 
 def _nonfinite_rows(X: np.ndarray, Z: np.ndarray, Zs: Sequence[np.ndarray]) -> np.ndarray:
     """(n,) rows with a non-finite value in any of the designs."""
+    if all(np.isfinite(a).all() for a in (X, Z, *Zs)):  # the usual case: one flat pass each
+        return np.zeros(X.shape[0], dtype=bool)
     bad = ~(np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
     for z in Zs:
         bad |= ~np.isfinite(z).all(axis=1)

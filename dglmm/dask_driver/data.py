@@ -88,7 +88,11 @@ def load_data(
         _check_columns(columns, data.columns)
         ddf = data if columns is None else data[columns]
     elif isinstance(data, (str, os.PathLike, list, tuple)):
-        ddf = _read_paths(data, columns, storage_options)
+        ddf, footers_checked = _read_paths(data, columns, storage_options)
+        if footers_checked:
+            # local Parquet files: rows counted and model columns' types checked from the
+            # footers (lists, structs, maps), nothing more a sample would show: no read
+            return ddf
     else:
         raise DataError(
             f"cannot read data of type {type(data).__name__}: give a pandas or Dask "
@@ -133,12 +137,15 @@ def _kind(path: str) -> str:
     return "parquet"
 
 
-def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | None) -> dd.DataFrame:
+def _read_paths(data: Any, columns: list[str] | None,
+                storage_options: dict | None) -> tuple[dd.DataFrame, bool]:  # fmt: skip
+    """The Dask frame of ``data``, and whether it is local Parquet files whose footers were
+    checked (:func:`check_data_files`) and have rows."""
     paths = [os.fspath(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
     if not paths:
         raise DataError("no data paths given")
     if len(paths) == 1 and is_prepared(paths[0], storage_options):
-        return read_prepared(paths[0], storage_options).to_dask(columns)
+        return read_prepared(paths[0], storage_options).to_dask(columns), False
     local = [p for p in paths if not _is_url(p)]
     files: list[str] = [p for p in paths if _is_url(p)]
     for p in local:
@@ -197,7 +204,21 @@ def _read_paths(data: Any, columns: list[str] | None, storage_options: dict | No
     _check_columns(columns, ddf.columns)
     if len(ddf.columns) == 0:
         raise DataError(f"the data {_describe(data)} have no columns")
-    return ddf
+    if kind == "parquet" and not any(_is_url(f) for f in files):
+        if _parquet_rows([f.removeprefix("file://") for f in files]) == 0:
+            raise DataError(f"the data {_describe(data)} have no rows")
+        return ddf, True
+    return ddf, False
+
+
+def _parquet_rows(files: list[str]) -> int:
+    """Rows of local Parquet files, from their footers."""
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(int(pq.read_metadata(f).num_rows) for f in files)
+    except Exception as exc:  # noqa: BLE001 - as the reader would report it
+        raise DataError(f"cannot read the Parquet footers of {_describe(files)}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +309,100 @@ def partition_by_group(
     return shuffled.reset_index(drop=True)
 
 
+def _split_rows(
+    pdf: pd.DataFrame, group: str, n: int, summarise: Callable | None = None
+) -> tuple[tuple[pd.DataFrame, ...], Any]:
+    """The rows of one input partition cut into ``n`` pieces by the hash of their group key
+    (:func:`_hash_part`, as :func:`partition_by_group` with ``balance="hash"``), each piece
+    in input order; with ``summarise``, also ``summarise(pdf)`` of the whole partition (the
+    spec pass of :func:`spec_from_dask` on the same read)."""
+    summary = summarise(pdf) if summarise is not None else None
+    if n == 1:  # one piece (prepared data: as they are)
+        return (pdf,), summary
+    part = _hash_part(pdf[group], n)
+    # a stable sort of small integers (radix sort): the rows of each piece in input order
+    order = np.argsort(part.astype(np.int16 if n < 2**15 else np.int64), kind="stable")
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(part, minlength=n), out=bounds[1:])
+    taken = pdf.take(order)
+    pieces = tuple(taken.iloc[bounds[j] : bounds[j + 1]] for j in range(n))
+    return pieces, summary
+
+
+def _split_summary(split: tuple) -> Any:
+    return split[1]
+
+
+def _gather_rows(j: int, *splits: tuple) -> pd.DataFrame:
+    """Output partition ``j``: the ``j``-th piece of every input partition, in input order."""
+    pieces = [s[0][j] for s in splits]
+    if len(pieces) == 1:
+        return pieces[0].reset_index(drop=True)
+    return pd.concat(pieces, ignore_index=True)
+
+
+class GroupSplit:
+    """Partitioning by group without a Dask shuffle (the loading path of the Dask driver).
+
+    Each input partition of ``ddf`` is read once and cut by the hash of its ``group`` keys
+    into ``n`` pieces (:func:`_split_rows`); output partition ``j`` is the ``j``-th piece of
+    every input partition, in input order (:func:`_gather_rows`): the same groups in the
+    same partitions, and the same rows in the same order, as :func:`partition_by_group`
+    (``balance="hash"``) followed by a stable sort by partition.  With ``group=None`` the
+    partitions are taken as they are (prepared data: whole groups already), one output
+    partition per input partition.
+
+    :meth:`summaries` computes the split tasks on the cluster with the spec pass's summary
+    of each input partition (one read for both); the pieces stay on the workers until
+    :meth:`release` (after the blocks are submitted: the scheduler keeps each until the
+    blocks that need it are built, and a lost block is recomputed from its lineage).
+    Without them :meth:`futures` reads the data again.
+    """
+
+    def __init__(self, ddf: dd.DataFrame, group: str | None, n: int | None = None, *,
+                 prepared_rows: list[int] | None = None) -> None:  # fmt: skip
+        if group is not None:
+            _check_columns([group], ddf.columns)
+        self.ddf = ddf
+        self.group = group
+        self.n = int(ddf.npartitions if group is None or n is None else n)
+        self.prepared_rows = prepared_rows
+        self._splits: list | None = None
+
+    @property
+    def npartitions(self) -> int:
+        return self.n
+
+    def _tasks(self, summarise: Callable | None) -> list:
+        pieces = 1 if self.group is None else self.n
+        return [dask.delayed(_split_rows, pure=False)(part, self.group, pieces, summarise)
+                for part in self.ddf.to_delayed()]  # fmt: skip
+
+    def summaries(self, summarise: Callable, client: Any) -> list:
+        """Futures of ``summarise(partition)`` of every input partition, computed with the
+        split of the same read (kept for :meth:`futures`)."""
+        self.release()
+        self._splits = client.compute(self._tasks(summarise))
+        return [client.submit(_split_summary, f, pure=False) for f in self._splits]
+
+    def futures(self, client: Any) -> list:
+        """Futures of the split input partitions: those of :meth:`summaries`, else computed
+        now (a second read); each is ``(pieces, summary)``."""
+        if self._splits is None:
+            self._splits = client.compute(self._tasks(None))
+        return list(self._splits)
+
+    def inputs(self, splits: list, j: int) -> tuple[int, list]:
+        """``(piece, splits)``: output partition ``j`` is ``_gather_rows(piece, *splits)``."""
+        return (0, [splits[j]]) if self.group is None else (j, list(splits))
+
+    def release(self) -> None:
+        """Drop the pieces kept on the workers."""
+        for f in self._splits or ():
+            f.release()
+        self._splits = None
+
+
 # --------------------------------------------------------------------------------------------
 # prepared data
 
@@ -325,7 +440,7 @@ class PreparedData:
         _check_columns(columns, self.metadata["columns"])
         cols = list(columns) if columns is not None else None
         so = self.storage_options
-        meta = _read_one(self.files[0], cols, so).head(0)
+        meta = _empty_like(self.files[0], cols, so)
         return dd.from_map(
             _read_one, self.files, columns=cols, storage_options=so, meta=meta,
             enforce_metadata=False,
@@ -344,6 +459,27 @@ def _read_one(path: str, columns: list[str] | None = None,
         return pd.read_parquet(path, columns=columns, storage_options=so)
     except FileNotFoundError:
         raise DataError(f"the prepared file {path!r} is missing") from None
+
+
+def _empty_like(path: str, columns: list[str] | None = None,
+                storage_options: dict | None = None) -> pd.DataFrame:  # fmt: skip
+    """The empty frame of the columns of a local Parquet file as :func:`_read_one` reads
+    it (the Dask meta), from its footer; the categories of its categorical columns are not
+    known there (the meta has none: the partitions are read as they are, not cast to it).
+    Other files and URLs: the first rows read."""
+    if not _is_url(path):
+        try:
+            import pyarrow.parquet as pq
+            from pandas.io._util import arrow_table_to_pandas
+
+            empty = pq.ParquetFile(path).read_row_groups([], columns=columns,
+                                                         use_pandas_metadata=True)  # fmt: skip
+            return arrow_table_to_pandas(empty)
+        except FileNotFoundError:
+            raise DataError(f"the prepared file {path!r} is missing") from None
+        except Exception:  # noqa: BLE001 - another pandas or pyarrow: read it
+            pass
+    return _read_one(path, columns, storage_options).head(0)
 
 
 def _read_text(path: str, storage_options: dict | None = None) -> str:
@@ -695,6 +831,7 @@ def spec_from_dask(
     make_spec: Callable | None = None,
     n_head: int = 1000,
     handle: ClusterHandle | None = None,
+    split: GroupSplit | None = None,
     **spec_options: Any,
 ) -> LearnedSpec:
     """Learn the ModelSpec from all partitions in one pass, and count rows and groups.
@@ -715,7 +852,9 @@ def spec_from_dask(
     ``group`` (default ``parsed.group``) may be None (the data decide the top level; the
     learned ``spec.group`` is it, and the data must be partitioned by it).
     The three functions default to those of :mod:`dglmm.design`.  With ``handle`` the pass
-    runs on its cluster and ends with a ClusterError when every worker is lost.
+    runs on its cluster and ends with a ClusterError when every worker is lost.  With
+    ``split`` (a :class:`GroupSplit` of ``ddf``, and ``handle``) the pass reads each
+    partition once for both: the summaries and the pieces the blocks are built from.
 
     Raises
     ------
@@ -737,11 +876,18 @@ def spec_from_dask(
     merge_units = _default_design("merge_units") if nested else None
     order_levels = _default_design("order_levels") if nested else None
     grand_sums = _grand_summer(parsed, spec_options)
-    leaves = [
-        dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head,
-                                           collect_units, grand_sums)  # fmt: skip
-        for part in ddf.to_delayed()
-    ]
+    if split is not None and handle is not None:
+        summarise = functools.partial(
+            _summarise_partition, parsed=parsed, group=group, collect_levels=collect_levels,
+            n_head=n_head, collect_units=collect_units, grand_sums=grand_sums,
+        )  # fmt: skip
+        leaves = split.summaries(summarise, handle.client)
+    else:
+        leaves = [
+            dask.delayed(_summarise_partition)(part, parsed, group, collect_levels, n_head,
+                                               collect_units, grand_sums)  # fmt: skip
+            for part in ddf.to_delayed()
+        ]
     tree = _tree(leaves, _merge_summaries, merge_levels, n_head, merge_units)
     root = dask.delayed(_finish_summary)(tree, merge_levels, parsed, order_levels)
     levels, n_rows, n_groups, head, ordered, sums = _compute(root, handle)

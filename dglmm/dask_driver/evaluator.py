@@ -19,11 +19,12 @@ from distributed import Client, KilledWorker
 
 from dglmm.dask_driver.cluster import ClusterHandle, cluster_failures, failure_text
 from dglmm.dask_driver.data import (
+    GroupSplit,
     PreparedData,
+    _gather_rows,
     check_npartitions,
     is_prepared,
     load_data,
-    partition_by_group,
     read_prepared,
     spec_from_dask,
 )
@@ -74,6 +75,13 @@ def _build_task(
     if check_response is not None:
         kwargs["check_response"] = check_response
     return builder(spec, pdf, **kwargs), len(pdf)
+
+
+def _build_split_task(j: int, spec: Any, builder: Callable, missing: str, check_response: Any,
+                      *splits: tuple) -> tuple[Any, int]:  # fmt: skip
+    """The block of output partition ``j`` of a :class:`GroupSplit` (its pieces gathered
+    here, in input order)."""
+    return _build_task(_gather_rows(j, *splits), spec, builder, missing, check_response)
 
 
 def _stats_task(entry: tuple[Any, int]) -> _BlockStats:
@@ -249,8 +257,10 @@ class DaskEvaluator:
     ----------
     handle : ClusterHandle
     data : dask DataFrame, PreparedData, or anything :func:`load_data` reads
-        With ``group`` given, the rows are first shuffled by :func:`partition_by_group`
-        into ``npartitions`` partitions (default: at least one per worker).  Without ``group``
+        With ``group`` given, the rows are first partitioned by group into ``npartitions``
+        partitions (default: at least one per worker) as :func:`partition_by_group` would,
+        without a Dask shuffle (:class:`GroupSplit`); a GroupSplit (from the spec pass of
+        :func:`make_evaluator`) is used as it is.  Without ``group``
         the partitions must already hold whole groups (as the output of
         :func:`partition_by_group` and :func:`read_prepared` do); pass ``n_groups`` (from
         :func:`spec_from_dask`) to have a group split across partitions detected (the
@@ -315,16 +325,19 @@ class DaskEvaluator:
         if sources is None and not isinstance(data, dd.DataFrame):
             self._sources = input_fingerprint(data)
         npartitions = check_npartitions(npartitions)
-        if isinstance(data, PreparedData):
+        self._split: GroupSplit | None = None
+        if isinstance(data, GroupSplit):  # read (and cut by group) during the spec pass
+            self._split, ddf = data, data.ddf
+            self._prepared_rows = data.prepared_rows
+        elif isinstance(data, PreparedData):
             self._prepared_rows = list(data.metadata["rows_per_file"])
             ddf = data.to_dask(columns)
         else:
             ddf = load_data(data, columns)
             if group is not None:
-                n = npartitions or max(ddf.npartitions, handle.n_workers)
-                if n_groups:  # more partitions than groups would only leave some empty
-                    n = max(1, min(n, int(n_groups)))
-                ddf = partition_by_group(ddf, group, n)
+                n = shuffle_partitions(ddf, handle, npartitions, n_groups)
+                # partitioned by group without a Dask shuffle (the same partitions and rows)
+                self._split = GroupSplit(ddf, group, n)
         self._ddf = ddf
         self._build()
         if n_groups is not None and self.n_groups > n_groups:  # fewer: groups all dropped
@@ -341,13 +354,16 @@ class DaskEvaluator:
     # -- blocks ----------------------------------------------------------------------------
 
     def _build(self) -> None:
-        builds = [
-            dask.delayed(_build_task, pure=False)(
-                part, self.spec, self.block_builder, self.missing, self.check_response
-            )
-            for part in self._ddf.to_delayed()
-        ]
-        self._blocks = self.client.compute(builds)
+        if self._split is not None:
+            self._blocks = self._split_builds()
+        else:
+            builds = [
+                dask.delayed(_build_task, pure=False)(
+                    part, self.spec, self.block_builder, self.missing, self.check_response
+                )
+                for part in self._ddf.to_delayed()
+            ]
+            self._blocks = self.client.compute(builds)
         stats = [self.client.submit(_stats_task, b, pure=False) for b in self._blocks]
         try:
             # re-raises a builder's exception as is; bounded when every worker is gone
@@ -379,6 +395,32 @@ class DaskEvaluator:
         self._stats = [all_stats[i] for i in keep]
         if not self._blocks:
             raise DataError("the data have no rows")
+
+    def _split_builds(self) -> list:
+        """The blocks of the partitions of a :class:`GroupSplit`: block ``j`` from the
+        ``j``-th piece of every input partition (:func:`_build_split_task`)."""
+        split = self._split
+        splits = split.futures(self.client)
+        # cut by group, the pieces of every block are where their input was read (one
+        # worker for one file): spread the blocks over the workers in turn, as a shuffle
+        # would; partitions as they are: built where they were read
+        addresses = []
+        if split.group is not None:
+            addresses = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        blocks = []
+        for j in range(split.n):
+            piece, inputs = split.inputs(splits, j)
+            where = {}
+            if addresses:
+                where = {"workers": [addresses[j % len(addresses)]], "allow_other_workers": True}
+            blocks.append(self.client.submit(
+                _build_split_task, piece, self.spec, self.block_builder, self.missing,
+                self.check_response, *inputs, pure=False, **where,
+            ))  # fmt: skip
+        # the scheduler keeps each piece until the blocks that need it are built (and a lost
+        # block is rebuilt from its lineage)
+        split.release()
+        return blocks
 
     def _release_after(self, futures) -> None:
         try:  # bounded: the other partitions' counts, unless the workers are gone
@@ -700,7 +742,9 @@ def make_evaluator(
 
     Reads only the columns the model needs, learns the spec in one pass
     (:func:`spec_from_dask`), then persists one block per partition: the files of prepared
-    data as they are, any other data shuffled by :func:`partition_by_group`.
+    data as they are, any other data partitioned by group as :func:`partition_by_group`
+    would (:class:`GroupSplit`: when the formula names the top level, the spec pass's read
+    of each partition is also cut into the pieces the blocks are built from).
 
     Parameters
     ----------
@@ -731,16 +775,40 @@ def make_evaluator(
         else:
             ddf = load_data(data, columns, storage_options=storage_options,
                             group=parsed.group_columns)  # fmt: skip
-        learned = spec_from_dask(
-            ddf, parsed, group=parsed.group, trials=trials, offset=offset, weights=weights,
-            handle=handle, allow_python=allow_python_in_formulas,
-        )  # fmt: skip
+        # the spec pass reads each partition once, for its summary and for the rows the
+        # blocks are built from: prepared files as they are, other data cut by the top level
+        # when the formula names it
+        split = None
+        if prepared is not None:
+            split = GroupSplit(ddf, None, prepared_rows=list(prepared["rows_per_file"]))
+        elif parsed.group is not None:
+            split = GroupSplit(ddf, parsed.group,
+                               shuffle_partitions(ddf, handle, npartitions, None))  # fmt: skip
+        try:
+            learned = spec_from_dask(
+                ddf, parsed, group=parsed.group, trials=trials, offset=offset,
+                weights=weights, handle=handle, allow_python=allow_python_in_formulas,
+                split=split,
+            )  # fmt: skip
+        except BaseException:
+            if split is not None:
+                split.release()
+            raise
         # partitioned by the top level, which the data decide for nested levels
+        group = None
         if prepared is not None and prepared.group == learned.spec.group:
-            source: Any = prepared  # already whole groups, one file per partition
-            group = None
-        else:
-            source, group = ddf, learned.spec.group
+            source: Any = split  # already whole groups, one file per partition
+        elif split is not None and split.group == learned.spec.group:
+            n = shuffle_partitions(ddf, handle, npartitions, learned.n_groups)
+            if n != split.n:  # fewer groups than partitions: hashed again into fewer
+                split.release()
+                split = GroupSplit(ddf, split.group, n)
+            source = split
+        else:  # prepared by another level than the top the data decide: cut by it
+            if split is not None:
+                split.release()
+            source = GroupSplit(ddf, learned.spec.group,
+                                shuffle_partitions(ddf, handle, npartitions, learned.n_groups))
     from dglmm.design import for_family
 
     spec = for_family(learned.spec, family, response_levels)  # ordinal: the categories
@@ -759,6 +827,16 @@ def make_evaluator(
         sources=sources,
     )
     return evaluator, spec
+
+
+def shuffle_partitions(ddf: dd.DataFrame, handle: ClusterHandle, npartitions: int | None,
+                       n_groups: int | None) -> int:  # fmt: skip
+    """Output partitions of the partitioning by group: ``npartitions``, else at least one per
+    worker; never more than ``n_groups`` (more would only leave some empty)."""
+    n = npartitions or max(ddf.npartitions, handle.n_workers)
+    if n_groups:
+        n = max(1, min(n, int(n_groups)))
+    return int(n)
 
 
 def _as_prepared(data: Any, storage_options: dict | None = None) -> PreparedData | None:
