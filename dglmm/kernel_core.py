@@ -42,6 +42,7 @@ from .kernel_group import (
     group_work,
     hessian_logdet_term,
     hessian_mode_term,
+    mode_hessian,
     mode_slopes,
     mode_sums,
     psi_map,
@@ -49,7 +50,13 @@ from .kernel_group import (
 )
 from .kernel_hessian import group_exact_hessian, hess_work
 from .kernel_laplace import laplace_group
-from .kernel_mode import _find_mode_robust, _invert_lower, _mode_factor, _mode_work
+from .kernel_mode import (
+    FINAL_STEP_TOL,
+    _find_mode_robust,
+    _invert_lower,
+    _mode_factor,
+    _mode_work,
+)
 
 
 @numba.njit(cache=True)
@@ -96,15 +103,17 @@ def _block_kernel(
             u[c] = u_init[g, c]
         _find_mode_robust(
             geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam, link, tau, Hm,
-            mode_work,
+            mode_work, FINAL_STEP_TOL,
         )  # fmt: skip
         for c in range(q):
             modes[g, c] = u[c]
-        # H at the mode (exact: the mode iteration ends at this u), its factor and inverse
-        logdetH = _mode_factor(Hm, Hi, LH)
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     node_xx, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
                                     Stz)  # fmt: skip
+        # H at the mode from the sums there (the last Newton step may have had no pass of
+        # its own), its factor and inverse
+        mode_hessian(Sw, L, p, Hm)
+        logdetH = _mode_factor(Hm, Hi, LH)
         if want_hess < 0:  # the value only (a diagnostic pass): no gradient, no slopes
             slopes[g, :, :] = 0.0
             loglik += _rule_value(
@@ -270,12 +279,13 @@ def _ladder_kernel(
             u[c] = u_init[g, c]
         _find_mode_robust(
             geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam, link, tau, Hm,
-            mode_work,
+            mode_work, FINAL_STEP_TOL,
         )  # fmt: skip
-        logdetH = _mode_factor(Hm, Hi, LH)
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     False, XWX, s1, Sw, d3s, d1s, -1, has_disp, st1,
                                     Stz)  # fmt: skip
+        mode_hessian(Sw, L, p, Hm)  # as _block_kernel
+        logdetH = _mode_factor(Hm, Hi, LH)
         for r in range(R):
             ll[g, r] = np.nan
         r = min(start[g], R - 1)

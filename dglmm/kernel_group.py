@@ -292,3 +292,21 @@ def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess):
                 for c in range(q):
                     d2 += 2.0 * Hi[b1, c] * Ct[a1, c]
             hess[k, k2] += val - 0.5 * d2
+
+
+@numba.njit(cache=True)
+def mode_hessian(Sw, L, p, Hm):
+    """``Hm = I + L' Sw_zz L``: the negative u-Hessian at the point of :func:`mode_sums`
+    (the mode), from its z-z block ``sum_i w_i z_i z_i'``."""
+    q = L.shape[0]
+    for c in range(q):
+        for d in range(c + 1):
+            acc = 0.0
+            for a in range(c, q):  # L lower triangular: L[a, c] = 0 for a < c
+                la = L[a, c]
+                if la == 0.0:
+                    continue
+                for b in range(d, q):
+                    acc += la * Sw[p + a, p + b] * L[b, d]
+            Hm[c, d] = acc + (1.0 if c == d else 0.0)
+            Hm[d, c] = Hm[c, d]

@@ -18,6 +18,10 @@ _MODE_DECREMENT_TOL = 1e-20
 _MODE_STEP_FLOOR = 1e-14
 _MODE_MAX_ITER = 100
 _FREE_STEP = 0.25  # Newton steps up to this size (in sd units of u) are not checked
+# a step whose Newton decrement is below this is the last one, taken without another pass
+# (Newton's quadratic convergence leaves a decrement ~1e-24 there); the caller then computes
+# H at the final u from its own sums (kernel_group.mode_hessian)
+FINAL_STEP_TOL = 1e-12
 
 
 @numba.njit(cache=True)
@@ -106,7 +110,7 @@ def _mode_work(q):
 
 
 @numba.njit(cache=True)
-def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
+def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol=0.0):
     """Newton iteration with step halving for the conditional mode.
 
     Updates ``u`` in place and leaves in ``H`` the negative Hessian at the final ``u``
@@ -115,7 +119,9 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
     function) are taken without evaluating the log-density; steps longer than
     ``_FREE_STEP`` are checked for ascent and halved if needed.  ``work`` holds
     scratch arrays from :func:`_mode_work`.  Returns the number of passes over the
-    group's rows, negative when the iteration did not converge.
+    group's rows, negative when the iteration did not converge.  With ``final_tol > 0`` a
+    small step whose decrement is below it is taken without a further pass: ``u`` is then
+    the mode and ``H`` is stale (of the point before the step).
     """
     q = V.shape[1]
     g, Lc, step, u_new, g_new, H_new = work
@@ -139,6 +145,10 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
         # the mode leaves in the exact gradient of the objective, whatever the scale
         # of H; the step-size floor stops at rounding level.
         if decrement < _MODE_DECREMENT_TOL or size < _MODE_STEP_FLOOR * (1.0 + umax):
+            break
+        if decrement < final_tol and size <= _FREE_STEP:
+            for c in range(q):
+                u[c] += step[c, 0]
             break
         if size <= _FREE_STEP:
             for c in range(q):
@@ -173,17 +183,17 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
 
 
 @numba.njit(cache=True)
-def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work):
+def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol=0.0):
     """:func:`_find_mode` from ``u``; if that does not converge (a warm start far from
     the mode, e.g. after a wild trial step), again from ``u = 0``."""
-    n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+    n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol)
     finite = True
     for c in range(u.shape[0]):
         finite = finite and math.isfinite(u[c])  # (no temporary array per group)
     if n < 0 or not finite:
         for c in range(u.shape[0]):
             u[c] = 0.0
-        n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work)
+        n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol)
     return n
 
 

@@ -66,6 +66,10 @@ class NewtonSettings:
     exact_below: float | None = None
 
 
+# relative rounding of a log-likelihood summed over many rows and blocks (see _acceptable)
+ROUNDING = 1e-11
+
+
 @dataclass
 class IterationRecord:
     """One line of the fit log."""
@@ -494,7 +498,7 @@ def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decre
         trial = full(eig.direction())
         (res,) = evaluate([trial], hessian)
         n_eval += 1
-        if _acceptable(res, state.loglik, decrement, 1.0):
+        if _acceptable(res, state.loglik, decrement, 1.0, state.gradient):
             return (1.0, trial, res), n_eval
     for factors in DAMPING_ROUNDS:
         mus = eig.damping_values(factors)
@@ -513,12 +517,23 @@ def _step(evaluate, state: NewtonState, eig: ScaledEigen, act: np.ndarray, decre
     return None, n_eval
 
 
-def _acceptable(res, loglik0: float, decrement: float, step: float) -> bool:
-    """Armijo condition for an ascent step of length ``step`` (finite values only)."""
+def _acceptable(res, loglik0: float, decrement: float, step: float,
+                grad0: np.ndarray | None = None) -> bool:
+    """Armijo condition for an ascent step of length ``step`` (finite values only).
+
+    Near the optimum the predicted gain (``decrement / 2``) falls below the rounding of the
+    log-likelihood, a sum over millions of rows (``ROUNDING * |loglik|``): there a full
+    step is accepted when the log-likelihood did not fall beyond its rounding and the
+    gradient shrank (``grad0``: the gradient before the step)."""
     if not (math.isfinite(res.loglik) and np.all(np.isfinite(res.gradient))):
         return False
     gain = res.loglik - loglik0
-    return gain >= 1e-4 * step * decrement or (gain >= 0 and decrement < 1e-6)
+    if gain >= 1e-4 * step * decrement or (gain >= 0 and decrement < 1e-6):
+        return True
+    noise = ROUNDING * max(1.0, abs(loglik0))
+    return bool(grad0 is not None and step == 1.0 and decrement < 100.0 * noise
+                and gain >= -noise
+                and np.max(np.abs(res.gradient)) < np.max(np.abs(grad0)))
 
 
 def _take(state: NewtonState, params: np.ndarray, res) -> None:
