@@ -471,6 +471,7 @@ def _python_scalar(value: Any) -> Any:
 # columns and levels
 
 
+@functools.lru_cache(maxsize=256)  # parsed by formulaic: once per formula and process
 def _formula_columns(parsed: ParsedFormula) -> tuple[str, ...]:
     """Columns read through formulaic (fixed part and random terms), in order."""
     names: list[str] = list(expression_variables(parsed.fixed))
@@ -479,6 +480,7 @@ def _formula_columns(parsed: ParsedFormula) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+@functools.lru_cache(maxsize=256)
 def _c_wrapped(parsed: ParsedFormula) -> frozenset[str]:
     """Columns wrapped in ``C(...)`` anywhere in the fixed part or random terms."""
     found = set(c_wrapped_variables(parsed.fixed))
@@ -1680,6 +1682,13 @@ def _group_order(keys: pd.Series) -> tuple[np.ndarray | None, np.ndarray, np.nda
         (None if the rows are already sorted), ``group_ptr`` (G+1,) int64,
         ``group_keys`` (G,).
     """
+    values = keys.to_numpy()
+    if values.dtype.kind in "iu" and len(values) and np.all(values[1:] >= values[:-1]):
+        # integer keys already sorted (prepared data): the runs of equal keys, as
+        # factorize would find them (same pointers, same keys and dtype), without a hash table
+        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        group_ptr = np.append(starts, len(values)).astype(np.int64)
+        return None, group_ptr, values[starts]
     try:
         codes, uniques = pd.factorize(keys, sort=True)
     except TypeError:  # unorderable mixed keys: keep first-appearance order

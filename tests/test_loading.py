@@ -215,3 +215,23 @@ def test_prepared_partitions_are_the_files_as_read(tmp_path, columns):
     with dask.config.set(scheduler="sync"):
         for part, want in zip(ddf.to_delayed(), old.to_delayed(), strict=True):
             pd.testing.assert_frame_equal(part.compute(), want.compute())
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16, np.uint64])
+@pytest.mark.parametrize("sorted_keys", [True, False])
+def test_group_order_of_sorted_integer_keys_is_factorize(dtype, sorted_keys):
+    from dglmm.design import _group_order
+
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 100, size=500).astype(dtype)
+    keys = pd.Series(np.sort(values) if sorted_keys else values)
+    codes, uniques = pd.factorize(keys, sort=True)
+    ptr = np.zeros(len(uniques) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=len(uniques)), out=ptr[1:])
+    order, group_ptr, group_keys = _group_order(keys)
+    assert (order is None) == sorted_keys
+    if not sorted_keys:
+        assert np.array_equal(order, np.argsort(codes, kind="stable"))
+    assert group_ptr.dtype == ptr.dtype and np.array_equal(group_ptr, ptr)
+    want = np.asarray(uniques)
+    assert group_keys.dtype == want.dtype and np.array_equal(group_keys, want)

@@ -27,6 +27,7 @@ from dglmm.dask_driver.data import (
     load_data,
     read_prepared,
     spec_from_dask,
+    worker_addresses,
 )
 from dglmm.errors import ClusterError, DataError, missing_values_error
 from dglmm.sources import (
@@ -406,7 +407,7 @@ class DaskEvaluator:
         # would; partitions as they are: built where they were read
         addresses = []
         if split.group is not None:
-            addresses = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+            addresses = worker_addresses(self.client)
         blocks = []
         for j in range(split.n):
             piece, inputs = split.inputs(splits, j)
@@ -765,6 +766,7 @@ def make_evaluator(
     npartitions = check_npartitions(npartitions)
     parsed = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
     check_formula(parsed, allow_python_in_formulas)
+    _warm_workers(handle)
     columns = needed_columns(parsed, trials, offset, weights)
     prepared = _as_prepared(data, storage_options)
     # before anything is read: a checkpoint compares it on resume
@@ -827,6 +829,27 @@ def make_evaluator(
         sources=sources,
     )
     return evaluator, spec
+
+
+def _warm_imports() -> None:
+    """Import what the block builder needs (dglmm, formulaic, pyarrow: seconds in a new
+    worker process)."""
+    import pyarrow.parquet  # noqa: F401
+
+    import dglmm.design  # noqa: F401
+
+
+def _warm_workers(handle: ClusterHandle) -> None:
+    """Every worker imports the builder's modules now, while this process reads footers and
+    the first worker reads the data (a worker that only receives pieces would otherwise
+    start importing when its block is due).  Fire and forget: nothing waits for it."""
+    try:
+        workers = list(handle.client.scheduler_info(n_workers=-1)["workers"])
+        for w in workers:
+            distributed.fire_and_forget(handle.client.submit(
+                _warm_imports, pure=False, workers=[w], allow_other_workers=True))  # fmt: skip
+    except Exception:  # noqa: BLE001 - only an optimisation
+        pass
 
 
 def shuffle_partitions(ddf: dd.DataFrame, handle: ClusterHandle, npartitions: int | None,
