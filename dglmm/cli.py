@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gaussian: restricted maximum likelihood (the default, as lmer)")
     ml.add_argument("--ml", dest="reml", action="store_const", const=False,
                     help="gaussian: maximum likelihood")
+    f.add_argument("--design-dtype", choices=("float64", "float32"), default="float64",
+                   help="storage of the designs on the workers: float32 halves their memory "
+                        "(the kernels accumulate in float64); default float64")  # fmt: skip
     f.add_argument("--trials", default=None, help="binomial trials column")
     f.add_argument("--offset", default=None, help="offset column")
     f.add_argument("--weights", default=None, help="prior weights column")
@@ -250,6 +253,7 @@ def _cmd_fit(args) -> int:
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
         pql_scale=args.pql_scale, laplace_order=args.laplace_order, reml=args.reml,
+        design_dtype=args.design_dtype,
     )  # fmt: skip
     if equations is None:
         result = fit(args.formula, args.data, **options)

@@ -136,13 +136,18 @@ def _warning(original: float, corr: np.ndarray, rms: np.ndarray, names) -> str |
             "(grand_centre, group_centre, or other units)")  # fmt: skip
 
 
-def transform_block(block, T: np.ndarray):
+def transform_block(block, T: np.ndarray, dtype: str | None = None):
     """A copy of ``block`` with ``X T`` as its fixed design (nothing cached is kept), stored
-    in the block's own precision (float32 storage stays float32)."""
+    in ``dtype`` ("float32": ``Z`` too; the fit's ``design_dtype``), by default in the
+    block's own precision."""
     if block is None:
         return None
-    dtype = block.X.dtype if block.X.dtype == np.float32 else np.float64
-    return dataclasses.replace(block, X=np.ascontiguousarray(block.X @ T, dtype=dtype))
+    if dtype is None:
+        dtype = "float32" if block.X.dtype == np.float32 else "float64"
+    changes = {"X": np.ascontiguousarray(block.X @ T, dtype=dtype)}
+    if dtype == "float32":
+        changes["Z"] = np.ascontiguousarray(block.Z, dtype=np.float32)
+    return dataclasses.replace(block, **changes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,9 +156,10 @@ class TransformedBuilder:
 
     builder: Callable[..., Any]
     T: np.ndarray
+    dtype: str | None = None
 
     def __call__(self, *args, **kwargs):
-        return transform_block(self.builder(*args, **kwargs), self.T)
+        return transform_block(self.builder(*args, **kwargs), self.T, self.dtype)
 
 
 def jacobian(T: np.ndarray, n_params: int) -> np.ndarray:

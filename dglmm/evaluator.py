@@ -93,11 +93,11 @@ class InProcessEvaluator:
     def fingerprint(self) -> dict:
         return {"n_obs": self.n_obs, "n_groups": self.n_groups, "sources": self.sources}
 
-    def transform_fixed_design(self, T: np.ndarray) -> None:
+    def transform_fixed_design(self, T: np.ndarray, dtype: str | None = None) -> None:
         """Replace every block's fixed design ``X`` by ``X T`` (the working design of
-        :mod:`dglmm.conditioning`)."""
+        :mod:`dglmm.conditioning`), stored in ``dtype`` (float32: ``Z`` too)."""
         for i in range(len(self.blocks)):  # one at a time: each old one is freed
-            self.blocks[i] = transform_block(self.blocks[i], T)
+            self.blocks[i] = transform_block(self.blocks[i], T, dtype)
 
     def map_blocks(self, func, *args):
         """``sum(func(block, *args) for block in blocks)``: a reduction of an estimation
