@@ -230,12 +230,13 @@ def _add_task(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _transform_task(entry: tuple[Any, int], T: np.ndarray) -> tuple[Any, int]:
+def _transform_task(entry: tuple[Any, int], T: np.ndarray,
+                    dtype: str | None = None) -> tuple[Any, int]:  # fmt: skip
     """A persisted block with the working fixed design ``X T`` (a new block: a lost one is
-    recomputed from its lineage, the old block and this task)."""
+    recomputed from its lineage, the old block and this task), stored in ``dtype``."""
     from dglmm.conditioning import transform_block
 
-    return transform_block(entry[0], T), entry[1]
+    return transform_block(entry[0], T, dtype), entry[1]
 
 
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
@@ -582,18 +583,19 @@ class DaskEvaluator:
         except (KilledWorker, CancelledError, MemoryError) as exc:
             raise ClusterError(self._failure_message("evaluating", exc)) from None
 
-    def transform_fixed_design(self, T: np.ndarray) -> None:
+    def transform_fixed_design(self, T: np.ndarray, dtype: str | None = None) -> None:
         """Replace every persisted block's fixed design ``X`` by ``X T`` on the workers
-        (:mod:`dglmm.conditioning`); blocks rebuilt later (after a lost worker) get it too."""
+        (:mod:`dglmm.conditioning`), stored in ``dtype`` (float32: ``Z`` too); blocks
+        rebuilt later (after a lost worker) get it too."""
         from dglmm.conditioning import TransformedBuilder
 
         T = np.ascontiguousarray(T, dtype=np.float64)
-        self.block_builder = TransformedBuilder(self.block_builder, T)
+        self.block_builder = TransformedBuilder(self.block_builder, T, dtype)
         if not self._blocks:
             self._build()
             return
         tag = uuid.uuid4().hex[:12]
-        new = [self.client.submit(_transform_task, entry, T, key=f"dglmm-xt-{tag}-{i}",
+        new = [self.client.submit(_transform_task, entry, T, dtype, key=f"dglmm-xt-{tag}-{i}",
                                   retries=self.retries)
                for i, entry in enumerate(self._blocks)]  # fmt: skip
         # the old blocks are released now: the scheduler keeps each until its transform has
