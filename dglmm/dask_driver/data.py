@@ -346,17 +346,6 @@ def worker_addresses(client: Any) -> list[str]:
     return sorted(client.scheduler_info(n_workers=-1)["workers"])
 
 
-def _spread(client: Any, tasks: list) -> list:
-    """Futures of delayed ``tasks``, task ``i`` (and the read it depends on) preferably on
-    worker ``i`` modulo the number of workers: the reads spread over the workers (the
-    scheduler may otherwise give several to one, and the blocks follow their data)."""
-    addresses = worker_addresses(client)
-    if len(addresses) < 2:
-        return client.compute(tasks)
-    return [client.compute(t, workers=[addresses[i % len(addresses)]],
-                           allow_other_workers=True) for i, t in enumerate(tasks)]  # fmt: skip
-
-
 class GroupSplit:
     """Partitioning by group without a Dask shuffle (the loading path of the Dask driver).
 
@@ -398,14 +387,14 @@ class GroupSplit:
         """Futures of ``summarise(partition)`` of every input partition, computed with the
         split of the same read (kept for :meth:`futures`)."""
         self.release()
-        self._splits = _spread(client, self._tasks(summarise))
+        self._splits = client.compute(self._tasks(summarise))
         return [client.submit(_split_summary, f, pure=False) for f in self._splits]
 
     def futures(self, client: Any) -> list:
         """Futures of the split input partitions: those of :meth:`summaries`, else computed
         now (a second read); each is ``(pieces, summary)``."""
         if self._splits is None:
-            self._splits = _spread(client, self._tasks(None))
+            self._splits = client.compute(self._tasks(None))
         return list(self._splits)
 
     def inputs(self, splits: list, j: int) -> tuple[int, list]:
