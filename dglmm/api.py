@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conditioning import fixed_crossproducts, hessian_to_original, to_original, working_design
+from .conditioning import (
+    fixed_crossproducts,
+    hessian_to_original,
+    stored_as,
+    to_original,
+    working_design,
+)
 from .design import ModelSpec, build_block, for_family, learn_spec
 from .errors import (
     CheckpointError,
@@ -230,6 +236,7 @@ def fit(
                           allow_python=allow_python_in_formulas)  # fmt: skip
         spec = for_family(spec, fam, response_levels)
         block = build_block(spec, df, missing=missing, check_response=fam.check_response)
+        block = stored_as(block, design_dtype)
         evaluator = InProcessEvaluator([block], kernel_model(spec, fam, _nodes(n_agq)), spec,
                                        sources)  # fmt: skip
         load_s = time.perf_counter() - t_start
@@ -255,7 +262,7 @@ def fit(
             trials=trials, offset=offset, weights=weights, missing=missing,
             npartitions=npartitions, storage_options=storage_options,
             kernel_model=kernel_model, allow_python_in_formulas=allow_python_in_formulas,
-            response_levels=response_levels,
+            response_levels=response_levels, design_dtype=design_dtype,
         )  # fmt: skip
         load_s = time.perf_counter() - t_connected
         return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,

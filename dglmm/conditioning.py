@@ -150,6 +150,27 @@ def transform_block(block, T: np.ndarray, dtype: str | None = None):
     return dataclasses.replace(block, **changes)
 
 
+def stored_as(block, dtype: str):
+    """``block`` with ``X`` and ``Z`` in ``dtype`` (the fit's ``design_dtype``; a float64
+    block is returned as it is)."""
+    if block is None or dtype == "float64":
+        return block
+    return dataclasses.replace(block, X=np.ascontiguousarray(block.X, dtype=dtype),
+                               Z=np.ascontiguousarray(block.Z, dtype=dtype))  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class StoredBuilder:
+    """A block builder whose designs are stored in ``dtype`` as soon as a block is built,
+    so that loading never holds the whole data in float64 (picklable: runs on workers)."""
+
+    builder: Callable[..., Any]
+    dtype: str
+
+    def __call__(self, *args, **kwargs):
+        return stored_as(self.builder(*args, **kwargs), self.dtype)
+
+
 @dataclass(frozen=True, eq=False)
 class TransformedBuilder:
     """A block builder followed by :func:`transform_block` (picklable: runs on workers)."""

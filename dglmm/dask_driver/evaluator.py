@@ -737,8 +737,12 @@ def make_evaluator(
     kernel: Callable | None = None,
     allow_python_in_formulas: bool = False,
     response_levels: Any = None,
+    design_dtype: str = "float64",
 ) -> tuple[DaskEvaluator, Any]:
     """Formula and data -> (DaskEvaluator, ModelSpec): the Dask path of ``dglmm.fit``.
+
+    ``design_dtype="float32"``: each block's ``X`` and ``Z`` are stored in float32 as soon
+    as it is built (:class:`dglmm.conditioning.StoredBuilder`).
 
     The formula goes through the allowlist before anything is read (unless
     ``allow_python_in_formulas``); the flag travels to the workers in the spec.
@@ -829,8 +833,18 @@ def make_evaluator(
         n_groups=learned.n_groups,
         columns=columns,
         sources=sources,
+        block_builder=_stored_builder(design_dtype),
     )
     return evaluator, spec
+
+
+def _stored_builder(design_dtype: str) -> Callable | None:
+    """The default block builder storing its designs in ``design_dtype`` (None: float64)."""
+    if design_dtype == "float64":
+        return None
+    from dglmm.conditioning import StoredBuilder
+
+    return StoredBuilder(_default_builder(), design_dtype)
 
 
 def _warm_imports() -> None:
