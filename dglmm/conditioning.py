@@ -49,7 +49,8 @@ COND_WARN = 1e6
 
 def fixed_crossproducts(block) -> np.ndarray:
     """``[[X'WX, X'w], [w'X, sum w]]`` of one block, (p + 1, p + 1): summed over blocks."""
-    X, w = block.X, block.weights
+    # float64 for BLAS (a float32 design would take NumPy's mixed-type path: 10x slower)
+    X, w = np.asarray(block.X, dtype=np.float64), block.weights
     wX = X * w[:, None]
     p = X.shape[1]
     out = np.empty((p + 1, p + 1))
