@@ -491,6 +491,10 @@ def fit_model(
                         random_effects=random_effects, checkpoint=checkpoint,
                         model_key=model_key, fingerprint=fingerprint)  # fmt: skip
     # the optimiser works on an orthogonalised fixed design (dglmm.conditioning)
+    reporter = Progress(bool(progress), tol=settings.tol)
+    if orthogonalise:
+        reporter.message(f"{n_obs:,} rows of {evaluator.n_groups:,} groups loaded in "
+                         f"{load_seconds:.1f} s; the working fixed design (one pass)")  # fmt: skip
     work = (_working_design(evaluator, spec, model, layout, design_dtype) if orthogonalise
             else None)  # fmt: skip
     log_det_t = 0.0 if work is None else work.log_abs_det
@@ -507,7 +511,6 @@ def fit_model(
     if agq_warning:
         warnings.warn(agq_warning, DglmmWarning, stacklevel=2)
 
-    reporter = Progress(bool(progress), tol=settings.tol)
 
     def _start_units() -> np.ndarray:  # parameter units once the first result is in
         rx, rz = _column_rms(design_scales, layout.p, len(spec.all_random_columns))
@@ -582,6 +585,8 @@ def fit_model(
     elif exact:
         hess_fd = evaluate([params], "exact")[0].hessian
     else:
+        reporter.message(f"standard errors: {2 * P} evaluations for central differences of the "
+                         "gradient (one round trip)")  # fmt: skip
         hess_fd = finite_difference_hessian(evaluate, params, unit=unit)
     if fam.code == FAMILY_GAUSSIAN and fam.link.name == "identity":
         hess_fd = _linear_model_information(hess_fd, layout.p)

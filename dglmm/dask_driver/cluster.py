@@ -108,8 +108,10 @@ class ClusterHandle:
             "again (with --resume if a --checkpoint was written)"
         )
 
-    def wait(self, futures: Any) -> Any:
-        """``client.gather(futures)`` that cannot hang on a cluster without workers.
+    def wait(self, futures: Any, *, gather: bool = True) -> Any:
+        """``client.gather(futures)`` that cannot hang on a cluster without workers;
+        ``gather=False``: only wait until they are in memory on the workers (results that
+        stay there, such as blocks, are not copied to this process) and return None.
 
         Raises
         ------
@@ -142,6 +144,11 @@ class ClusterHandle:
                 no_workers_since = now
             elif now - no_workers_since >= self.worker_timeout:
                 raise self.all_workers_lost_error(self.worker_timeout) from None
+        if not gather:  # a failed task still raises here, as gather would
+            for f in futs:
+                if f.status in ("error", "cancelled"):
+                    f.result()
+            return None
         try:
             out = self.client.gather(futs)
         except CancelledError as exc:
