@@ -74,7 +74,7 @@ def main() -> None:
         client.wait_for_workers(args.workers)
         for path in args.paths:
             times = []
-            for r in range(args.repeats):
+            for _r in range(args.repeats):
                 client.run(_trim)
                 client.run(_reset_peak)
                 _reset_peak()
