@@ -34,6 +34,7 @@ from scipy import special
 
 from .errors import DataError, SpecificationError, suggest
 from .family_rows import (
+    _expit,
     beta_d12,
     beta_row,
     gamma_d12,
@@ -602,11 +603,7 @@ def row_d1234(family, link, y, n, w, eta, tau):
     :func:`row_all` and :func:`row_higher` the exact Hessian takes at the mode, without the
     log-density (one exponential for the logit and log links)."""
     if family == FAMILY_BINOMIAL and link == LINK_LOGIT:
-        if eta >= 0.0:
-            mu = 1.0 / (1.0 + math.exp(-eta))
-        else:
-            e = math.exp(eta)
-            mu = e / (1.0 + e)
+        mu = _expit(eta)
         v = mu * (1.0 - mu)
         wn = w * n
         return (w * (y - n * mu), -wn * v, -wn * v * (1.0 - 2.0 * mu),

@@ -47,14 +47,15 @@ from .families import row_all, row_d12, row_d1234
 def hess_work(p, q, P, K, max_rows):
     """Scratch arrays of the exact Hessian (allocated once per block): ``T, rowd, Wd, rho,
     sig, ez, Rz, Vz, Gz, dun, gn, gbar, XZn, ZZn, S1n, St1n, lttn, ltn, Y, Phi, C, PhiC,
-    Gt``."""
+    Gt, vt, qv, Sq, Mq``."""
     m = p + q
     return (np.empty(P), np.empty((max_rows, 11)), np.empty((q, q)),
             np.empty(q), np.empty(q), np.empty(q), np.empty((q, q, P)), np.empty((q, P)),
             np.empty((q, P)), np.empty((q, P)), np.empty((K, P)), np.empty(P),
             np.empty((K, p, q)), np.empty((K, q, q)), np.empty((K, m)), np.empty((K, m)),
             np.empty(K), np.empty(K), np.empty((P, q, q)), np.empty((P, q, q)),
-            np.empty((q, q)), np.empty((q, q)), np.empty((q, q)))  # fmt: skip
+            np.empty((q, q)), np.empty((q, q)), np.empty((q, q)), np.empty(P), np.empty(q),
+            np.empty((q, q)), np.empty((q, q)))  # fmt: skip
 
 
 @numba.njit(cache=True, inline="always")
@@ -93,7 +94,7 @@ def dH_products(Hi, dH, Y, hess):
 @numba.njit(cache=True)
 def logdet_rows(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, tcol,
-    tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
+    tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, vt, Wv, hess,
 ):  # fmt: skip
     """Adds ``<Wd, d2H_kl> + rho' d2 u_hat_kl`` (lower triangle) to ``hess``.
 
@@ -136,9 +137,8 @@ def logdet_rows(
     ez[:] = 0.0
     Rz[:, :, :] = 0.0
     Vz[:, :] = 0.0
-    vt = np.zeros(P)
+    vt[:] = 0.0
     ctt = 0.0
-    Wv = np.empty(q)
     for i in range(i0, i1):  # pass 2: the sums
         j = i - i0
         row_tangent(X, Z, i, gV[j], tcol, tcoef, du, T)
@@ -220,14 +220,13 @@ def _phi(M, out):
 
 
 @numba.njit(cache=True)
-def chol_adjoint(B, dH, Gt, Phi, C, PhiC, Wd, hess):
+def chol_adjoint(B, dH, Gt, Phi, C, PhiC, Wd, tmp, M, hess):
     """AGQ: ``sqrt2 <d2B_kl, Gt>`` split into its part linear in ``d2H`` (added to ``Wd``
     as ``-sqrt2 sym(B' Phi(C) B)``, ``C = Gt B'``) and the rest, ``sqrt2 (<Phi_l Phi_k +
     Phi_k Phi_l, C> + <Phi_k Phi_l' + Phi_l Phi_k', Phi(C)>)`` with ``Phi_k = Phi(B dH_k
     B')``, added to ``hess`` (lower triangle)."""
     P, q, _ = dH.shape
     s2 = math.sqrt(2.0)
-    tmp = np.empty((q, q))
     for c in range(q):
         for d in range(q):
             acc = 0.0
@@ -245,7 +244,6 @@ def chol_adjoint(B, dH, Gt, Phi, C, PhiC, Wd, hess):
     for c in range(q):
         for d in range(q):
             Wd[c, d] -= 0.5 * s2 * (tmp[c, d] + tmp[d, c])
-    M = np.empty((q, q))
     for k in range(P):
         for c in range(q):
             for d in range(q):
@@ -350,7 +348,7 @@ def node_sums(X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, fam, link, tau, has_dis
 @numba.njit(cache=True)
 def node_hessian(
     X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, nodes, du, dA, L, fam, link, tau, has_disp,
-    pat_r, pat_c, XZn, ZZn, S1n, St1n, lttn, ltn, dun, Gz, gn, gbar, rho, Gt, XWX, hess,
+    pat_r, pat_c, XZn, ZZn, S1n, St1n, lttn, ltn, dun, Gz, gn, gbar, rho, Gt, gu, XWX, hess,
 ):  # fmt: skip
     """AGQ: adds ``sum_n pi_n (d2 f_n + g_n g_n') - gbar gbar'`` without the ``d2 u_hat``
     and ``d2A`` terms to ``hess`` (lower; the x-x block into ``XWX``, subtracted by the
@@ -366,7 +364,6 @@ def node_hessian(
     gbar[:] = 0.0
     rho[:] = 0.0
     Gt[:, :] = 0.0
-    gu = np.empty(q)
     for n in range(K):
         pn = pk[n]
         if pn == 0.0:
@@ -435,7 +432,7 @@ def group_exact_hessian(
     ``XWX`` from ``mode_sums``).  ``dH``: the total ``dH/dpsi`` (``agq_dH``); ``hw``: the
     arrays of :func:`hess_work`."""
     (T, rowd, Wd, rho, sig, ez, Rz, Vz, Gz, dun, gn, gbar, XZn, ZZn, S1n, St1n, lttn, ltn, Y,
-     Phi, C, PhiC, Gt) = hw  # fmt: skip
+     Phi, C, PhiC, Gt, vt, qv, Sq, Mq) = hw  # fmt: skip
     q = u.shape[0]
     for c in range(q):
         for d in range(q):
@@ -447,11 +444,11 @@ def group_exact_hessian(
         node_hessian(
             X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, nodes, du, dA, L, fam, link, tau,
             has_disp, pat_r, pat_c, XZn[:K], ZZn[:K], S1n[:K], St1n[:K], lttn[:K], ltn[:K],
-            dun, Gz, gn[:K], gbar, rho, Gt, XWX, hess,
+            dun, Gz, gn[:K], gbar, rho, Gt, qv, XWX, hess,
         )  # fmt: skip
-        chol_adjoint(LHi, dH, Gt, Phi, C, PhiC, Wd, hess)
+        chol_adjoint(LHi, dH, Gt, Phi, C, PhiC, Wd, Sq, Mq, hess)
     dH_products(Hi, dH, Y, hess)
     logdet_rows(
         X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, tcol,
-        tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, hess,
+        tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, vt, qv, hess,
     )  # fmt: skip
