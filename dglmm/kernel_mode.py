@@ -103,6 +103,26 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
 
 
 @numba.njit(cache=True)
+def _shifted_step(H, g, step, Lc, Hs):
+    """``step = (H + lambda I)^-1 g`` with the smallest ``lambda`` in 1e-3, 1e-2, ... that
+    makes the matrix positive definite (``Hs`` scratch); False if none up to 1e8 does."""
+    q = H.shape[0]
+    scale = 0.0
+    for c in range(q):
+        scale = max(scale, abs(H[c, c]))
+    lam = 1e-3 * max(scale, 1.0)
+    while lam < 1e8 * max(scale, 1.0):
+        for c in range(q):
+            step[c, 0] = g[c]
+            for d in range(q):
+                Hs[c, d] = H[c, d] + (lam if c == d else 0.0)
+        if _chol_solve_small(Hs, step, Lc):
+            return True
+        lam *= 10.0
+    return False
+
+
+@numba.njit(cache=True)
 def _mode_work(q):
     """Scratch arrays of :func:`_find_mode` (allocated once per block)."""
     return (np.empty(q), np.empty((q, q)), np.empty((q, 1)), np.empty(q), np.empty(q),
@@ -131,9 +151,14 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol
     for _ in range(_MODE_MAX_ITER):
         for c in range(q):
             step[c, 0] = g[c]
+        shifted = False
         if not _chol_solve_small(H, step, Lc):
-            # H >= I for log-concave families: only overflow (a wild start) gets here
-            return -n_pass
+            # H >= I for log-concave families; nbinom1 (its size depends on mu) is not
+            # log-concave, and far from the mode H can be indefinite: a shifted
+            # (Levenberg) step, checked for ascent
+            if not _shifted_step(H, g, step, Lc, H_new):
+                return -n_pass
+            shifted = True
         size = 0.0
         umax = 0.0
         decrement = 0.0
@@ -146,11 +171,11 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol
         # of H; the step-size floor stops at rounding level.
         if decrement < _MODE_DECREMENT_TOL or size < _MODE_STEP_FLOOR * (1.0 + umax):
             break
-        if decrement < final_tol and size <= _FREE_STEP:
+        if decrement < final_tol and size <= _FREE_STEP and not shifted:
             for c in range(q):
                 u[c] += step[c, 0]
             break
-        if size <= _FREE_STEP:
+        if size <= _FREE_STEP and not shifted:
             for c in range(q):
                 u[c] += step[c, 0]
             _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, False, g, H)
@@ -194,6 +219,9 @@ def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, fi
         for c in range(u.shape[0]):
             u[c] = 0.0
         n = _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol)
+        if n < 0:  # no mode found: the group's value (and so the block's) becomes NaN
+            for c in range(u.shape[0]):
+                u[c] = np.nan
     return n
 
 
@@ -205,7 +233,8 @@ def _mode_factor(Hm, Hi, LH):
     for c in range(q):
         for d in range(q):
             Hi[c, d] = 1.0 if c == d else 0.0
-    _chol_solve_small(Hm, Hi, LH)
+    if not _chol_solve_small(Hm, Hi, LH):
+        return np.nan  # no mode (a saddle or a failed search): the group's value is NaN
     logdetH = 0.0
     for c in range(q):
         logdetH += 2.0 * math.log(LH[c, c])

@@ -199,3 +199,38 @@ def test_simulated_calls_fit_takes_a_dozen_passes():
         )  # fmt: skip
         assert res.converged
         assert res.timings["n_evaluations"] <= 12, res.timings["n_evaluations"]
+
+
+def test_nbinom1_mode_found_where_the_curvature_is_indefinite():
+    """nbinom1 is not log-concave in eta: for these parameters the negative Hessian of a
+    group's log-density is indefinite at u = 0, where the mode search used to stop and
+    leave u = 0 silently.  A shifted (Levenberg) step finds the mode; a generic
+    optimiser agrees."""
+    from scipy import optimize
+
+    from dglmm.family_rows import nbinom1_row
+
+    q = 2
+    block = _block(4, 3, q, 2)
+    model = KernelModel(family_code=4, link_code=3, p=3, q=q, cov_pattern=_pattern(q),
+                        has_dispersion=True)  # fmt: skip
+    rng = np.random.default_rng(102)
+    L = np.tril(rng.normal(size=(q, q))) * 0.8
+    tau = rng.normal()
+    params = np.r_[0.1, 0.4, -0.2, [L[a, b] for a, b in model.cov_pattern], tau]
+    res = evaluate_block(block, params, model, hessian=True)
+    assert np.isfinite(res.loglik)
+    g = 22
+    i0, i1 = block.group_ptr[g], block.group_ptr[g + 1]
+
+    def minus_g(u):
+        eta = block.X[i0:i1] @ params[:3] + block.Z[i0:i1] @ (L @ u)
+        rows = [nbinom1_row(block.y[i], block.weights[i], eta[i - i0], tau)[0]
+                for i in range(i0, i1)]  # fmt: skip
+        return -(sum(rows) - 0.5 * u @ u)
+
+    best = optimize.minimize(minus_g, np.zeros(q), method="Nelder-Mead",
+                             options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 5000})
+    assert np.abs(best.x).max() > 1.0  # the mode is far from 0
+    np.testing.assert_allclose(res.modes[g], best.x, atol=1e-6)
+    assert minus_g(res.modes[g]) <= best.fun + 1e-9
