@@ -6,18 +6,24 @@
 """
 
 from ._version import __version__ as __version__
-from .api import fit, fit_model
-from .errors import (
-    CheckpointError,
-    ClusterError,
-    DataError,
-    DglmmError,
-    DglmmWarning,
-    SpecificationError,
-)
-from .families import get_family, get_link
-from .hlm import fit_hlm
-from .results import FitResult
+
+# Names are imported on first use (PEP 562): ``import dglmm`` stays cheap, so the command
+# line can start the embedded cluster while the rest loads, and Dask workers import only
+# the modules their tasks need.
+_EXPORTS = {
+    "fit": "api",
+    "fit_model": "api",
+    "CheckpointError": "errors",
+    "ClusterError": "errors",
+    "DataError": "errors",
+    "DglmmError": "errors",
+    "DglmmWarning": "errors",
+    "SpecificationError": "errors",
+    "get_family": "families",
+    "get_link": "families",
+    "fit_hlm": "hlm",
+    "FitResult": "results",
+}
 
 __all__ = [
     "CheckpointError",
@@ -33,3 +39,22 @@ __all__ = [
     "get_family",
     "get_link",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
+    module = _EXPORTS.get(name)
+    if module is None:
+        # a submodule used as an attribute (``dglmm.design``) after a bare ``import dglmm``
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module 'dglmm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
     f.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
     f.add_argument("--workers", type=int, default=None, help="size of the local cluster")
+    f.add_argument("--local-processes", action="store_true",
+                   help="the local cluster's workers are processes (default: threads of this "
+                   "process; the compiled kernels release the GIL)")
     f.add_argument("--partitions", type=int, default=None, help="number of partitions")
     f.add_argument("--in-process", action="store_true", help="fit in this process, no Dask")
     f.add_argument("--checkpoint", default=None, help="checkpoint file (JSON)")
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None)
     p.add_argument("--scheduler-file", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--local-processes", action="store_true",
+                   help="the local cluster's workers are processes (default: threads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory")
     _add_tls_arguments(p)
@@ -188,8 +193,6 @@ _HLM_OPTIONS = ("level2", "random", "group", "level3", "random3")
 
 def _hlm_equations(args) -> dict | None:
     """The keywords of :func:`dglmm.fit_hlm` from the command line; None with --formula."""
-    from .hlm import hlm_spec, parse_equation, split_list
-
     given = [f"--{o}" for o in _HLM_OPTIONS if getattr(args, o)]
     if (args.formula is None) == (args.level1 is None):
         raise DglmmError("give --formula (an lme4 formula) or --level1 (HLM's equations, with "
@@ -199,6 +202,8 @@ def _hlm_equations(args) -> dict | None:
         if given:
             raise DglmmError(f"{given[0]} goes with --level1, not --formula")
         return None
+    from .hlm import hlm_spec, parse_equation, split_list
+
     out = {"level1": args.level1, "group": None, "random": None, "random3": None}
     for option in ("group", "random", "random3"):
         text = getattr(args, option)
@@ -231,7 +236,6 @@ def _security(args) -> dict | None:
 
 
 def _cmd_fit(args) -> int:
-    from .api import IN_PROCESS, fit
     from .outputs import check_fit_outputs
 
     equations = _hlm_equations(args)
@@ -242,6 +246,29 @@ def _cmd_fit(args) -> int:
     check_fit_outputs(args.data, checkpoint=args.checkpoint, resume=args.resume,
                       random_effects=args.random_effects, output=args.output,
                       overwrite=args.overwrite)  # fmt: skip
+    if _embedded_cluster(args):
+        from .dask_driver import cluster
+
+        # the worker processes start (and load the kernels) while this one imports the
+        # design code and reads the formula; the fit's connect() takes the cluster over
+        cluster.prestart(args.workers, processes=args.local_processes)
+        try:
+            return _fit_and_report(args, equations)
+        finally:
+            cluster.discard_prestarted()
+    return _fit_and_report(args, equations)
+
+
+def _embedded_cluster(args) -> bool:
+    """Whether this fit will start the embedded local cluster."""
+    return not (args.in_process or args.scheduler or args.scheduler_file
+                or os.environ.get("DASK_SCHEDULER_ADDRESS")
+                or (args.workers is not None and args.workers < 1))  # fmt: skip
+
+
+def _fit_and_report(args, equations: dict | None) -> int:
+    from .api import IN_PROCESS, fit
+
     client = IN_PROCESS if args.in_process else None
     options = dict(
         family=args.family, link=args.link, n_agq=args.n_agq,
@@ -253,7 +280,7 @@ def _cmd_fit(args) -> int:
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
         pql_scale=args.pql_scale, laplace_order=args.laplace_order, reml=args.reml,
-        design_dtype=args.design_dtype,
+        design_dtype=args.design_dtype, local_processes=args.local_processes,
     )  # fmt: skip
     if equations is None:
         result = fit(args.formula, args.data, **options)
@@ -288,7 +315,8 @@ def _cmd_prepare(args) -> int:
     check_output_dataset(args.out, kind="prepared", overwrite=args.overwrite, inputs=args.data,
                          replace_own=False)  # fmt: skip
     with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                             n_workers=args.workers, security=_security(args)) as handle:
+                             n_workers=args.workers, security=_security(args),
+                             processes=args.local_processes) as handle:
         info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,
                                    handle=handle, overwrite=args.overwrite,
                                    formula=args.formula)  # fmt: skip

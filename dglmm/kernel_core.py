@@ -59,7 +59,7 @@ from .kernel_mode import (
 )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _block_kernel(
     X, Z, y, ntr, w, off, gptr, beta, L, tau, fam, link, pat_r, pat_c, has_disp,
     nodes, logw, want_hess, u_init, modes, grad, hess, d1s, slopes, k_centre,
@@ -167,7 +167,7 @@ def _block_kernel(
     return loglik
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _posterior_kernel(
     y, ntr, w, gptr, eta0, V, tau, fam, link, nodes, logw, u_init,
     modes, mode_cov, post_mean, post_cov,
@@ -218,7 +218,7 @@ def _posterior_kernel(
         _posterior_moments(fk, uk, post_mean[grp], post_cov[grp])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _posterior_moments(pk, uk, mean, cov):
     """Mean and covariance of the nodes ``uk`` under the weights ``pk``."""
     K, q = uk.shape
@@ -236,7 +236,7 @@ def _posterior_moments(pk, uk, mean, cov):
             cov[c, d] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _ladder_kernel(
     X, Z, y, ntr, w, off, gptr, beta, L, tau, fam, link, pat_r, has_disp,
     nodes, logw, rule_ptr, rule_centre, tol_group, start, search_down, u_init, ll, chosen,
@@ -314,7 +314,7 @@ def _ladder_kernel(
             chosen[g] = r
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _rule_value(
     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes, logw,
     rule_ptr, rule_centre, r, d1s, LHi, uk, fk, ltk, svk,

@@ -491,3 +491,32 @@ def _nested_random_effects_block(block, params, model: KernelModel, u_init) -> d
             keys.append(tuple(k[anc] for k in own[m]))
         levels.append({"keys": keys[::-1], **pred})
     return {"group_keys": own[0][0], **per_level[0], "levels": levels}
+
+
+def warm_up() -> float:
+    """Load the compiled kernels (from numba's cache, or compile them) by evaluating a tiny
+    logistic block with each kind of evaluation a Newton fit uses: Laplace with q = 2 and
+    AGQ with q = 1, with the Newton and the exact Hessian, the value alone, and a warm
+    start.  A Dask worker runs this before its first task; returns the seconds it took."""
+    import time
+
+    from .design import Block
+
+    t0 = time.perf_counter()
+    n, G = 12, 3
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=n)
+    X = np.column_stack([np.ones(n), x])
+    y = (rng.random(n) < 0.5).astype(float)
+    ones, zeros = np.ones(n), np.zeros(n)
+    for q, n_agq in ((2, 1), (1, 3)):
+        block = Block(X=X, Z=X[:, :q].copy(), y=y, trials=ones, offset=zeros, weights=ones,
+                      group_ptr=np.arange(0, n + 1, n // G), group_keys=np.arange(G))  # fmt: skip
+        pattern = tuple((a, b) for a in range(q) for b in range(a + 1))
+        model = KernelModel(family_code=0, link_code=0, p=2, q=q, cov_pattern=pattern,
+                            n_agq=n_agq)  # fmt: skip
+        params = np.r_[0.1, 0.2, np.full(len(pattern), 0.3)]
+        first = evaluate_block(block, params, model, hessian=True)
+        for mode in ("exact", "value"):
+            evaluate_block(block, params, model, hessian=mode, u_init=first.warm_start)
+    return time.perf_counter() - t0

@@ -23,7 +23,7 @@ from .outputs import check_output_dataset
 from .sources import read_frame
 
 FIT_KWARGS = frozenset({"missing", "storage_options", "scheduler", "scheduler_file", "n_workers",
-                        "npartitions", "security"})  # fmt: skip
+                        "npartitions", "security", "local_processes"})  # fmt: skip
 
 
 def random_effects_table(
@@ -67,7 +67,7 @@ def random_effects_table(
     with dask_driver.connect(
         client=client, scheduler=fit_kwargs.get("scheduler"),
         scheduler_file=fit_kwargs.get("scheduler_file"), n_workers=fit_kwargs.get("n_workers"),
-        security=fit_kwargs.get("security"),
+        security=fit_kwargs.get("security"), processes=bool(fit_kwargs.get("local_processes")),
     ) as handle:  # fmt: skip
         columns = list(spec.columns)
         prepared = dask_driver._as_prepared(data)

@@ -349,12 +349,15 @@ def test_connect_ways(process_cluster, monkeypatch):
 
 
 @pytest.mark.cluster
-def test_connect_embedded_local_cluster(monkeypatch):
+@pytest.mark.parametrize("processes", [False, True])
+def test_connect_embedded_local_cluster(monkeypatch, processes):
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
-    with drv.connect(n_workers=1) as handle:
+    with drv.connect(n_workers=1, processes=processes) as handle:
         assert handle.cluster is not None and handle.n_workers == 1
-        # TLS with temporary credentials: other local processes cannot connect
-        assert handle.client.scheduler.address.startswith("tls://127.0.0.1:")
+        # worker processes: TLS with temporary credentials, so that other local processes
+        # cannot connect; worker threads: in memory, no port at all
+        scheme = "tls://127.0.0.1:" if processes else "inproc://"
+        assert handle.client.scheduler.address.startswith(scheme)
         df = make_data(n_groups=20)
         with evaluator(handle, df, group="g", npartitions=3) as ev:
             assert_results_equal(ev.evaluate(PARAMS), in_process(df, PARAMS))
@@ -577,3 +580,30 @@ def test_balanced_partitioning_on_a_cluster_scatters_its_table(handle):
     seen = [set(p["g"]) for p in parts]
     assert sum(len(s) for s in seen) == len(set().union(*seen)) == df["g"].nunique()
     assert sum(len(p) for p in parts) == len(df)
+
+
+@pytest.mark.cluster
+def test_prestarted_cluster_is_taken_over_or_discarded(monkeypatch):
+    """The command line starts the embedded cluster in a thread (``prestart``); connect()
+    of the same size and kind takes it over, and one never taken is closed."""
+    from dglmm.dask_driver import cluster as cl
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    cl.prestart(1)
+    future = cl._prestarted[(1, False)]
+    with drv.connect(n_workers=1) as handle:
+        assert not cl._prestarted  # taken over
+        assert handle.cluster is future.result().cluster
+        assert handle.n_workers == 1
+    assert handle.cluster.status.name == "closed"
+    cl.prestart(1)
+    future = cl._prestarted[(1, False)]
+    cl.discard_prestarted()
+    assert not cl._prestarted
+    assert future.result().cluster.status.name == "closed"
+
+
+def test_kernel_warm_up_runs():
+    from dglmm.kernels import warm_up
+
+    assert warm_up() >= 0.0

@@ -1326,7 +1326,7 @@ def test_clu_embedded_cluster_refuses_other_local_clients(tmp_path, monkeypatch)
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     script = tmp_path / "intruder.py"
     script.write_text(CLU_INTRUDER)
-    with drv.connect(n_workers=1) as handle:
+    with drv.connect(n_workers=1, processes=True) as handle:
         address = handle.client.scheduler.address
         assert address.startswith(f"tls://{HOST}:"), address
         assert handle.dashboard_link.startswith(f"http://{HOST}:")
@@ -1339,6 +1339,25 @@ def test_clu_embedded_cluster_refuses_other_local_clients(tmp_path, monkeypatch)
         for line in lines:
             assert " refused " in line and "CONNECTED" not in line, line
         # the embedded cluster still serves the fit
+        res = dglmm.fit(CLU_FORMULA, clu_data(), client=handle.client, progress=False)
+        assert res.converged
+
+
+@pytest.mark.cluster
+def test_clu_embedded_threads_cluster_opens_no_port(monkeypatch):
+    """The default embedded cluster (worker threads) talks in memory: its scheduler has no
+    network address, and every socket it listens on is a dashboard on 127.0.0.1."""
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    me = psutil.Process()
+    before = {c.laddr for c in me.net_connections(kind="inet") if c.status == "LISTEN"}
+    with drv.connect(n_workers=2) as handle:
+        assert handle.client.scheduler.address.startswith("inproc://")
+        assert handle.dashboard_link.startswith(f"http://{HOST}:")
+        listening = {c.laddr for c in me.net_connections(kind="inet")
+                     if c.status == "LISTEN"} - before  # fmt: skip
+        assert listening, "the dashboards should listen"
+        assert all(addr.ip == HOST for addr in listening), listening
         res = dglmm.fit(CLU_FORMULA, clu_data(), client=handle.client, progress=False)
         assert res.converged
 

@@ -59,29 +59,50 @@ footer), for a pandas frame a hash of its rows.
 """
 
 
-from dglmm.dask_driver.cluster import (
-    DEFAULT_WORKER_TIMEOUT,
-    WORKER_TIMEOUT_ENV,
-    ClusterHandle,
-    cluster_failures,
-    connect,
-    make_security,
-    worker_timeout_seconds,
-)
-from dglmm.dask_driver.data import (
-    PREPARED_FORMAT_VERSION,
-    LearnedSpec,
-    PreparedData,
-    check_npartitions,
-    is_prepared,
-    load_data,
-    partition_by_group,
-    prepare,
-    read_prepared,
-    spec_from_dask,
-)
-from dglmm.dask_driver.evaluator import DaskEvaluator, _as_prepared, make_evaluator
-from dglmm.sources import PREPARED_METADATA, input_fingerprint
+# Names are imported on first use (PEP 562): ``dglmm.dask_driver.cluster`` can start a
+# cluster without importing dask.dataframe and the design code.
+_EXPORTS = {
+    "DEFAULT_WORKER_TIMEOUT": "cluster",
+    "WORKER_TIMEOUT_ENV": "cluster",
+    "ClusterHandle": "cluster",
+    "cluster_failures": "cluster",
+    "connect": "cluster",
+    "make_security": "cluster",
+    "worker_timeout_seconds": "cluster",
+    "PREPARED_FORMAT_VERSION": "data",
+    "LearnedSpec": "data",
+    "PreparedData": "data",
+    "check_npartitions": "data",
+    "is_prepared": "data",
+    "load_data": "data",
+    "partition_by_group": "data",
+    "prepare": "data",
+    "read_prepared": "data",
+    "spec_from_dask": "data",
+    "DaskEvaluator": "evaluator",
+    "_as_prepared": "evaluator",
+    "make_evaluator": "evaluator",
+}
+_FROM_SOURCES = ("PREPARED_METADATA", "input_fingerprint")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _FROM_SOURCES:
+        module = "dglmm.sources"
+    elif name in _EXPORTS:
+        module = f"{__name__}.{_EXPORTS[name]}"
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "DEFAULT_WORKER_TIMEOUT",

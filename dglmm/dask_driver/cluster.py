@@ -81,6 +81,9 @@ class ClusterHandle:
     def dashboard_link(self) -> str | None:
         """URL of the scheduler's dashboard (a status page needs ``bokeh`` installed)."""
         try:
+            if self.cluster is not None and self.address.startswith("inproc://"):
+                # the in-memory cluster's address names no host: its dashboard is local
+                return f"http://127.0.0.1:{self.cluster.scheduler.http_server.port}/status"
             return self.client.dashboard_link
         except Exception:  # pragma: no cover - no http server
             return None
@@ -368,15 +371,18 @@ def connect(
     timeout: float = 30,
     security: Any = None,
     worker_timeout: float | None = None,
+    processes: bool = False,
 ) -> ClusterHandle:
     """Connect to a Dask cluster, or start an embedded one.
 
     In order of precedence: an existing ``distributed.Client`` (``client``, used as is and not
     closed at exit); a scheduler address (``client`` given as a string, or ``scheduler``);
     ``scheduler_file``; the ``DASK_SCHEDULER_ADDRESS`` environment variable; otherwise a
-    ``LocalCluster`` of ``n_workers`` (default: the number of cores) single-threaded worker
-    processes on 127.0.0.1, over TLS with temporary credentials, closed when the handle is
-    closed.
+    ``LocalCluster`` of ``n_workers`` (default: the number of cores) single-threaded
+    workers, closed when the handle is closed: threads of this process talking in memory
+    (``inproc://``; the default: the compiled kernels release the GIL, and nothing is
+    imported, started or copied twice), or with ``processes=True`` worker processes on
+    127.0.0.1 over TLS with temporary credentials.
 
     Parameters
     ----------
@@ -386,6 +392,8 @@ def connect(
     worker_timeout : float, optional
         Seconds to wait for a first worker, and for a worker to come back when all were lost
         (default: ``$DGLMM_WORKER_TIMEOUT``, else 60).
+    processes : bool
+        The embedded cluster's workers are processes (True) or threads of this process.
 
     Raises
     ------
@@ -434,21 +442,40 @@ def connect(
                                            security=sec))  # fmt: skip
 
     n = n_workers or _n_cores()
+    early = _take_prestarted(n, bool(processes))
+    if early is not None:
+        return early
+    return _start_local(n, wait_s, bool(processes))
+
+
+def _start_local(n: int, wait_s: float, processes: bool) -> ClusterHandle:
+    """Start the embedded LocalCluster of ``n`` workers and a client of it."""
     try:
-        # throwaway CA and certificate held by this process only: no other local process
-        # (another user, a browser exploit) can connect to the scheduler and run code
-        temporary = Security.temporary()
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            protocol="tls://",
-            security=temporary,
-            dashboard_address="127.0.0.1:0",  # a free port, and never 0.0.0.0
-            # a failing task is reported once, by dglmm, not with a worker traceback
-            silence_logs=logging.CRITICAL,
-        )
+        if not processes:
+            # in-memory transport: the scheduler opens no port; the dashboards (scheduler
+            # and workers) listen on 127.0.0.1 only.  No per-worker memory limit: each
+            # thread would measure the whole process against its share and spill the
+            # blocks to disk
+            temporary = None
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=False,
+                                   memory_limit=0, dashboard_address="127.0.0.1:0",
+                                   worker_dashboard_address="127.0.0.1:0",
+                                   silence_logs=logging.CRITICAL)  # fmt: skip
+        else:
+            # throwaway CA and certificate held by this process only: no other local process
+            # (another user, a browser exploit) can connect to the scheduler and run code
+            temporary = Security.temporary()
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                protocol="tls://",
+                security=temporary,
+                dashboard_address="127.0.0.1:0",  # a free port, and never 0.0.0.0
+                # a failing task is reported once, by dglmm, not with a worker traceback
+                silence_logs=logging.CRITICAL,
+            )
     except Exception as exc:
         raise ClusterError(
             f"could not start a local Dask cluster of {n} workers: {_reason(exc)}"
@@ -458,8 +485,107 @@ def connect(
     except Exception as exc:
         cluster.close()
         raise ClusterError(f"could not connect to the local Dask cluster: {_reason(exc)}") from exc
-    return ClusterHandle(client=c, cluster=cluster, owns_client=True, worker_timeout=wait_s,
-                         security=temporary)  # fmt: skip
+    handle = ClusterHandle(client=c, cluster=cluster, owns_client=True, worker_timeout=wait_s,
+                           security=temporary)  # fmt: skip
+    try:
+        _prepare_workers(handle, processes)
+    except Exception:  # noqa: BLE001 - a speed-up only: the tasks themselves report failures
+        pass
+    return handle
+
+
+# --------------------------------------------------------------------------------------------
+# the embedded cluster's start-up and exit
+#
+# A command-line fit starts its embedded cluster in a thread (``prestart``) while the main
+# thread imports the design code and reads the formula: the worker processes come up on the
+# other cores meanwhile, and each loads the compiled kernels (``dglmm.kernels.warm_up``) before
+# its first task.  At close, the embedded workers leave without the interpreter's slow
+# teardown (see ``_QuickExit``).
+
+_prestarted: dict[tuple[int, bool], Any] = {}
+
+
+def prestart(n_workers: int | None = None, processes: bool = False) -> None:
+    """Start the embedded cluster of ``n_workers`` in the background; the next
+    :func:`connect` for an embedded cluster of that size and kind takes it over.  Errors
+    surface there (or are dropped with the cluster by :func:`discard_prestarted`)."""
+    import concurrent.futures
+    import threading
+
+    key = (_check_n_workers(n_workers) or _n_cores(), bool(processes))
+    if key in _prestarted:
+        return
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def start() -> None:
+        try:
+            future.set_result(_start_local(key[0], worker_timeout_seconds(None), key[1]))
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that connects
+            future.set_exception(exc)
+
+    _prestarted[key] = future
+    threading.Thread(target=start, name="dglmm-cluster-start", daemon=True).start()
+
+
+def _take_prestarted(n: int, processes: bool) -> ClusterHandle | None:
+    future = _prestarted.pop((n, processes), None)
+    if future is None:
+        return None
+    handle = future.result()  # a ClusterError of the start is raised here
+    handle.worker_timeout = worker_timeout_seconds(None)
+    return handle
+
+
+def discard_prestarted() -> None:
+    """Close a cluster that :func:`prestart` began and no :func:`connect` took over (the
+    command failed before it needed the cluster)."""
+    while _prestarted:
+        _, future = _prestarted.popitem()
+        try:
+            future.result().close()
+        except BaseException:  # noqa: BLE001 - its start failed: nothing to close
+            pass
+
+
+class _QuickExit(distributed.WorkerPlugin):
+    """At the embedded cluster's close, its worker processes exit without the interpreter's
+    teardown (freeing every object and the compiled code: ~0.3 s per worker after a fit,
+    serialised on a small machine).  The workers of the embedded cluster hold nothing that
+    outlives them: their outputs were written, atomically, by tasks that have finished."""
+
+    name = "dglmm-quick-exit"
+
+    def teardown(self, worker) -> None:
+        import atexit
+        import sys
+
+        def leave() -> None:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
+
+        atexit.register(leave)  # registered last, so run first of the exit handlers
+
+
+def _prepare_workers(handle: ClusterHandle, processes: bool) -> None:
+    """Load the compiled kernels on each embedded worker (a task that runs while the client
+    reads the formula and the data's schema), and install the quick exit on worker
+    processes."""
+    if processes:
+        handle.client.register_plugin(_QuickExit())
+    workers = list(handle.client.scheduler_info()["workers"])
+    futures = [handle.client.submit(_warm_worker, key=f"dglmm-warm-up-{i}", workers=[w],
+                                    allow_other_workers=False, pure=False)
+               for i, w in enumerate(workers)]  # fmt: skip
+    distributed.fire_and_forget(futures)
+
+
+def _warm_worker() -> None:
+    from dglmm.kernels import warm_up
+
+    warm_up()
 
 
 def _with_workers(handle: ClusterHandle) -> ClusterHandle:

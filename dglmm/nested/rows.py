@@ -16,7 +16,7 @@ from ..families import FAMILY_ORDINAL, row_all
 from ..family_ordinal import ordinal_rows
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _row_loop(fam, link, y, ntr, w, eta, tau, out):
     n, C = eta.shape
     for i in range(n):
