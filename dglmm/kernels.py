@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kernel_core import _block_kernel, _posterior_kernel
+from .kernel_zero import zero_block_kernel
 from .quadrature import gauss_hermite_rule
 
 # family codes (dglmm.families) the compiled kernel's row functions know: binomial,
@@ -346,6 +347,14 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
     want_hess = hessian_code(hessian)
     if want_hess == 2 and model.family_code == _GAUSSIAN:
         want_hess = 1  # the Newton Hessian is the exact one there (a Gaussian rule)
+    if not model.split(params)[1].any():  # the random effects off (the GLM stage): one pass
+        return _zero_block(block, params, model, want_hess, hessian)
+    return _general_block(block, params, model, want_hess, hessian, u_init)
+
+
+def _general_block(block, params, model: KernelModel, want_hess: int, hessian,
+                   u_init) -> BlockResult:  # fmt: skip
+    """:func:`evaluate_block` by the general compiled kernel (:mod:`dglmm.kernel_core`)."""
     beta, L, tau = model.split(params)
     rule = gauss_hermite_rule(model.n_agq, model.q)
     X = design_array(block.X)
@@ -388,6 +397,33 @@ def evaluate_block(block, params, model: KernelModel, *, hessian: bool = True, u
         x_sumsq=x_sumsq.copy(),
         z_sumsq=z_sumsq.copy(),
     )
+
+
+def _zero_block(block, params, model: KernelModel, want_hess: int, hessian) -> BlockResult:
+    """:func:`evaluate_block` at ``L = 0``: one pass (:mod:`dglmm.kernel_zero`)."""
+    beta, _L, tau = model.split(params)
+    n_groups = len(block.group_ptr) - 1
+    P = model.n_params
+    pattern = np.asarray(model.cov_pattern, dtype=np.int64).reshape(-1, 2)
+    grad = np.zeros(P)
+    hess = np.zeros((P, P))
+    slopes = np.empty((n_groups, model.q, P))
+    loglik = zero_block_kernel(
+        design_array(block.X), design_array(block.Z), np.asarray(block.y, dtype=np.float64),
+        np.asarray(block.trials, dtype=np.float64), np.asarray(block.weights, dtype=np.float64),
+        np.asarray(block.offset, dtype=np.float64), np.asarray(block.group_ptr, dtype=np.int64),
+        beta, tau, model.family_code, model.link_code, pattern[:, 0].copy(),
+        pattern[:, 1].copy(), model.has_dispersion, want_hess, grad, hess, slopes,
+    )  # fmt: skip
+    loglik += block_constant(block, model.family_code)
+    w_total, x_sumsq, z_sumsq = block_scales(block)
+    modes = np.zeros((n_groups, model.q))
+    return BlockResult(
+        loglik=float(loglik), gradient=grad, hessian=hess if hessian else None,
+        n_obs=int(np.asarray(block.y).shape[0]), n_groups=n_groups, modes=modes,
+        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes.astype(np.float32)),
+        weight_total=w_total, x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy(),
+    )  # fmt: skip
 
 
 def design_array(a) -> np.ndarray:
