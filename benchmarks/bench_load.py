@@ -1,5 +1,6 @@
 """Time the Dask loading path: ``dglmm.dask_driver.make_evaluator`` (read, learn the spec,
-shuffle by group, build and persist the blocks) on 2 single-threaded worker processes.
+shuffle by group, build and persist the blocks) on 2 single-threaded workers of the embedded
+cluster (threads, or processes with ``--local-processes``).
 
     python benchmarks/bench_load.py /tmp/bench/calls1m /tmp/bench/calls1m_prep --repeats 5
 
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--formula", default=FORMULA)
     ap.add_argument("--family", default="binomial")
     ap.add_argument("--profile", action="store_true", help="print the workers' profile")
+    ap.add_argument("--local-processes", action="store_true",
+                    help="worker processes (default: the embedded cluster's worker threads)")
     args = ap.parse_args()
 
     from dglmm.dask_driver import connect, make_evaluator
@@ -69,7 +72,7 @@ def main() -> None:
 
     logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
     fam = get_family(args.family, None)
-    with connect(n_workers=args.workers) as handle:
+    with connect(n_workers=args.workers, processes=args.local_processes) as handle:
         client = handle.client
         client.wait_for_workers(args.workers)
         for path in args.paths:
