@@ -11,6 +11,7 @@ from ._version import __version__ as __version__
 # line can start the embedded cluster while the rest loads, and Dask workers import only
 # the modules their tasks need.
 _EXPORTS = {
+    "anova": "compare",
     "fit": "api",
     "fit_model": "api",
     "CheckpointError": "errors",
@@ -33,6 +34,7 @@ __all__ = [
     "DglmmWarning",
     "FitResult",
     "SpecificationError",
+    "anova",
     "fit",
     "fit_hlm",
     "fit_model",

@@ -13,6 +13,7 @@ The public :func:`fit` is a thin chain of steps a user can also run one by one:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -246,12 +247,14 @@ def fit(
         evaluator = InProcessEvaluator([block], kernel_model(spec, fam, _nodes(n_agq)), spec,
                                        sources)  # fmt: skip
         load_s = time.perf_counter() - t_start
-        return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
-                         checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress, random_effects=random_effects,
-                         method=method, masses=masses, pql_scale=pql_scale,
-                         laplace_order=laplace_order, reml=reml,
-                         design_dtype=design_dtype)  # fmt: skip
+        result = fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
+                           checkpoint=checkpoint, resume=resume, max_iter=max_iter,
+                           progress=progress, random_effects=random_effects,
+                           method=method, masses=masses, pql_scale=pql_scale,
+                           laplace_order=laplace_order, reml=reml,
+                           design_dtype=design_dtype)  # fmt: skip
+        result.source = {"data": data, "missing": missing, "storage_options": storage_options}
+        return result
     from . import dask_driver
 
     # the scheduler of an embedded cluster logs every shuffle at WARNING level
@@ -271,12 +274,14 @@ def fit(
             response_levels=response_levels, design_dtype=design_dtype,
         )  # fmt: skip
         load_s = time.perf_counter() - t_connected
-        return fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
-                         checkpoint=checkpoint, resume=resume, max_iter=max_iter,
-                         progress=progress, random_effects=random_effects,
-                         method=method, masses=masses, pql_scale=pql_scale,
-                         laplace_order=laplace_order, reml=reml, design_dtype=design_dtype,
-                         connect_seconds=t_connected - t_start)  # fmt: skip
+        result = fit_model(evaluator, spec, fam, n_agq, load_seconds=load_s, t_start=t_start,
+                           checkpoint=checkpoint, resume=resume, max_iter=max_iter,
+                           progress=progress, random_effects=random_effects,
+                           method=method, masses=masses, pql_scale=pql_scale,
+                           laplace_order=laplace_order, reml=reml, design_dtype=design_dtype,
+                           connect_seconds=t_connected - t_start)  # fmt: skip
+        result.source = {"data": data, "missing": missing, "storage_options": storage_options}
+        return result
 
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")
@@ -1355,7 +1360,16 @@ def _build_result(spec, fam, n_agq, params, vcov, state, L, singular, evaluator,
         n_dropped=evaluator.n_dropped,
         timings=timings,
         warnings=warn_msgs,
+        input=_jsonable_fingerprint(evaluator),
     )
+
+
+def _jsonable_fingerprint(evaluator) -> dict:
+    """The evaluator's input fingerprint as plain JSON values (``FitResult.input``)."""
+    try:
+        return json.loads(json.dumps(evaluator.fingerprint(), default=str))
+    except (TypeError, ValueError, AttributeError):
+        return {}
 
 
 # ----------------------------------------------------------------------------- NPML
@@ -1471,6 +1485,7 @@ def _fit_npml(evaluator, spec: ModelSpec, fam: Family, masses, *, t_start: float
         n_workers=evaluator.n_workers, n_dropped=evaluator.n_dropped, timings=timings,
         warnings=warn_msgs, method="npml", mass_points=list(out.mass_points),
         mass_points_note=out.mass_points_note,
+        input=_jsonable_fingerprint(evaluator),
     )  # fmt: skip
 
 

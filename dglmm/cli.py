@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 
+from ._version import __version__
 from .errors import DglmmError
 
 EXIT_USAGE = 2
@@ -51,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         "quadrature on Dask.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"dglmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="likelihood-ratio tests of nested fits (lme4's anova)",
+                       description="Compare saved fits (JSON results of `dglmm fit --output`) "
+                       "of the same data: one row per fit in the order given, each tested "
+                       "against the one before (lme4's anova()).")
+    c.add_argument("results", nargs="+", help="two or more result JSON files, smaller first")
 
     f = sub.add_parser("fit", help="fit a model", description="Fit a GLMM and print its summary.")
     f.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
@@ -303,6 +311,21 @@ def _fit_and_report(args, equations: dict | None) -> int:
     return 0 if result.converged else 1
 
 
+def _cmd_compare(args) -> int:
+    from .compare import anova, format_table
+    from .results import FitResult
+
+    if len(args.results) < 2:
+        raise DglmmError("compare needs two or more result files")
+    fits = [FitResult.from_json(path) for path in args.results]
+    names = [os.path.splitext(os.path.basename(path))[0] for path in args.results]
+    if len(set(names)) != len(names):
+        names = [f"model{i + 1}" for i in range(len(fits))]
+    table = anova(*fits, names=names)
+    print(format_table(table))
+    return 0
+
+
 def _cmd_prepare(args) -> int:
     from . import dask_driver
     from .outputs import check_output_dataset
@@ -373,6 +396,7 @@ def _cmd_plot(args) -> int:
 
 COMMANDS = {
     "fit": _cmd_fit,
+    "compare": _cmd_compare,
     "prepare": _cmd_prepare,
     "simulate": _cmd_simulate,
     "predict": _cmd_predict,

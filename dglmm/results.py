@@ -69,6 +69,10 @@ class FitResult:
     condition_number : dict
         ``{"original": ..., "working": ...}``: the 2-norm condition number of the weighted
         fixed-effects design as given and of the design the optimiser worked on.
+    input : dict
+        What was fitted: ``{"n_obs", "n_groups", "sources"}`` (the files' paths, sizes,
+        modification times and footer hashes, or a hash of an in-memory frame's rows); the
+        checks of :func:`dglmm.anova` that two fits saw the same data use it.
     hlm_table : list of dict
         :func:`dglmm.fit_hlm` results: one row per gamma, ``{"outcome", "predictor", "gamma",
         "estimate", "std_error"}`` (the level-2 equations' coefficients).
@@ -125,6 +129,10 @@ class FitResult:
     reml: bool = False
     condition_number: dict[str, Any] = field(default_factory=dict)
     hlm_table: list[dict[str, Any]] = field(default_factory=list)
+    input: dict[str, Any] = field(default_factory=dict)
+    #: the data and loading options of the fit that made this result (this session only,
+    #: never written): what ``confint(method="profile")`` refits on by default
+    source: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     # -------------------------------------------------------------- derived views
 
@@ -379,6 +387,7 @@ class FitResult:
             "reml": self.reml,
             **({"condition_number": self.condition_number} if self.condition_number else {}),
             **({"hlm_table": self.hlm_table} if self.hlm_table else {}),
+            **({"input": self.input} if self.input else {}),
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -522,6 +531,7 @@ class FitResult:
             reml=v.get(d, "reml", bool, default=False),
             condition_number=_condition_number(v, d.get("condition_number", {})),
             hlm_table=_hlm_rows(v, d.get("hlm_table", [])),
+            input=v.get(d, "input", dict, default={}),
         )
 
     @classmethod
@@ -579,6 +589,97 @@ class FitResult:
         from .postfit import random_effects_table
 
         return random_effects_table(self, data, output=output, client=client, **fit_kwargs)
+
+
+    # -------------------------------------------------------------- intervals
+
+    def confint(self, method: str = "wald", level: float = 0.95, *,
+                parm: list[str] | None = None, data: Any = None, client: Any = None,
+                **fit_kwargs: Any) -> pd.DataFrame:  # fmt: skip
+        """Confidence intervals of the fixed effects and the random-effect sds (lme4's
+        ``confint``).
+
+        Parameters
+        ----------
+        method : {"wald", "profile"}
+            ``"wald"`` (the default, no data needed): estimate +- z * standard error for
+            the fixed effects; for an sd the interval of the delta-method Wald interval of
+            ``log sd`` (positive; NaN at an sd of zero, where lme4 gives NA).
+            ``"profile"``: profile-likelihood intervals (lme4's default), each bound found
+            by constrained refits on the data (:func:`dglmm.postfit.profile_confint`).
+        level : float
+            Confidence level, in (0, 1).
+        parm : list of str, optional
+            The rows wanted; default all.
+        data, client, **fit_kwargs :
+            ``"profile"`` only: the data (default: that of the fit in this session) and
+            where to evaluate it (default: in process for a pandas frame, else an
+            embedded local cluster), as for :func:`dglmm.fit`.
+
+        Returns
+        -------
+        DataFrame
+            Indexed by the fixed-effect term names and ``sd(TERM | GROUP)``, columns
+            ``lower`` and ``upper``.
+        """
+        from .errors import SpecificationError
+
+        if not (isinstance(level, (int, float)) and 0 < float(level) < 1):
+            raise SpecificationError(f"level must be a number in (0, 1), not {level!r}")
+        method = str(method).lower()
+        if method == "profile":
+            from .postfit import profile_confint
+
+            source = self.source or {}
+            if data is None:
+                data = source.get("data")
+                for key in ("missing", "storage_options"):
+                    if key in source and key not in fit_kwargs:
+                        fit_kwargs[key] = source[key]
+            if data is None:
+                raise SpecificationError(
+                    "confint(method='profile') refits on the data: pass data= (this result "
+                    "was not fitted in this session)")  # fmt: skip
+            if client is None and isinstance(data, pd.DataFrame):
+                client = "in-process"
+            return profile_confint(self, data, level=float(level), parm=parm, client=client,
+                                   **fit_kwargs)  # fmt: skip
+        if method != "wald":
+            raise SpecificationError(f"confint method must be 'wald' or 'profile', not "
+                                     f"{method!r}")  # fmt: skip
+        table = self.wald_intervals(level)
+        if parm is not None:
+            unknown = [r for r in parm if r not in table.index]
+            if unknown:
+                raise SpecificationError(f"confint(): no parameter {unknown[0]!r}; the rows "
+                                         f"are {', '.join(table.index)}")  # fmt: skip
+            table = table.loc[list(parm)]
+        return table
+
+    def wald_intervals(self, level: float = 0.95) -> pd.DataFrame:
+        """The ``method="wald"`` table of :meth:`confint`."""
+        from scipy.stats import norm
+
+        z = float(norm.ppf(0.5 + level / 2.0))
+        names, lower, upper = [], [], []
+        fe = self.fixed_effects
+        for term in fe.index:
+            est, se = float(fe.loc[term, "estimate"]), float(fe.loc[term, "std_error"])
+            names.append(str(term))
+            lower.append(est - z * se)
+            upper.append(est + z * se)
+        for group, re_ in self.random_effects.items():
+            ses = re_.get("sd_std_error") or [None] * len(re_["terms"])
+            for term, sd, se in zip(re_["terms"], re_["sd"], ses, strict=True):
+                names.append(f"sd({term} | {group})")
+                if se is None or not math.isfinite(float(se)) or sd <= 0:
+                    lower.append(math.nan)
+                    upper.append(math.nan)
+                else:
+                    half = z * float(se) / float(sd)
+                    lower.append(float(sd) * math.exp(-half))
+                    upper.append(float(sd) * math.exp(half))
+        return pd.DataFrame({"lower": lower, "upper": upper}, index=pd.Index(names))
 
 
 class _ResultValidator:
