@@ -31,7 +31,7 @@ from .conditioning import (
     to_original,
     working_design,
 )
-from .design import ModelSpec, build_block, for_family, learn_spec
+from .design import ModelSpec, build_block, for_family, learn_spec, lme4_options
 from .errors import (
     CheckpointError,
     DataError,
@@ -218,6 +218,9 @@ def fit(
     """
     t_start = time.perf_counter()
     fam = get_family(family, link)
+    if isinstance(formula, str):  # lme4's cbind() and offset() become the trials and offset
+        trials, offset = lme4_options(parse_formula(formula), trials, offset, fam.name)
+    data, offset, weights = _array_options(data, offset, weights)
     method, masses = check_method(method, masses, n_agq, fam)
     reml = resolve_reml(reml, fam, method)
     _check_laplace_order(laplace_order, n_agq, method)
@@ -282,6 +285,37 @@ def fit(
                            connect_seconds=t_connected - t_start)  # fmt: skip
         result.source = {"data": data, "missing": missing, "storage_options": storage_options}
         return result
+
+
+def _array_options(data, offset, weights):
+    """``offset=`` and ``weights=`` given as arrays (NumPy, pandas Series, lists) of an
+    in-memory frame become columns of a copy of it (the caller's frame is not changed)."""
+    import pandas as pd
+
+    added = {}
+    for what, value in (("offset", offset), ("weights", weights)):
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(data, pd.DataFrame):
+            raise SpecificationError(
+                f"{what}= as an array needs the data as a pandas DataFrame (in memory); with "
+                f"files, give {what}= a column name")  # fmt: skip
+        try:
+            values = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise SpecificationError(f"{what}= must be a column name or an array of numbers, "
+                                     f"not {type(value).__name__}") from None  # fmt: skip
+        if values.ndim != 1 or values.shape[0] != len(data):
+            raise SpecificationError(f"{what}= has {values.size} values for {len(data)} rows")
+        name = f"{what}_"
+        while name in data.columns or name in added:
+            name += "_"
+        added[name] = values
+        if what == "offset":
+            offset = name
+        else:
+            weights = name
+    return (data.assign(**added) if added else data), offset, weights
 
 
 METHODS = ("newton", "em", "em-newton", "pql1", "pql2", "mql1", "mql2", "npml")

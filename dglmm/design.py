@@ -507,8 +507,76 @@ def needed_columns(
         and weights.
     """
     names = [parsed.response, *_formula_columns(parsed), *parsed.group_columns]
-    names += [c for c in (trials, offset, weights) if c is not None]
+    for c in (trials, offset, weights):
+        if c is not None:
+            names += option_columns(c)
     return list(dict.fromkeys(names))
+
+
+def option_columns(name: str) -> list[str]:
+    """The data columns a ``trials``/``offset``/``weights`` option reads: the column itself,
+    or the variables of an expression (``log(exposure)``, ``size + failures``: what the
+    formula's ``offset(expr)`` and ``cbind(s, f)`` become, see :func:`lme4_options`)."""
+    if is_bare_name(name) or name.startswith("`"):
+        return [name]
+    try:
+        return list(expression_variables(name)) or [name]
+    except SpecificationError:  # not an expression: a column with an unusual name
+        return [name]
+
+
+def is_expression_option(name: str | None, columns: Sequence[str] = ()) -> bool:
+    """Whether a ``trials``/``offset``/``weights`` option is an expression, not a column."""
+    return name is not None and name not in columns and option_columns(name) != [name]
+
+
+def lme4_options(parsed: ParsedFormula, trials: str | None, offset: str | None,
+                 family_name: str | None = None) -> tuple[str | None, str | None]:  # fmt: skip
+    """``(trials, offset)`` of a fit from the formula's lme4 spellings and the options.
+
+    ``cbind(s, f)`` gives the trials ``s + f`` (the column ``n`` for ``cbind(s, n - s)``);
+    the ``offset(expr)`` terms are added to each other and to an ``offset=`` column.  An
+    expression is evaluated on the data like a formula term (through the allowlist).
+    """
+    if parsed.failures is not None:
+        if trials is not None:
+            raise SpecificationError(
+                "the formula's cbind(successes, failures) already gives the binomial trials: "
+                "drop trials= (or write the response as the successes column)")
+        if family_name is not None and family_name != "binomial":
+            raise SpecificationError(
+                f"cbind(successes, failures) is a binomial response; this fit's family is "
+                f"{family_name!r}")
+        s, f = parsed.response, parsed.failures.strip()
+        match = re.fullmatch(rf"(.+?)\s*-\s*{re.escape(s)}", f)
+        if match is not None and is_bare_name(match.group(1).strip()):
+            trials = match.group(1).strip()
+        else:
+            trials = f"{s} + ({f})"
+    if parsed.offsets:
+        parts = ([offset] if offset is not None else []) + list(parsed.offsets)
+        offset = parts[0] if len(parts) == 1 else " + ".join(f"({p})" for p in parts)
+    return trials, offset
+
+
+def add_derived(frame: pd.DataFrame, names: Sequence[str | None],
+                allow_python: bool = False) -> pd.DataFrame:  # fmt: skip
+    """``frame`` with a column for each expression among ``names`` (trials, offset, weights
+    given as expressions), evaluated like a formula term; a new frame, the input untouched."""
+    added = {}
+    for name in names:
+        if not is_expression_option(name, frame.columns) or name in added:
+            continue
+        if not allow_python:
+            from dglmm.formula_safety import check_expression
+
+            check_expression(name, f"the expression {name!r}")
+        values, _ = _design(f"0 + I({name})", frame, allow_python)
+        if values.shape[1] != 1:
+            raise SpecificationError(f"the expression {name!r} gives {values.shape[1]} "
+                                     "columns, not one number per row")  # fmt: skip
+        added[name] = values[:, 0]
+    return frame.assign(**added) if added else frame
 
 
 def _is_categorical(series: pd.Series, c_wrapped: bool) -> bool:
@@ -1259,7 +1327,7 @@ def make_spec(
     _check_columns(sample_df, formula_cols)
     for what, name in (("trials", trials), ("offset", offset), ("weights", weights)):
         if name is not None:
-            _check_columns(sample_df, [name], f"{what} column")
+            _check_columns(sample_df, option_columns(name), f"{what} column")
     columns = needed_columns(parsed, trials, offset, weights)
     levels = {k: tuple(v) for k, v in levels.items()}
     seen = levels.pop(RESPONSE_KEY, None)
@@ -1747,6 +1815,9 @@ def build_block(
     used = set(_formula_columns(parsed))
     numeric = [c for c in spec.columns if c not in spec.levels and c not in group_columns]
     frame = _prepare(spec.levels, df[list(spec.columns)], [c for c in numeric if c in used])
+    frame = add_derived(frame, (spec.trials, spec.offset, spec.weights), spec.allow_python)
+    derived = [c for c in (spec.trials, spec.offset, spec.weights)
+               if c is not None and c not in spec.columns]  # fmt: skip
     if spec.response_levels is not None:  # ordinal: the category codes 0 .. K-1
         frame[spec.response] = response_codes(frame[spec.response], spec)
     for name in (spec.response, spec.trials, spec.offset, spec.weights):
@@ -1756,7 +1827,7 @@ def build_block(
     # missing values (before formulaic, which would silently drop or zero them)
     bad = np.zeros(n_in, dtype=bool)
     counts: dict[str, int] = {}
-    for name in spec.columns:
+    for name in [*spec.columns, *derived]:
         col_bad = _bad_mask(df[name] if name in spec.levels else frame[name])
         if col_bad.any():
             counts[name] = int(col_bad.sum())
@@ -2021,7 +2092,9 @@ def build_design(
     parsed = spec.parsed
     _check_safe(parsed, spec.allow_python)
     used = set(_formula_columns(parsed))
-    needed = [c for c in spec.columns if (c in used or c == spec.offset) and c != spec.response]
+    offset_columns = option_columns(spec.offset) if spec.offset is not None else []
+    needed = [c for c in spec.columns
+              if (c in used or c in offset_columns) and c != spec.response]  # fmt: skip
     key_columns = _centring_keys(spec, df, needed)
     needed += key_columns
     check_unique_columns(df.columns, needed)
@@ -2062,6 +2135,7 @@ def build_design(
                 f"the design matrix has {int(bad_design.sum())} rows with non-finite values "
                 '(e.g. np.log of 0); clean them or pass missing="nan"'
             )
+    frame = add_derived(frame, (spec.offset,), spec.allow_python)
     offset = _column_or(frame, spec.offset, 0.0)
     if spec.group in df.columns:
         keys = df[spec.group].to_numpy()

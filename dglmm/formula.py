@@ -30,6 +30,7 @@ which data columns an expression reads: :func:`expression_variables` and
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import io
 import keyword
@@ -119,6 +120,10 @@ class ParsedFormula:
             :func:`dglmm.design.learn_spec`, and ``ModelSpec.group`` is always set).
         factors: the grouping factors, in formula order, without duplicates (factors
             with the same set of columns are one factor, named as it first appears).
+        offsets: the expressions of the formula's ``offset(expr)`` terms (lme4: added to
+            the linear predictor with coefficient 1), in formula order.
+        failures: the second argument of a ``cbind(successes, failures)`` response (the
+            first is :attr:`response`): the binomial trials are their sum.
     """
 
     text: str
@@ -127,6 +132,8 @@ class ParsedFormula:
     random_terms: tuple[RandomTerm, ...]
     group: str | None
     factors: tuple[GroupingFactor, ...] = ()
+    offsets: tuple[str, ...] = ()
+    failures: str | None = None
 
     def __post_init__(self) -> None:
         if not self.factors:
@@ -431,9 +438,78 @@ def parse_formula(text: str) -> ParsedFormula:
     return _parse_formula(text)
 
 
+# ---------------------------------------------------------------------------
+# lme4's spellings (issue 15): translated to formulaic's before the formula is split
+
+_FACTOR_CALL = re.compile(r"(?<![\w.])(?:as\.)?factor\s*\(")
+
+
+def _lme4_spellings(text: str) -> str:
+    """``factor(x)`` and ``as.factor(x)`` as ``C(x)``; ``^`` inside a function call (``I(x^2)``,
+    ``log(x^2)``) as the power ``**`` (R's meaning; in Python ``^`` is xor).  Outside calls
+    ``(a + b)^2`` keeps formulaic's (and R's) meaning: the interactions up to order 2."""
+    out: list[str] = []
+    calls: list[bool] = []  # per open bracket: whether it opens a function call
+    last = 0
+    for i, ch, _depth in _scan(text):
+        if ch in _OPENERS:
+            before = text[:i].rstrip()
+            calls.append(bool(before) and (before[-1].isalnum() or before[-1] in "_.`"))
+        elif ch in _CLOSERS:
+            if calls:
+                calls.pop()
+        elif ch == "^" and any(calls):
+            out.append(text[last:i] + "**")
+            last = i + 1
+    out.append(text[last:])
+    return _FACTOR_CALL.sub("C(", "".join(out))
+
+
+def _call_argument(term: str, name: str) -> str | None:
+    """The argument text of ``name(...)`` when ``term`` is exactly that call, else None."""
+    t = term.strip()
+    match = re.match(rf"{re.escape(name)}\s*\(", t)
+    if match is None:
+        return None
+    for i, ch, depth in _scan(t):
+        if ch == ")" and depth == 0:
+            return t[match.end() : i] if i == len(t) - 1 else None
+    return None
+
+
+def _cbind_response(text: str, response: str) -> tuple[str, str | None]:
+    """``(successes, failures)`` of a ``cbind(successes, failures)`` response, else
+    ``(response, None)``."""
+    inner = _call_argument(response, "cbind")
+    if inner is None:
+        return response, None
+    commas = _top_level(inner, ",")
+    if len(commas) != 1:
+        raise SpecificationError(
+            f"formula {text!r}: cbind() takes two columns, the successes and the failures, "
+            "e.g. cbind(incidence, size - incidence)")
+    successes = _unquote_name(inner[: commas[0]].strip())
+    failures = inner[commas[0] + 1 :].strip()
+    if not successes or not failures:
+        raise SpecificationError(f"formula {text!r}: cbind() has an empty argument")
+    if not _is_column_name(successes) and not is_bare_name(successes):
+        raise SpecificationError(
+            f"formula {text!r}: the successes in cbind() must be a column, not "
+            f"{successes!r}; add it as a column")
+    return successes, failures
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_formula(text: str) -> ParsedFormula:
     """Uncached body of :func:`parse_formula` (``text`` is a string)."""
+    original = text
+    text = _lme4_spellings(text)
+    parsed = _parse_translated(text)
+    return dataclasses.replace(parsed, text=original)
+
+
+def _parse_translated(text: str) -> ParsedFormula:
+    """:func:`_parse_formula` after :func:`_lme4_spellings`."""
     tildes = _top_level(text, "~")
     if not tildes:
         raise SpecificationError(
@@ -444,9 +520,11 @@ def _parse_formula(text: str) -> ParsedFormula:
     response = _unquote_name(text[: tildes[0]].strip())
     if not response:
         raise SpecificationError(f"formula {text!r} has an empty response (left of '~')")
+    response, failures = _cbind_response(text, response)
     rhs = text[tildes[0] + 1 :]
 
     fixed_parts: list[str] = []
+    offsets: list[str] = []
     random_terms: list[RandomTerm] = []
     terms = _split_terms(rhs)
     for k, (sign, term) in enumerate(terms):
@@ -460,6 +538,14 @@ def _parse_formula(text: str) -> ParsedFormula:
                     f"random-effects term {term!r} cannot be subtracted in {text!r}"
                 )
             random_terms.extend(_parse_bar_term(term))
+        elif _call_argument(term, "offset") is not None:
+            if sign == "-":
+                raise SpecificationError(f"offset term {term!r} cannot be subtracted in "
+                                         f"{text!r}; write offset(-(...))")  # fmt: skip
+            expr = _call_argument(term, "offset").strip()
+            if not expr:
+                raise SpecificationError(f"formula {text!r} has an empty offset()")
+            offsets.append(expr)
         elif _has_bare_bar(term):
             raise SpecificationError(
                 f"misplaced '|' in term {term!r} of {text!r}: a random-effects term must "
@@ -483,6 +569,8 @@ def _parse_formula(text: str) -> ParsedFormula:
         random_terms=tuple(random_terms),
         group=_syntactic_top(factors),
         factors=factors,
+        offsets=tuple(offsets),
+        failures=failures,
     )
 
 
