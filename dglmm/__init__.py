@@ -13,7 +13,8 @@ from ._version import __version__ as __version__
 _EXPORTS = {
     "anova": "compare",
     "fit": "api",
-    "fit_model": "api",
+    "fit_model": "api",  # internal: not in __all__
+    "IN_PROCESS": "evaluator",
     "CheckpointError": "errors",
     "ClusterError": "errors",
     "DataError": "errors",
@@ -35,9 +36,9 @@ __all__ = [
     "FitResult",
     "SpecificationError",
     "anova",
+    "IN_PROCESS",
     "fit",
     "fit_hlm",
-    "fit_model",
     "get_family",
     "get_link",
 ]

@@ -106,6 +106,7 @@ def fit(
     max_iter: int = 100,
     progress: bool | None = None,
     storage_options: dict | None = None,
+    random_effects_output: str | None = None,
     random_effects: str | None = None,
     connect_timeout: float = 10.0,
     overwrite: bool = False,
@@ -163,11 +164,14 @@ def fit(
         One line per iteration on stderr (default: when stderr is a terminal).
     connect_timeout : float
         Seconds to wait for a remote scheduler before raising ClusterError.
-    random_effects : str, optional
+    random_effects_output : str, optional
         Write per-group random-effect predictions (conditional modes, posterior means
         and standard deviations) as Parquet here, computed where the data lives.  With
         nested grouping levels a directory of one dataset per level,
         ``random_effects/<level name>/part-NNNNN.parquet`` (``docs/nested.md``).
+    random_effects : str, optional
+        The older name of ``random_effects_output`` (a DeprecationWarning): the
+        result's ``random_effects`` is the variance components, not a path.
     overwrite : bool
         Replace existing outputs (``random_effects``, ``checkpoint``) even when they are
         not dglmm artefacts of the same kind.  Inputs are never overwritten.
@@ -217,6 +221,14 @@ def fit(
     DataError, SpecificationError, ClusterError, CheckpointError
     """
     t_start = time.perf_counter()
+    if random_effects is not None:
+        if random_effects_output is not None:
+            raise SpecificationError("give random_effects_output= (random_effects= is its old "
+                                     "name), not both")  # fmt: skip
+        warnings.warn("fit(random_effects=PATH) is now fit(random_effects_output=PATH)",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        random_effects_output = random_effects
+    random_effects = random_effects_output
     fam = get_family(family, link)
     if isinstance(formula, str):  # lme4's cbind() and offset() become the trials and offset
         trials, offset = lme4_options(parse_formula(formula), trials, offset, fam.name)
@@ -239,6 +251,9 @@ def fit(
     check_npartitions(npartitions)  # before a cluster is started
     if progress is None:
         progress = _isatty(sys.stderr) or _in_notebook()
+    if progress and not _kernels_cached():
+        print("dglmm: compiling the kernels for this machine (first run only: about a minute; "
+              "later runs load them from numba's cache)", file=sys.stderr, flush=True)
     if client == IN_PROCESS or client is False:
         sources = input_fingerprint(data, storage_options)  # before reading: what is read
         df = read_frame(data, storage_options)
@@ -268,6 +283,9 @@ def fit(
     ) as handle:
         if progress and handle.dashboard_link:
             print(f"dglmm: Dask dashboard at {handle.dashboard_link}", file=sys.stderr)
+        if progress:
+            print(f"dglmm: loading {_describe_data(data)} on {handle.n_workers} worker"
+                  f"{'s' if handle.n_workers != 1 else ''}", file=sys.stderr, flush=True)
         t_connected = time.perf_counter()
         evaluator, spec = dask_driver.make_evaluator(
             handle, data, formula, fam, _nodes(n_agq),
@@ -285,6 +303,19 @@ def fit(
                            connect_seconds=t_connected - t_start)  # fmt: skip
         result.source = {"data": data, "missing": missing, "storage_options": storage_options}
         return result
+
+
+def _kernels_cached() -> bool:
+    from .kernels import kernels_cached
+
+    return kernels_cached()
+
+
+def _describe_data(data) -> str:
+    """A short name of the data for progress lines."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        return repr(str(data))
+    return f"a {type(data).__name__}"
 
 
 def _array_options(data, offset, weights):

@@ -44,16 +44,31 @@ def _levels(text: str) -> list:
                 out.append(item)
     return out
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where it is None or False (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dglmm`` command (also used by tests)."""
     parser = argparse.ArgumentParser(
-        prog="dglmm",
+        prog="dglmm", formatter_class=_HelpFormatter,
         description="Generalized linear mixed models fitted by adaptive Gauss-Hermite "
         "quadrature on Dask.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"dglmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kwargs):  # every subcommand shows its defaults
+        return _add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     c = sub.add_parser("compare", help="likelihood-ratio tests of nested fits (lme4's anova)",
                        description="Compare saved fits (JSON results of `dglmm fit --output`) "
@@ -103,11 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "levels: one dataset per level, DIR/<level>/)")
     f.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
     f.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
-    f.add_argument("--workers", type=int, default=None, help="size of the local cluster")
+    f.add_argument("--workers", "--n-workers", dest="workers", type=int, default=None,
+                   help="workers of the embedded local cluster (default: the number of cores; "
+                   "Python: n_workers=)")
     f.add_argument("--local-processes", action="store_true",
                    help="the local cluster's workers are processes (default: threads of this "
                    "process; the compiled kernels release the GIL)")
-    f.add_argument("--partitions", type=int, default=None, help="number of partitions")
+    f.add_argument("--partitions", "--npartitions", dest="partitions", type=int, default=None,
+                   help="partitions of the data (default: as read, or one per input file; "
+                   "Python: npartitions=)")
     f.add_argument("--in-process", action="store_true", help="fit in this process, no Dask")
     f.add_argument("--checkpoint", default=None, help="checkpoint file (JSON)")
     f.add_argument("--resume", action="store_true", help="resume from --checkpoint")
@@ -121,18 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits",
                        description="Write the data partitioned by the top grouping level.")
-    p.add_argument("data")
-    p.add_argument("out")
+    p.add_argument("data", help="Parquet file/directory/glob or CSV file(s) to partition")
+    p.add_argument("out", help="output directory (new, or one dglmm prepared before)")
     p.add_argument("--group", default=None,
                    help="top grouping column (e.g. subscriber, or region for calls in "
                    "subscribers in regions); not needed with --formula")
     p.add_argument("--formula", default=None,
                    help="the model formula: the top grouping level is inferred from it (and "
                    "from the data when the formula does not decide it)")
-    p.add_argument("--partitions", type=int, default=None)
-    p.add_argument("--scheduler", default=None)
-    p.add_argument("--scheduler-file", default=None)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--partitions", "--npartitions", dest="partitions", type=int, default=None,
+                   help="output files (default: as many as the input's partitions)")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
+    p.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
+    p.add_argument("--workers", "--n-workers", dest="workers", type=int, default=None,
+                   help="workers of the embedded local cluster (default: the number of cores)")
     p.add_argument("--local-processes", action="store_true",
                    help="the local cluster's workers are processes (default: threads)")
     p.add_argument("--overwrite", action="store_true",
@@ -147,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nest the subscribers: e.g. 20,25,10 = 20 regions, 25 accounts per "
                    "region, 10 subscribers per account (two numbers: accounts, subscribers "
                    "per account)")  # fmt: skip
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--calls-per-subscriber", type=float, default=20.0)
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--calls-per-subscriber", type=float, default=20.0,
+                   help="mean calls per subscriber (Poisson)")
     s.add_argument("--effects", default=None,
                    help="also write the true random effects here (with --levels: a directory "
                    "of one Parquet file per level)")  # fmt: skip
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that dglmm did not write")
 
     pr = sub.add_parser("predict", help="predict from a fitted result")
     pr.add_argument("result", help="result JSON written by dglmm fit --output")
@@ -167,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let the result's formula call any Python code (trusted files only)")
 
     pl = sub.add_parser("plot", help="plots of a fitted result")
-    pl.add_argument("result")
-    pl.add_argument("--random-effects", default=None)
+    pl.add_argument("result", help="result JSON written by dglmm fit --output")
+    pl.add_argument("--random-effects", default=None,
+                    help="random-effects Parquet (from fit --random-effects) for the "
+                    "caterpillar plot")
     pl.add_argument("--output", required=True, help="directory for the PNG files")
     pl.add_argument("--overwrite", action="store_true",
                     help="replace existing plot files even if they are not dglmm plots")
@@ -287,7 +312,7 @@ def _fit_and_report(args, equations: dict | None) -> int:
         missing=args.missing, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
         n_workers=args.workers, npartitions=args.partitions, checkpoint=args.checkpoint,
         resume=args.resume, max_iter=args.max_iter, progress=not args.quiet,
-        random_effects=args.random_effects, overwrite=args.overwrite,
+        random_effects_output=args.random_effects, overwrite=args.overwrite,
         allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
         response_levels=args.response_levels, method=args.method, masses=args.masses,
         pql_scale=args.pql_scale, laplace_order=args.laplace_order, reml=args.reml,

@@ -529,6 +529,18 @@ def _nested_random_effects_block(block, params, model: KernelModel, u_init) -> d
     return {"group_keys": own[0][0], **per_level[0], "levels": levels}
 
 
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds the main compiled kernel for this machine (so a
+    first evaluation loads it in about a second rather than compiling for about a
+    minute).  False when unknown."""
+    import os
+
+    try:
+        return os.path.exists(_block_kernel._cache._cache_file._index_path)
+    except AttributeError:  # another numba version's internals
+        return False
+
+
 def warm_up() -> float:
     """Load the compiled kernels (from numba's cache, or compile them) by evaluating a tiny
     logistic block with each kind of evaluation a Newton fit uses: Laplace with q = 2 and

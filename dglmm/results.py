@@ -6,6 +6,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,11 @@ class FitResult:
     def n_params(self) -> int:
         return int(self.params.size)
 
+    @property
+    def r_names(self) -> dict[str, str]:
+        """lme4's names of the fixed effects (``(Intercept)``, ``period2``) by ours."""
+        return {str(t): r_term(str(t)) for t in self.fixed_effects.index}
+
     # -------------------------------------------------------------- printing
 
     def summary(self) -> str:
@@ -188,40 +194,23 @@ class FitResult:
         if self.reml:  # lme4 prints the criterion, not AIC/BIC, for a REML fit
             lines += [f"REML criterion at convergence: {-2 * self.loglik:.4f}"]
         else:
-            lines += [f"{'AIC':>10} {'BIC':>10} {'logLik':>10}",
-                      f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f}"]
+            df_resid = self.n_obs - self.n_params
+            lines += [f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {'deviance':>10} {'df.resid':>9}",
+                      f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f} "
+                      f"{-2 * self.loglik:>10.1f} {df_resid:>9d}"]  # fmt: skip
         lines += ["", "Random effects:"]
-        rows = [("Groups", "Name", "Variance", "Std.Dev.", "Corr")]
-        for group, re in self.random_effects.items():
-            terms = re["terms"]
-            cov = np.asarray(re["covariance"])
-            corr = np.asarray(re["corr"])
-            for a, term in enumerate(terms):
-                cells = " ".join(f"{corr[a, b]:5.2f}" for b in range(a))
-                var = cov[a, a]
-                rows.append((group if a == 0 else "", term, f"{var:.4g}", f"{math.sqrt(var):.4g}",
-                             cells))  # fmt: skip
-        if self.dispersion is not None:
-            rows.append(("Residual", "", f"{self.dispersion:.4g}",
-                         f"{math.sqrt(self.dispersion):.4g}", ""))  # fmt: skip
+        rows = self._random_effect_rows()
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         for r in rows:
-            lines.append(" " + " ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)))
+            lines.append(" " + " ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True))
+                         .rstrip())  # fmt: skip
         groups = ", ".join(f"{g}, {n}" for g, n in self.n_groups.items())
         lines += ["", f"Number of obs: {self.n_obs}, groups:  {groups}"]
         lines += self._family_parameter_lines()
         lines += ["", "Fixed effects:"]
         if self.thresholds:  # clmm prints the thresholds after the fixed effects
             lines[-1] = "Coefficients:"
-        table = self.fixed_effects.rename(
-            columns={"estimate": "Estimate", "std_error": "Std. Error",
-                     "z_value": "z value", "p_value": "Pr(>|z|)"}
-        )  # fmt: skip
-        lines.append(
-            table.to_string(
-                float_format=lambda v: f"{v:.4g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.2e}"
-            )
-        )
+        lines += self._fixed_effect_lines()
         if self.thresholds:
             cut = pd.DataFrame(
                 {"Estimate": [t["estimate"] for t in self.thresholds],
@@ -253,13 +242,74 @@ class FitResult:
                       f"{cn.get('original', math.nan):.3g} (as given), "
                       f"{cn.get('working', math.nan):.3g} (as solved)"]
         status = "converged" if self.converged else "NOT converged"
-        lines += ["", f"{status} in {self.n_iterations} iterations ({self.n_evaluations} "
-                  f"evaluations): {self.message}"]  # fmt: skip
+        passes = int(self.timings.get("n_evaluations", self.n_evaluations) or 0)
+        extra = " and one for the integration error" if "integration_error_s" in self.timings \
+            else ""
+        lines += ["", f"{status} in {self.n_iterations} iterations ({passes} passes over the "
+                  f"data{extra}): {self.message}"]  # fmt: skip
         if self.singular:
             lines.append("boundary (singular) fit: a variance is estimated as (nearly) zero")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+    def _random_effect_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """lme4's random-effects table: a correlation only where the model has one; the
+        terms of a ``||`` block (no correlation at all) as groups of their own
+        (``Subject``, ``Subject.1``), as lme4 prints them."""
+        rows = [("Groups", "Name", "Variance", "Std.Dev.", "Corr")]
+        correlated = _correlated_pairs(self.spec)
+        for group, re_ in self.random_effects.items():
+            terms = re_["terms"]
+            cov = np.asarray(re_["covariance"])
+            corr = np.asarray(re_["corr"])
+            pairs = correlated.get(group)
+            separate = pairs is not None and not pairs and len(terms) > 1
+            for a, term in enumerate(terms):
+                cells = " ".join(
+                    f"{corr[a, b]:5.2f}" if pairs is None or (a, b) in pairs else " " * 5
+                    for b in range(a)).rstrip()  # fmt: skip
+                label = (group if a == 0 else f"{group}.{a}") if separate else (
+                    group if a == 0 else "")
+                var = cov[a, a]
+                rows.append((label, term, f"{var:.4g}", f"{math.sqrt(max(var, 0.0)):.4g}",
+                             "" if separate else cells))  # fmt: skip
+        if self.dispersion is not None:
+            rows.append(("Residual", "", f"{self.dispersion:.4g}",
+                         f"{math.sqrt(self.dispersion):.4g}", ""))  # fmt: skip
+        return rows
+
+    def _fixed_effect_lines(self) -> list[str]:
+        """The coefficient table as lme4 prints it: p-values below 2e-16 as ``< 2e-16``,
+        significance codes and their legend, then the correlation of the fixed effects
+        (for up to 12 of them, as lme4)."""
+        fe = self.fixed_effects
+        stat = "z value"
+        cells = {"Estimate": [f"{v:.4g}" for v in fe["estimate"]],
+                 "Std. Error": [_g4(v) for v in fe["std_error"]],
+                 stat: [_g4(v) for v in fe["z_value"]],
+                 "Pr(>|z|)": [_p_value(v) for v in fe["p_value"]],
+                 "": [_stars(v) for v in fe["p_value"]]}  # fmt: skip
+        table = pd.DataFrame(cells, index=[str(t) for t in fe.index])
+        lines = [table.to_string()]
+        if any(cells[""]):
+            lines += ["---", "Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"]
+        p = len(fe)
+        if 1 < p <= 12 and self.vcov.shape[0] >= p:
+            v = np.asarray(self.vcov)[:p, :p]
+            sd = np.sqrt(np.diag(v))
+            if np.all(sd > 0) and np.all(np.isfinite(v)):
+                corr = v / np.outer(sd, sd)
+                short = [_abbreviate(r_term(str(t))) for t in fe.index]
+                rows = [[f"{corr[a, b]:.3f}" for b in range(a)] for a in range(1, p)]
+                width = max(6, *(len(x) for x in short))
+                lines += ["", "Correlation of Fixed Effects:",
+                          " " * width + " " + " ".join(f"{n:>6}" for n in short[:-1])]
+                for a, row in enumerate(rows, start=1):
+                    lines.append(f"{short[a]:<{width}} " + " ".join(f"{c:>6}" for c in row))
+        elif p > 12:
+            lines += ["", f"Correlation matrix not shown by default, as p = {p} > 12."]
+        return lines
 
     def hlm_summary(self) -> str:
         """The fixed effects as HLM prints them: per level-1 coefficient (pi) its gammas; with
@@ -321,9 +371,9 @@ class FitResult:
     def _repr_html_(self) -> str:
         fe = self.fixed_effects.to_html(float_format=lambda v: f"{v:.4g}")
         re_rows = []
-        for group, re in self.random_effects.items():
-            cov = np.asarray(re["covariance"])
-            for a, term in enumerate(re["terms"]):
+        for group, re_ in self.random_effects.items():
+            cov = np.asarray(re_["covariance"])
+            for a, term in enumerate(re_["terms"]):
                 re_rows.append(
                     f"<tr><td>{html.escape(group)}</td><td>{html.escape(term)}</td>"
                     f"<td>{cov[a, a]:.4g}</td><td>{math.sqrt(cov[a, a]):.4g}</td></tr>"
@@ -351,7 +401,7 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         fe = [
-            {"term": term, **{k: _num(v) for k, v in row.items()}}
+            {"term": term, "r_term": r_term(term), **{k: _num(v) for k, v in row.items()}}
             for term, row in self.fixed_effects.iterrows()
         ]
         return {
@@ -762,6 +812,79 @@ def _num(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _correlated_pairs(spec: dict) -> dict[str, set[tuple[int, int]]]:
+    """Per grouping factor the term pairs ``(a, b)``, ``a > b``, whose correlation is a
+    parameter (from the spec's covariance pattern; empty for a ``||`` block)."""
+    if not spec:
+        return {}
+    try:
+        from .design import ModelSpec
+
+        model = ModelSpec.from_dict(spec)
+    except Exception:  # noqa: BLE001 - an old or odd spec: every correlation is shown
+        return {}
+    out: dict[str, set[tuple[int, int]]] = {}
+    pattern = model.all_cov_pattern
+    for name, sl in model.level_columns:
+        pairs = set()
+        for a, b in pattern:
+            if sl.start <= b < a < sl.stop:
+                pairs.add((a - sl.start, b - sl.start))
+        out[name] = pairs
+    return out
+
+
+def _g4(v: float) -> str:
+    return "NaN" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+
+def _p_value(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "NaN"
+    return "< 2e-16" if p < 2e-16 else f"{p:.3g}"
+
+
+def _stars(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "." if p < 0.1 \
+        else ""
+
+
+def _abbreviate(name: str) -> str:
+    """lme4's short names in the correlation table (R's ``abbreviate(name, 6)``, roughly):
+    ``(Intr)``, else lower-case vowels dropped from the right (not the first letter) until
+    6 characters are left, then cut."""
+    if name in ("Intercept", "(Intercept)"):
+        return "(Intr)"
+    chars = list(name)
+    i = len(chars) - 1
+    while len(chars) > 6 and i > 0:
+        if chars[i] in "aeiou":
+            del chars[i]
+        i -= 1
+    return "".join(chars)[:6]
+
+
+def r_term(term: str) -> str:
+    """lme4's (R's) name of a formulaic design column: ``Intercept`` -> ``(Intercept)``,
+    ``C(period)[T.2]`` -> ``period2``, ``C(plan)[T.prepaid]:x`` -> ``planprepaid:x``,
+    ``I(age ** 2)`` -> ``I(age^2)``."""
+    parts = []
+    for piece in str(term).split(":"):
+        if piece == "Intercept":
+            parts.append("(Intercept)")
+            continue
+        m = re.fullmatch(r"C\((.+?)(?:,.*)?\)\[T\.(.+)\]", piece)
+        if m is None:
+            m = re.fullmatch(r"([A-Za-z_.][\w.]*)\[T\.(.+)\]", piece)
+        if m is not None:
+            parts.append(f"{m.group(1)}{m.group(2)}")
+        else:
+            parts.append(piece.replace(" ** ", "^").replace("**", "^"))
+    return ":".join(parts)
 
 
 def wald_table(terms, estimates, std_errors) -> pd.DataFrame:
