@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model formula: the top grouping level is inferred from it (and "
                    "from the data when the formula does not decide it)")
     p.add_argument("--partitions", "--npartitions", dest="partitions", type=int, default=None,
-                   help="output files (default: as many as the input's partitions)")
+                   help="output files (default: one per worker, or one per 2M rows if more)")
+    p.add_argument("--in-process", action="store_true",
+                   help="prepare in this process (Dask's local threads), no cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
     p.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
     p.add_argument("--workers", "--n-workers", dest="workers", type=int, default=None,
@@ -365,12 +368,29 @@ def _cmd_prepare(args) -> int:
     # before a cluster is started: the output directory may be (re)written
     check_output_dataset(args.out, kind="prepared", overwrite=args.overwrite, inputs=args.data,
                          replace_own=False)  # fmt: skip
-    with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                             n_workers=args.workers, security=_security(args),
-                             processes=args.local_processes) as handle:
+    import time
+
+    t0 = time.perf_counter()
+    if not args.quiet:
+        where = "in this process" if args.in_process else (
+            f"on {args.workers or 'the'} local workers" if not (args.scheduler or
+                                                                args.scheduler_file)
+            else "on the Dask cluster")  # fmt: skip
+        print(f"dglmm: preparing {args.data!r} into {args.out!r} {where} (reading, grouping "
+              "by the top level, writing)", file=sys.stderr, flush=True)  # fmt: skip
+    if args.in_process:
         info = dask_driver.prepare(args.data, args.out, args.group, npartitions=args.partitions,
-                                   handle=handle, overwrite=args.overwrite,
+                                   handle=None, overwrite=args.overwrite,
                                    formula=args.formula)  # fmt: skip
+    else:
+        with dask_driver.connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
+                                 n_workers=args.workers, security=_security(args),
+                                 processes=args.local_processes) as handle:
+            info = dask_driver.prepare(args.data, args.out, args.group,
+                                       npartitions=args.partitions, handle=handle,
+                                       overwrite=args.overwrite, formula=args.formula)
+    if not args.quiet:
+        print(f"dglmm: prepared in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     top = f" of {info['group']!r}" if args.group is None else ""
     print(f"prepared {info['n_rows']} rows of {info['n_groups']} groups{top} in "
           f"{info['n_files']} files under {args.out}")  # fmt: skip

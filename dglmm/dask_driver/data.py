@@ -563,8 +563,11 @@ def prepare(
     ``_dglmm_prepared.json`` with the group column, ``n_rows``, ``n_groups``, ``n_files``,
     per-file row and group counts, the columns and the format version.  Groups are packed into
     files largest first so the files hold about the same number of rows (``balance="rows"``)
-    or hashed (``balance="hash"``, one pass fewer).  Runs on ``handle``'s cluster, else on the
-    current Dask scheduler.  The result also reads like the metadata: ``prepared["n_rows"]``.
+    or hashed (``balance="hash"``, one pass fewer).  ``npartitions`` (the number of files)
+    defaults to one per worker, or one per :data:`PREPARE_ROWS_PER_FILE` rows when that is
+    more (:func:`default_prepared_files`), so that every worker has files to read.  Runs on
+    ``handle``'s cluster, else on the current Dask scheduler.  The result also reads like the
+    metadata: ``prepared["n_rows"]``.
 
     Raises
     ------
@@ -596,6 +599,23 @@ def prepare(
         metadata = _prepare_into(tmp, ddf, data, group, npartitions, balance, storage_options,
                                  handle)  # fmt: skip
     return PreparedData(path=out, metadata=metadata, storage_options=storage_options)
+
+
+#: rows per file that :func:`prepare` aims at by default (a few hundred MB of blocks each)
+PREPARE_ROWS_PER_FILE = 2_000_000
+
+
+def default_prepared_files(ddf, handle: ClusterHandle | None) -> int:
+    """The default number of prepared files: one per worker, more when the data have more
+    than :data:`PREPARE_ROWS_PER_FILE` rows per worker (the row count from the Parquet
+    footers where Dask can, else one counting pass)."""
+    workers = max(handle.n_workers if handle is not None else 1, 1)
+    if handle is not None:
+        with cluster_failures(handle, "counting the rows"):
+            rows = int(handle.wait(handle.client.compute(ddf.shape[0])))
+    else:
+        rows = int(ddf.shape[0].compute())
+    return max(workers, -(-rows // PREPARE_ROWS_PER_FILE))
 
 
 def _parse_for_prepare(formula: str | None, group: str | None) -> Any:
@@ -648,7 +668,7 @@ def check_group_matches(parsed: Any, group: str | None, top: str | None) -> None
 def _prepare_into(out: str, ddf, data, group, npartitions, balance, storage_options,
                   handle) -> dict:  # fmt: skip
     """Write the part files and the metadata file of :func:`prepare` into ``out``."""
-    n = int(npartitions or ddf.npartitions)
+    n = int(npartitions or default_prepared_files(ddf, handle))
     parts = partition_by_group(ddf, group, n, balance=balance).to_delayed()
     names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
     writes = [
