@@ -305,6 +305,41 @@ def fit(
         return result
 
 
+def refit(result: FitResult, formula: str | None = None, data=None, **changes) -> FitResult:
+    """``result.update(...)``: :func:`fit` again with ``formula``, ``data`` and the options in
+    ``changes`` replaced, the others as ``result``'s (family, link, n_agq, trials, offset,
+    weights, method, laplace_order, REML; the data of the fit in this session)."""
+    source = result.source or {}
+    if data is None:
+        data = source.get("data")
+        if data is None:
+            raise SpecificationError("update() needs the data: pass data= (this result was "
+                                     "not fitted in this session)")  # fmt: skip
+        for key in ("missing", "storage_options"):
+            if source.get(key) is not None:
+                changes.setdefault(key, source[key])
+    spec = result.spec or {}
+    old = parse_formula(result.formula)
+    from_formula = lme4_options(old, None, None)
+    options: dict = {"family": result.family, "link": result.link, "n_agq": result.n_agq,
+                     "weights": spec.get("weights"), "method": result.method,
+                     "laplace_order": result.laplace_order}  # fmt: skip
+    if spec.get("trials") is not None and spec.get("trials") != from_formula[0]:
+        options["trials"] = spec["trials"]
+    if spec.get("offset") is not None and not old.offsets:
+        options["offset"] = spec["offset"]
+    if result.family == "gaussian":
+        options["reml"] = bool(result.reml)
+    if result.method == "npml":
+        options["masses"] = len(result.mass_points) or None
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        options["client"] = IN_PROCESS
+    options.update(changes)
+    return fit(result.formula if formula is None else formula, data, **options)
+
+
 def _kernels_cached() -> bool:
     from .kernels import kernels_cached
 

@@ -641,6 +641,73 @@ class FitResult:
         return random_effects_table(self, data, output=output, client=client, **fit_kwargs)
 
 
+    # -------------------------------------------------------------- with data
+    #
+    # These need the data and the modules above this one (dglmm.predict, dglmm.residuals,
+    # dglmm.api), which import results: they are reached through _extension(), which
+    # imports the module on first call (a plugin seam, as the package's own lazy names), so
+    # the static import graph stays acyclic and results stays light.
+
+    def predict(self, newdata: Any, re_form: str | None = None, *, type: str = "response",
+                random_effects: Any = None, **kwargs: Any):  # fmt: skip
+        """Predictions for the rows of ``newdata`` (lme4's ``predict(fit, newdata,
+        re.form)``; :func:`dglmm.predict.predict` is the same as a function).
+
+        ``re_form``: None (lme4's default) conditional on each known group's random effects
+        (the fit's groups: ``random_effects`` or, by default, the table recomputed from the
+        data of this fit, one pass; new groups at the population level); ``"population"``
+        (lme4's ``re.form = NA``) at the random effects' mean zero; ``"marginal"``
+        averaged over the random effects' distribution.  ``type``: ``"response"`` or
+        ``"link"``.  Returns the prediction frame (``eta``, ``mu``, ``prediction``, ...).
+        """
+        re_form = "conditional" if re_form is None else re_form
+        if re_form == "conditional" and random_effects is None:
+            random_effects = self.random_effects_table(
+                self._data("predict(re_form=None)"), client=self._client(None))
+        return _extension("predict")(self, newdata, type=type, re_form=re_form,
+                                     random_effects=random_effects, **kwargs)  # fmt: skip
+
+    def fitted(self, data: Any = None, *, client: Any = None):
+        """The fitted means of the fit's rows conditional on the groups' modes (lme4's
+        ``fitted``): a Series in the rows' order (lazy for Dask data)."""
+        data = self._data("fitted()") if data is None else data
+        return _extension("fitted")(self, data, client=self._client(client, data))
+
+    def residuals(self, type: str = "response", data: Any = None, *, seed: int | None = 0,
+                  client: Any = None):  # fmt: skip
+        """Residuals of the fit's rows (lme4's ``residuals``; ``type`` ``"response"``,
+        ``"pearson"``, ``"deviance"`` or ``"quantile"``: DHARMa's randomised quantile
+        residuals, standard normal when the model is right).  See :mod:`dglmm.residuals`."""
+        data = self._data("residuals()") if data is None else data
+        return _extension("residuals")(self, data, type=type, seed=seed,
+                                       client=self._client(client, data))  # fmt: skip
+
+    def simulate(self, n: int = 1, data: Any = None, *, seed: int | None = 0) -> pd.DataFrame:
+        """``n`` sets of responses for the fit's rows drawn from the fitted model with new
+        random effects (lme4's ``simulate``): columns ``sim_1`` ... ``sim_n``."""
+        data = self._data("simulate()") if data is None else data
+        return _extension("simulate")(self, data, n, seed=seed)
+
+    def update(self, formula: str | None = None, data: Any = None, **changes: Any):
+        """Refit with a new formula, data or options (lme4's ``update``); the rest as this
+        fit's (family, link, n_agq, trials/offset/weights, method)."""
+        return _extension("update")(self, formula=formula, data=data, **changes)
+
+    def _data(self, what: str) -> Any:
+        from .errors import SpecificationError
+
+        data = (self.source or {}).get("data")
+        if data is None:
+            raise SpecificationError(f"{what} needs the data: pass data= (this result was not "
+                                     "fitted in this session)")  # fmt: skip
+        return data
+
+    def _client(self, client: Any, data: Any = None) -> Any:
+        if client is not None:
+            return client
+        data = (self.source or {}).get("data") if data is None else data
+        return "in-process" if isinstance(data, pd.DataFrame) or data is None else None
+
     # -------------------------------------------------------------- intervals
 
     def confint(self, method: str = "wald", level: float = 0.95, *,
@@ -812,6 +879,23 @@ def _num(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+_EXTENSIONS = {
+    "predict": ("dglmm.predict", "predict"),
+    "fitted": ("dglmm.residuals", "fitted"),
+    "residuals": ("dglmm.residuals", "residuals"),
+    "simulate": ("dglmm.residuals", "simulate"),
+    "update": ("dglmm.api", "refit"),
+}
+
+
+def _extension(name: str):
+    """The function behind a data-needing FitResult method, imported on first use."""
+    import importlib
+
+    module, attr = _EXTENSIONS[name]
+    return getattr(importlib.import_module(module), attr)
 
 
 def _correlated_pairs(spec: dict) -> dict[str, set[tuple[int, int]]]:
