@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--random-effects", default=None,
                     help="random-effects Parquet (from fit --random-effects) for the "
                     "caterpillar plot")
+    pl.add_argument("--data", default=None,
+                    help="the fit's data: also draw residuals.png (quantile residuals)")
     pl.add_argument("--output", required=True, help="directory for the PNG files")
     pl.add_argument("--overwrite", action="store_true",
                     help="replace existing plot files even if they are not dglmm plots")
@@ -433,7 +435,7 @@ def _cmd_plot(args) -> int:
     from .plots import plot_result
 
     paths = plot_result(args.result, args.output, random_effects=args.random_effects,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, data=args.data)
     for p in paths:
         print(p)
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .errors import DataError, DglmmError
 from .results import FitResult
@@ -266,6 +267,42 @@ def _level_tables(random_effects: Any) -> dict[str, pd.DataFrame] | None:
     return read_level_tables(random_effects)
 
 
+def residual_plot(result: FitResult, data: Any, *, seed: int = 0, max_points: int = 20000,
+                  client: Any = None):  # fmt: skip
+    """Randomised quantile residuals (DHARMa's) against the rank of the fitted mean, and
+    their normal QQ plot: flat around 0 and on the diagonal when the model is right.  At
+    most ``max_points`` rows are drawn (a random sample; Dask data are sampled on the
+    workers)."""
+    q = result.residuals("quantile", data=data, seed=seed, client=client)
+    mu = result.fitted(data=data, client=client)
+    if hasattr(q, "compute"):  # Dask: sample where the rows are
+        both = q.to_frame(name="residual").assign(fitted=mu)
+        n = int(both.shape[0].compute())
+        both = (both.sample(frac=min(1.0, max_points / max(n, 1)), random_state=seed)
+                .compute())  # fmt: skip
+    else:
+        both = pd.DataFrame({"residual": np.asarray(q), "fitted": np.asarray(mu)})
+        if len(both) > max_points:
+            both = both.sample(n=max_points, random_state=seed)
+    fig, (ax1, ax2) = _new_axes(10, 4.5, ncols=2)
+    rank = both["fitted"].rank(pct=True)
+    ax1.scatter(rank, both["residual"], s=3, alpha=0.4, color="#1f4e79")
+    ax1.axhline(0.0, color="grey", lw=1)
+    ax1.set_xlabel("fitted mean (rank, 0-1)")
+    ax1.set_ylabel("quantile residual")
+    ax1.set_title("Randomised quantile residuals")
+    r = np.sort(both["residual"].to_numpy())
+    theory = stats.norm.ppf((np.arange(1, r.size + 1) - 0.5) / max(r.size, 1))
+    ax2.scatter(theory, r, s=3, alpha=0.4, color="#1f4e79")
+    lim = [min(theory.min(initial=0), r.min(initial=0)), max(theory.max(initial=0),
+                                                             r.max(initial=0))]  # fmt: skip
+    ax2.plot(lim, lim, color="grey", lw=1)
+    ax2.set_xlabel("standard normal quantile")
+    ax2.set_ylabel("quantile residual")
+    ax2.set_title(f"Normal QQ ({r.size} rows)")
+    return fig
+
+
 def plot_result(
     result_path: FitResult | str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -274,9 +311,11 @@ def plot_result(
     max_groups: int = 200,
     dpi: int = 120,
     overwrite: bool = False,
+    data: Any = None,
 ) -> list[str]:
     """Write ``convergence.png`` and, given the random-effects table, one
-    ``caterpillar_<term>.png`` per random-effect term into ``output_dir``.
+    ``caterpillar_<term>.png`` per random-effect term into ``output_dir``; given the fit's
+    ``data``, ``residuals.png`` (:func:`residual_plot`).
 
     For a model with nested grouping levels ``random_effects`` is the directory
     ``dglmm fit --random-effects`` wrote (or a dict ``{level name: table}``): one
@@ -305,6 +344,8 @@ def plot_result(
     if random_effects is not None and levels is None:
         table = _as_table(random_effects)
     plots: list[tuple[str, Any]] = [("convergence.png", None)]
+    if data is not None:
+        plots.append(("residuals.png", ("residuals", None)))
     if table is not None:
         terms = res.random_effects[res.group]["terms"] if res.random_effects else []
         plots += [(f"caterpillar_{_slug(term)}.png", term) for term in terms or table_terms(table)]
@@ -323,6 +364,8 @@ def plot_result(
     for path, (_name, term) in zip(paths, plots, strict=True):
         if term is None:
             fig = convergence_plot(res)
+        elif isinstance(term, tuple) and term[0] == "residuals":
+            fig = residual_plot(res, data)
         elif isinstance(term, tuple):
             name = term[1]
             terms = (res.random_effects.get(name) or {}).get("terms")

@@ -401,7 +401,7 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         fe = [
-            {"term": term, "r_term": r_term(term), **{k: _num(v) for k, v in row.items()}}
+            {"term": term, **{k: _num(v) for k, v in row.items()}}
             for term, row in self.fixed_effects.iterrows()
         ]
         return {
@@ -420,6 +420,7 @@ class FitResult:
             "n_iterations": self.n_iterations,
             "n_evaluations": self.n_evaluations,
             "fixed_effects": fe,
+            "r_names": self.r_names,
             "random_effects": self.random_effects,
             "dispersion": self.dispersion,
             "family_parameters": self.family_parameters,
@@ -703,10 +704,20 @@ class FitResult:
         return data
 
     def _client(self, client: Any, data: Any = None) -> Any:
+        """In process for a frame or a single file; an embedded cluster for a directory,
+        a glob or a Dask DataFrame (unless ``client`` says otherwise)."""
         if client is not None:
             return client
         data = (self.source or {}).get("data") if data is None else data
-        return "in-process" if isinstance(data, pd.DataFrame) or data is None else None
+        if hasattr(data, "npartitions"):
+            return None
+        if isinstance(data, (str, os.PathLike)):
+            import glob
+
+            path = os.fspath(data)
+            if "://" not in path and (glob.has_magic(path) or os.path.isdir(path)):
+                return None
+        return "in-process"
 
     # -------------------------------------------------------------- intervals
 

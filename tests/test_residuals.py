@@ -125,3 +125,16 @@ def test_residuals_on_dask_data(tmp_path, cbpp, cbpp_fit, monkeypatch):
         assert hasattr(lazy, "npartitions")
         values = lazy.compute().to_numpy()
     np.testing.assert_allclose(values, cbpp_fit.residuals("pearson").to_numpy(), rtol=1e-10)
+
+
+def test_plot_command_draws_the_residual_plot(tmp_path, cbpp, cbpp_fit):
+    pytest.importorskip("matplotlib")
+    from dglmm.cli import main as cli_main
+
+    result, data = tmp_path / "r.json", tmp_path / "cbpp.csv"
+    cbpp_fit.to_json(str(result))
+    cbpp.to_csv(data, index=False)
+    out = tmp_path / "plots"
+    assert cli_main(["plot", str(result), "--data", str(data), "--output", str(out)]) == 0
+    png = (out / "residuals.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and b"dglmm" in png

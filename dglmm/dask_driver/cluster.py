@@ -188,6 +188,15 @@ class ClusterHandle:
 
     def close(self) -> None:
         """Close the client and the embedded cluster if this handle created them."""
+        if self.cluster is not None:
+            # an embedded cluster closing under a running task (the kernels' warm-up after a
+            # quick job) logs closed comms at INFO level: nothing the user should see
+            with _quiet_distributed():
+                self._close()
+        else:
+            self._close()
+
+    def _close(self) -> None:
         if self.owns_client:
             try:
                 # a client that lost its scheduler would keep trying to reconnect
@@ -202,6 +211,20 @@ class ClusterHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """distributed's loggers at CRITICAL for the duration (then restored)."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def failure_text(what: str, exc: BaseException, rows: int | None) -> str:
