@@ -27,6 +27,7 @@ import numpy as np
 from .conditioning import (
     fixed_crossproducts,
     hessian_to_original,
+    jacobian,
     stored_as,
     to_original,
     working_design,
@@ -119,6 +120,7 @@ def fit(
     laplace_order: int = 1,
     reml: bool | None = None,
     design_dtype: str = "float64",
+    start=None,
 ) -> FitResult:
     """Fit a generalized linear mixed model by Laplace or adaptive Gauss-Hermite quadrature.
 
@@ -211,6 +213,10 @@ def fit(
         calls model) and the kernels still accumulate in float64; the estimates move by
         the rounding of the covariates (~1e-7 relative).  Newton and EM fits (not PQL/MQL,
         NPML or the nominal family, which keep the design as given).
+    start : array, optional
+        Start the full Newton stage from these parameters (``result.params`` of an
+        earlier fit of the same model: a warm start, as the bootstrap's refits), skipping
+        the GLM stage; method ``"newton"`` only.
 
     Returns
     -------
@@ -270,7 +276,7 @@ def fit(
                            progress=progress, random_effects=random_effects,
                            method=method, masses=masses, pql_scale=pql_scale,
                            laplace_order=laplace_order, reml=reml,
-                           design_dtype=design_dtype)  # fmt: skip
+                           design_dtype=design_dtype, start=start)  # fmt: skip
         result.source = {"data": data, "missing": missing, "storage_options": storage_options}
         return result
     from . import dask_driver
@@ -300,7 +306,7 @@ def fit(
                            progress=progress, random_effects=random_effects,
                            method=method, masses=masses, pql_scale=pql_scale,
                            laplace_order=laplace_order, reml=reml, design_dtype=design_dtype,
-                           connect_seconds=t_connected - t_start)  # fmt: skip
+                           connect_seconds=t_connected - t_start, start=start)  # fmt: skip
         result.source = {"data": data, "missing": missing, "storage_options": storage_options}
         return result
 
@@ -514,6 +520,7 @@ def fit_model(
     reml: bool = False,
     connect_seconds: float | None = None,
     design_dtype: str = "float64",
+    start=None,
 ) -> FitResult:
     """Run the two-stage Newton fit on ``evaluator`` and build the result.
 
@@ -646,7 +653,19 @@ def fit_model(
             _refresh_resumed(evaluate, resumed, checkpoint)
         finally:
             evaluator.model = model
-    if saved is not None and saved["stage"] in ("full", "em", "auto"):
+    if start is not None and saved is None:
+        if method != "newton" or n_agq == "auto":
+            raise SpecificationError("start= (a warm start) is for method='newton' with a "
+                                     "fixed number of nodes")  # fmt: skip
+        x_start = np.asarray(start, dtype=float)
+        if x_start.shape != (P,) or not np.all(np.isfinite(x_start)):
+            raise SpecificationError(f"start= must be {P} finite parameters (result.params of "
+                                     "the same model)")  # fmt: skip
+        if work is not None:  # the working design's parameters
+            x_start = np.linalg.solve(jacobian(work.T, P), x_start)
+        glm_state = None
+        state = NewtonState(params=x_start)
+    elif saved is not None and saved["stage"] in ("full", "em", "auto"):
         glm_state = None
         state = resumed
     else:
@@ -724,7 +743,7 @@ def fit_model(
             f"the fit did not converge ({state.message}); last max |gradient| "
             f"{np.max(np.abs(state.gradient)):.3g}; the estimates are the best found"
         )
-    if saved is None or saved["stage"] not in ("full", "em", "auto"):
+    if hess0_for_scale is not None:
         sep = _separated_columns(params, vcov, hess0_for_scale, spec, fam, layout)
         if sep:
             warn_msgs.append(

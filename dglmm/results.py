@@ -694,6 +694,15 @@ class FitResult:
         fit's (family, link, n_agq, trials/offset/weights, method)."""
         return _extension("update")(self, formula=formula, data=data, **changes)
 
+    def bootstrap(self, n: int = 200, *, level: float = 0.95, seed: int = 0,
+                  checkpoint: str | None = None, data: Any = None,
+                  **kwargs: Any) -> pd.DataFrame:  # fmt: skip
+        """Parametric bootstrap (lme4's ``bootMer``): ``n`` responses simulated from the
+        fit, each refitted from these estimates; percentile intervals of the fixed effects
+        and sds, resumable through ``checkpoint``.  See :mod:`dglmm.bootstrap`."""
+        return _extension("bootstrap")(self, n, level=level, seed=seed, data=data,
+                                       checkpoint=checkpoint, **kwargs)  # fmt: skip
+
     def _data(self, what: str) -> Any:
         from .errors import SpecificationError
 
@@ -898,6 +907,7 @@ _EXTENSIONS = {
     "residuals": ("dglmm.residuals", "residuals"),
     "simulate": ("dglmm.residuals", "simulate"),
     "update": ("dglmm.api", "refit"),
+    "bootstrap": ("dglmm.bootstrap", "bootstrap"),
 }
 
 

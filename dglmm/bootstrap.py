@@ -1,0 +1,144 @@
+"""Parametric bootstrap of a fit (lme4's ``bootMer`` / ``confint(method = "boot")``).
+
+Each replicate draws a new response for every row from the fitted model (new random
+effects for every group, :func:`dglmm.residuals.simulate`), refits the model to it from
+the fit's estimates (a warm start: ``fit(..., start=result.params)``, no GLM stage), and
+keeps the fixed effects and the random-effect sds.  The intervals are the percentiles of
+the replicates.  A ``checkpoint`` file (JSON, written atomically every few replicates)
+makes a long run resumable: it records the fit it belongs to (formula, family, estimates,
+seed, number of rows), and a resume refuses a file of another fit.
+
+Replicates draw from independent streams, ``numpy.random.default_rng([seed, k])`` for
+replicate ``k``, so a resumed run gives the replicates an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .api import IN_PROCESS, refit
+from .errors import CheckpointError, DglmmWarning, SpecificationError
+from .outputs import check_output_file, write_text_atomic
+from .residuals import simulate
+
+FORMAT = "dglmm-bootstrap"
+#: replicates between two checkpoint writes
+SAVE_EVERY = 5
+
+
+def bootstrap(result: Any, n: int = 200, *, level: float = 0.95, seed: int = 0,
+              data: Any = None, checkpoint: str | None = None, resume: bool = True,
+              progress: bool = False, **fit_kwargs: Any) -> pd.DataFrame:  # fmt: skip
+    """Percentile intervals of the fixed effects and random-effect sds from ``n``
+    parametric bootstrap replicates.
+
+    Returns a DataFrame indexed as :meth:`FitResult.confint` (fixed-effect terms, then
+    ``sd(TERM | GROUP)``) with columns ``estimate`` (the fit's), ``lower``, ``upper`` and
+    ``std_error`` (the replicates' sd); ``attrs["replicates"]`` holds every replicate's
+    values (a DataFrame, one row each) and ``attrs["failed"]`` the replicates whose refit
+    did not converge (left out).  ``fit_kwargs`` go to each refit (e.g. ``client=``).
+    """
+    if not isinstance(n, int) or n < 2:
+        raise SpecificationError(f"n must be an integer >= 2, not {n!r}")
+    if not 0 < float(level) < 1:
+        raise SpecificationError(f"level must be in (0, 1), not {level!r}")
+    if data is None:
+        data = (result.source or {}).get("data")
+    if not isinstance(data, pd.DataFrame):
+        raise SpecificationError(
+            "bootstrap() simulates new responses for an in-memory pandas DataFrame: pass "
+            "data= (the fit's rows)")  # fmt: skip
+    names = _names(result)
+    estimate = _values(result)
+    ident = {"format": FORMAT, "formula": result.formula, "family": result.family,
+             "link": result.link, "n_obs": int(result.n_obs), "seed": int(seed),
+             "params": [float(x) for x in result.params]}  # fmt: skip
+    done: list[list[float]] = []
+    failed = 0
+    if checkpoint is not None:
+        check_output_file(checkpoint, kind="checkpoint", exists_ok=resume)
+        if resume and os.path.exists(checkpoint):
+            done, failed = _read(checkpoint, ident, len(names))
+    response = result.spec["response"]
+    fit_kwargs.setdefault("client", IN_PROCESS)
+    fit_kwargs.setdefault("progress", False)
+    t0 = time.perf_counter()
+    for k in range(len(done) + failed, n):
+        sim = simulate(result, data, 1, seed=[int(seed), k])
+        frame = data.assign(**{response: sim["sim_1"].to_numpy()})
+        try:
+            with warnings.catch_warnings():  # a replicate's singular fit is no news
+                warnings.simplefilter("ignore", DglmmWarning)
+                fit = refit(result, data=frame, start=np.asarray(result.params, float),
+                            **fit_kwargs)  # fmt: skip
+            ok = fit.converged
+        except (FloatingPointError, np.linalg.LinAlgError, SpecificationError):
+            ok = False
+        if ok:
+            done.append(_values(fit))
+        else:
+            failed += 1
+        if checkpoint is not None and ((k + 1) % SAVE_EVERY == 0 or k + 1 == n):
+            write_text_atomic(checkpoint, json.dumps({**ident, "replicates": done,
+                                                      "failed": failed}))  # fmt: skip
+        if progress:
+            print(f"dglmm: bootstrap {k + 1}/{n} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)  # fmt: skip
+    reps = pd.DataFrame(done, columns=names)
+    alpha = (1 - float(level)) / 2
+    table = pd.DataFrame({
+        "estimate": estimate,
+        "lower": reps.quantile(alpha).to_numpy() if len(reps) else math.nan,
+        "upper": reps.quantile(1 - alpha).to_numpy() if len(reps) else math.nan,
+        "std_error": reps.std(ddof=1).to_numpy() if len(reps) > 1 else math.nan,
+    }, index=pd.Index(names))  # fmt: skip
+    table.attrs["replicates"] = reps
+    table.attrs["failed"] = failed
+    table.attrs["level"] = float(level)
+    return table
+
+
+def _names(result: Any) -> list[str]:
+    names = [str(t) for t in result.fixed_effects.index]
+    for group, re_ in result.random_effects.items():
+        names += [f"sd({term} | {group})" for term in re_["terms"]]
+    return names
+
+
+def _values(result: Any) -> list[float]:
+    values = [float(v) for v in result.fixed_effects["estimate"]]
+    for re_ in result.random_effects.values():
+        values += [float(v) for v in re_["sd"]]
+    return values
+
+
+def _read(path: str, ident: dict, width: int) -> tuple[list[list[float]], int]:
+    """The replicates of a checkpoint of the same fit (checked, nothing evaluated)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the bootstrap checkpoint {path!r}: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a dglmm bootstrap checkpoint")
+    for key, value in ident.items():
+        if saved.get(key) != value:
+            raise CheckpointError(
+                f"the bootstrap checkpoint {path!r} belongs to another fit or seed ({key} "
+                "differs); give another checkpoint path or resume=False")  # fmt: skip
+    reps = saved.get("replicates")
+    failed = saved.get("failed", 0)
+    ok = isinstance(reps, list) and isinstance(failed, int) and failed >= 0 and all(
+        isinstance(r, list) and len(r) == width
+        and all(isinstance(v, (int, float)) for v in r) for r in reps)  # fmt: skip
+    if not ok:
+        raise CheckpointError(f"the bootstrap checkpoint {path!r} is damaged")
+    return [[float(v) for v in r] for r in reps], failed
