@@ -158,6 +158,23 @@ def load_random_effects(table: pd.DataFrame | str | os.PathLike, spec: ModelSpec
     return unit[spec.group].to_numpy(), b
 
 
+def _effect_sds(table, spec: ModelSpec) -> np.ndarray | None:
+    """(G, q) conditional sds of the top level's effects, in the rows of the table that
+    :func:`load_random_effects` reads (``<term>_sd`` beside a mean, ``<term>_mode_sd``
+    beside a mode); None when the table lacks them."""
+    if table is None or isinstance(table, dict):
+        return None
+    if not isinstance(table, pd.DataFrame):
+        table = _read_table(os.fspath(table))
+    cols = []
+    for term in spec.random_columns:
+        col = f"{term}_sd" if f"{term}_mean" in table.columns else f"{term}_mode_sd"
+        if col not in table.columns:
+            return None
+        cols.append(col)
+    return table[cols].to_numpy(dtype=np.float64)
+
+
 def _level_terms(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
     """``(lme4 name, unit columns, random columns)`` per grouping level, top first."""
     out = [(spec.group, (spec.group,), tuple(spec.random_columns))]
@@ -306,7 +323,7 @@ class _Predictor:
 
     def __init__(self, result: FitResult, random_effects, type: str, re_form: str,
                  new_groups: str, keep: Sequence[str], missing: str,
-                 allow_python: bool = False) -> None:  # fmt: skip
+                 allow_python: bool = False, se_fit: bool = False) -> None:  # fmt: skip
         if not result.spec:
             raise SpecificationError("the result has no model spec (written by an old dglmm)")
         spec = ModelSpec.from_dict(result.spec)  # never allows Python code by itself
@@ -358,6 +375,19 @@ class _Predictor:
                 keys, b = load_random_effects(random_effects, spec)
                 levels = [(pd.DataFrame({spec.group: keys}), b)]
             self.effects = [(_unit_index(unit), b) for unit, b in levels]
+        self.se_fit = bool(se_fit)
+        self.vbeta = None
+        self.effect_sd = None  # (G, q) conditional sds of the top level's effects
+        if self.se_fit:
+            if spec.nominal or len(self.cuts):
+                raise SpecificationError("se_fit is not available for ordinal and nominal "
+                                         "models yet")  # fmt: skip
+            vcov = np.asarray(result.vcov, dtype=np.float64)
+            if vcov.shape[0] < spec.p or not np.isfinite(vcov[: spec.p, : spec.p]).all():
+                raise DataError("se_fit needs the result's covariance of the fixed effects")
+            self.vbeta = vcov[: spec.p, : spec.p]
+            if re_form == "conditional" and not spec.inner:
+                self.effect_sd = _effect_sds(random_effects, spec)
 
     @staticmethod
     def _covariance(result: FitResult, name: str, q: int) -> np.ndarray:
@@ -424,13 +454,37 @@ class _Predictor:
         out["eta"] = eta
         out["mu"] = mu
         out["prediction"] = mu if self.type == "response" else eta
+        if self.se_fit:
+            out.update(self._standard_errors(X, Zs, units, eta))
         if self.categories:
             self._ordinal(out, eta, var_row)
         frame = pd.DataFrame(out, index=df.index)
         cols = [*dict.fromkeys([*self.keep, *groups])]
         probs = [f"prob_{c}" for c in self.categories]
         rest = ["eta", "mu", "prediction", *probs] + (["new_group"] if "new_group" in out else [])
+        rest += [c for c in ("se_link", "se_response") if c in out]
         return frame[cols + rest]
+
+    def _standard_errors(self, X, Zs, units, eta) -> dict[str, np.ndarray]:
+        """Delta-method standard errors of ``eta`` and ``mu``: the fixed effects'
+        covariance (``x' V x``), plus, for a conditional prediction of a known group, the
+        conditional variances of its effects (the table's sds; their correlations are not
+        in the table and are left out).  NaN for marginal predictions."""
+        n = X.shape[0]
+        if self.re_form == "marginal":
+            nan = np.full(n, np.nan)
+            return {"se_link": nan, "se_response": nan.copy()}
+        var = np.einsum("ij,jk,ik->i", X, self.vbeta, X)
+        if self.re_form == "conditional" and self.effect_sd is not None and n:
+            index, _b = self.effects[0]
+            pos = _positions(index, units[0], n)
+            known = pos >= 0
+            var[known] += np.sum((Zs[0][known] * self.effect_sd[pos[known]]) ** 2, axis=1)
+        se = np.sqrt(np.maximum(var, 0.0))
+        inv = get_link(self.link).inverse
+        h = 1e-6 * (1.0 + np.abs(eta))
+        slope = (inv(eta + h) - inv(eta - h)) / (2 * h)
+        return {"se_link": se, "se_response": np.abs(slope) * se}
 
     def _ordinal(self, out: dict, eta: np.ndarray, var: np.ndarray) -> None:
         """Category probabilities ``P(y = k) = E F(alpha_k - eta) - E F(alpha_{k-1} - eta)``
@@ -537,6 +591,7 @@ def predict(
     keep: Sequence[str] = (),
     missing: str = "error",
     allow_python_in_formulas: bool = False,
+    se_fit: bool = False,
 ):
     """Predict the linear predictor and the mean response for each row of ``data``.
 
@@ -579,6 +634,11 @@ def predict(
         The formula stored in a result always goes through the allowlist of
         :mod:`dglmm.formula_safety` (a result file never runs code by itself); True lets
         it call any Python code: only for results from a trusted source.
+    se_fit : bool
+        Also the delta-method standard errors ``se_link`` and ``se_response``: from the
+        fixed effects' covariance for population predictions, plus the conditional
+        variances of a known group's effects (the table's sds, lme4's ``condVar``) for
+        conditional ones; NaN for marginal predictions.
 
     Returns
     -------
@@ -596,7 +656,7 @@ def predict(
     del client  # computing happens where the caller computes the result
     res = _as_result(result)
     predictor = _Predictor(res, random_effects, type, re_form, new_groups, keep, missing,
-                           allow_python_in_formulas)  # fmt: skip
+                           allow_python_in_formulas, se_fit)  # fmt: skip
     if _is_dask(data) or _is_partitioned_path(data):
         return _predict_dask(predictor, data)
     return predictor(read_frame(data))

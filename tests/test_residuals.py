@@ -138,3 +138,19 @@ def test_plot_command_draws_the_residual_plot(tmp_path, cbpp, cbpp_fit):
     assert cli_main(["plot", str(result), "--data", str(data), "--output", str(out)]) == 0
     png = (out / "residuals.png").read_bytes()
     assert png.startswith(b"\x89PNG") and b"dglmm" in png
+
+
+def test_prediction_standard_errors(cbpp, cbpp_fit):
+    pop = cbpp_fit.predict(cbpp, "population", se_fit=True)
+    # period 1 rows: eta is the intercept alone
+    first = cbpp["period"].to_numpy() == 1
+    np.testing.assert_allclose(pop["se_link"][first],
+                               cbpp_fit.fixed_effects.loc["Intercept", "std_error"], rtol=1e-8)
+    mu = pop["mu"].to_numpy()
+    np.testing.assert_allclose(pop["se_response"], mu * (1 - mu) * pop["se_link"], rtol=1e-5)
+    cond = cbpp_fit.predict(cbpp, se_fit=True)
+    table = cbpp_fit.random_effects_table(cbpp).set_index("herd")
+    sd = table["Intercept_sd"].reindex(cbpp["herd"]).to_numpy()
+    np.testing.assert_allclose(cond["se_link"] ** 2, pop["se_link"] ** 2 + sd**2, rtol=1e-8)
+    marginal = cbpp_fit.predict(cbpp, "marginal", se_fit=True)
+    assert marginal["se_link"].isna().all()
