@@ -8,8 +8,8 @@ the replicates.  A ``checkpoint`` file (JSON, written atomically every few repli
 makes a long run resumable: it records the fit it belongs to (formula, family, estimates,
 seed, number of rows), and a resume refuses a file of another fit.
 
-Replicates draw from independent streams, ``numpy.random.default_rng([seed, k])`` for
-replicate ``k``, so a resumed run gives the replicates an uninterrupted run gives.
+Replicate ``k`` is simulation ``k`` of :func:`dglmm.residuals.simulate` with the seed (its
+own streams), so a resumed run gives the replicates an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def bootstrap(result: Any, n: int = 200, *, level: float = 0.95, seed: int = 0,
     fit_kwargs.setdefault("progress", False)
     t0 = time.perf_counter()
     for k in range(len(done) + failed, n):
-        sim = simulate(result, data, 1, seed=[int(seed), k])
-        frame = data.assign(**{response: sim["sim_1"].to_numpy()})
+        sim = simulate(result, data, 1, seed=int(seed), first=k)
+        frame = data.assign(**{response: sim[f"sim_{k + 1}"].to_numpy()})
         try:
             with warnings.catch_warnings():  # a replicate's singular fit is no news
                 warnings.simplefilter("ignore", DglmmWarning)

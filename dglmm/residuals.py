@@ -70,35 +70,83 @@ def residuals(result: Any, data: Any, *, type: str = "response", random_effects=
     return rows(pred)
 
 
-def simulate(result: Any, data: Any, n: int = 1, *, seed: int | None = 0):
+def simulate(result: Any, data: Any, n: int = 1, *, seed: int = 0, first: int = 0):
     """``n`` responses simulated for the rows of ``data`` from the fitted model, with new
-    random effects for every group (lme4's ``simulate(fit, nsim = n)``); a DataFrame with
-    the columns ``sim_1`` ... ``sim_n`` (counts of successes for a binomial with trials),
-    in the rows' order."""
+    random effects for every group (lme4's ``simulate(fit, nsim = n)``): the columns
+    ``sim_<first + 1>`` ... ``sim_<first + n>`` (counts of successes for a binomial with
+    trials), in the rows' order.  A pandas DataFrame, or for Dask data a lazy Dask
+    DataFrame the workers compute partition by partition (``.to_parquet(...)`` writes it
+    there).
+
+    A group's effects in simulation ``k`` come from a hash of its key, ``seed`` and ``k``,
+    so they are the same in every partition that holds the group's rows, whatever the
+    partitioning; the rows' own draws come from ``numpy.random.default_rng([seed, k,
+    partition])``."""
     if not isinstance(n, int) or n < 1:
         raise SpecificationError(f"n must be a positive integer, not {n!r}")
+    if not isinstance(seed, int) or not isinstance(first, int) or seed < 0 or first < 0:
+        raise SpecificationError("seed and first must be non-negative integers")
     _check_family(result, "simulate")
-    spec = result.spec
-    rng = np.random.default_rng(seed)
-    frame = _with_options(_data_frame(data), spec)
-    pop = predict(result, frame, type="link", re_form="population",
-                  keep=[c for c in (spec.get("trials"),) if c is not None])
-    terms, cov = _one_level(result)
-    from .design import ModelSpec, build_design
+    import dataclasses
 
-    model = ModelSpec.from_dict(spec)
-    _, Z, _, keys = build_design(model, frame)
-    codes, uniques = pd.factorize(pd.Series(keys))
-    L = np.linalg.cholesky(cov + 1e-300 * np.eye(len(terms))) if len(terms) else cov
-    eta0 = pop["eta"].to_numpy()
-    trials = _trials(pop, spec, len(pop))
-    out = {}
-    for k in range(n):
-        b = rng.standard_normal((len(uniques), len(terms))) @ L.T
-        eta = eta0 + np.einsum("ij,ij->i", Z, b[codes])
-        mu = _inverse_link(result.link, eta)
-        out[f"sim_{k + 1}"] = _draw(result, mu, trials, rng)
-    return pd.DataFrame(out, index=pop.index)
+    light = dataclasses.replace(result, source=None)  # no copy of the data in the graph
+    sim = _Simulator(light, n, seed, first)
+    if hasattr(data, "map_partitions") or (not isinstance(data, pd.DataFrame)
+                                           and _partitioned(data)):  # fmt: skip
+        from .dask_driver import load_data
+
+        ddf = data if hasattr(data, "map_partitions") else load_data(data)
+        ddf = _with_options(ddf, result.spec)
+        meta = pd.DataFrame({name: pd.Series([], dtype=float) for name in sim.columns})
+        return ddf.map_partitions(sim, meta=meta)
+    return sim(_with_options(_data_frame(data), result.spec))
+
+
+class _Simulator:
+    """Simulated responses of one frame of rows (see :func:`simulate`)."""
+
+    def __init__(self, result: Any, n: int, seed: int, first: int) -> None:
+        self.result, self.n, self.seed, self.first = result, n, seed, first
+        self.terms, cov = _one_level(result)
+        w, v = np.linalg.eigh(np.asarray(cov, dtype=float))
+        self.factor = v * np.sqrt(np.clip(w, 0.0, None))  # cov = factor factor'
+        self.columns = [f"sim_{k + 1}" for k in range(first, first + n)]
+
+    def __call__(self, frame: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
+        from .design import ModelSpec, build_design
+
+        result, spec = self.result, self.result.spec
+        part = (partition_info or {}).get("number", 0)
+        pop = predict(result, frame, type="link", re_form="population",
+                      keep=[c for c in (spec.get("trials"),) if c is not None])  # fmt: skip
+        out = {}
+        if len(frame):
+            _, Z, _, keys = build_design(ModelSpec.from_dict(spec), frame)
+            codes, uniques = pd.factorize(pd.Series(keys))
+            eta0 = pop["eta"].to_numpy()
+            trials = _trials(pop, spec, len(pop))
+        for k, name in zip(range(self.first, self.first + self.n), self.columns, strict=True):
+            if not len(frame):
+                out[name] = np.zeros(0)
+                continue
+            rng = np.random.default_rng([self.seed, k, part])
+            b = _group_normals(uniques, self.seed, k, len(self.terms)) @ self.factor.T
+            eta = eta0 + np.einsum("ij,ij->i", Z, b[codes])
+            out[name] = _draw(result, _inverse_link(result.link, eta), trials, rng)
+        return pd.DataFrame(out, index=frame.index, dtype=float)
+
+
+def _group_normals(keys, seed: int, k: int, q: int) -> np.ndarray:
+    """(G, q) standard normals, one row per group key, from a hash of the key with ``seed``,
+    ``k`` and the column: the same for a group wherever its rows are."""
+    text = np.asarray(pd.Series(keys).astype(str), dtype=object)
+    out = np.empty((len(text), q))
+    for a in range(q):
+        key = f"{seed % 10**6:06d}{k % 10**6:06d}{a % 10**4:04d}"
+        h = pd.util.hash_array(text, hash_key=key, categorize=False)
+        u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        out[:, a] = special.ndtri(u)
+    return out
 
 
 # ----------------------------------------------------------------------------- pieces

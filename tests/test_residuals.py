@@ -154,3 +154,30 @@ def test_prediction_standard_errors(cbpp, cbpp_fit):
     np.testing.assert_allclose(cond["se_link"] ** 2, pop["se_link"] ** 2 + sd**2, rtol=1e-8)
     marginal = cbpp_fit.predict(cbpp, "marginal", se_fit=True)
     assert marginal["se_link"].isna().all()
+
+
+@pytest.mark.cluster
+def test_simulate_on_dask_data(tmp_path, cbpp, cbpp_fit, monkeypatch):
+    """Partition by partition on the workers: one partition gives the in-memory draws; a
+    group's effects do not depend on the partitioning."""
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    from dglmm import dask_driver as drv
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    cbpp.to_parquet(one / "part-0.parquet")
+    cbpp.iloc[:30].to_parquet(two / "part-0.parquet")
+    cbpp.iloc[30:].to_parquet(two / "part-1.parquet")
+    with drv.connect(n_workers=2):
+        lazy = cbpp_fit.simulate(3, data=str(one), seed=4)
+        assert hasattr(lazy, "npartitions")
+        single = lazy.compute()
+        split = cbpp_fit.simulate(3, data=str(two), seed=4).compute()
+    memory = cbpp_fit.simulate(3, seed=4)
+    np.testing.assert_array_equal(single.to_numpy(), memory.to_numpy())
+    assert split.shape == memory.shape and list(split.columns) == ["sim_1", "sim_2", "sim_3"]
+    from dglmm.residuals import _group_normals
+
+    np.testing.assert_array_equal(_group_normals(["a", "b"], 4, 1, 2)[1],
+                                  _group_normals(["b"], 4, 1, 2)[0])  # fmt: skip
