@@ -243,8 +243,8 @@ class FitResult:
                       f"{cn.get('working', math.nan):.3g} (as solved)"]
         status = "converged" if self.converged else "NOT converged"
         passes = int(self.timings.get("n_evaluations", self.n_evaluations) or 0)
-        extra = " and one for the integration error" if "integration_error_s" in self.timings \
-            else ""
+        shown = self.integration_error is not None and self.family != "gaussian"
+        extra = " and one for the integration error" if shown else ""
         lines += ["", f"{status} in {self.n_iterations} iterations ({passes} passes over the "
                   f"data{extra}): {self.message}"]  # fmt: skip
         if self.singular:

@@ -93,6 +93,8 @@ def __getattr__(name: str):
         module = "dglmm.sources"
     elif name in _EXPORTS:
         module = f"{__name__}.{_EXPORTS[name]}"
+    elif name in ("cluster", "data", "evaluator"):  # a submodule used as an attribute
+        return importlib.import_module(f"{__name__}.{name}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
