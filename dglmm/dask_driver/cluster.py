@@ -598,6 +598,12 @@ def _prepare_workers(handle: ClusterHandle, processes: bool) -> None:
     processes."""
     if processes:
         handle.client.register_plugin(_QuickExit())
+    from dglmm.kernels import kernels_cached
+
+    if not kernels_cached():
+        # a first run compiles: let the fit compile what it needs when it needs it, rather
+        # than every kernel the warm-up touches ahead of the data's loading
+        return
     workers = list(handle.client.scheduler_info()["workers"])
     futures = [handle.client.submit(_warm_worker, key=f"dglmm-warm-up-{i}", workers=[w],
                                     allow_other_workers=False, pure=False)
