@@ -643,6 +643,7 @@ def fit_model(
             })  # fmt: skip
 
     # ---- stage 1: GLM (random effects off)
+    cold = bool(progress) and not _kernels_cached()  # the mixed-model kernel compiles below
     hess0_for_scale = None
     if resumed is not None:
         # checked, not trusted: the objective, gradient and Hessian at the stored point
@@ -691,6 +692,9 @@ def fit_model(
             params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
             history=list(glm_state.history),
         )  # fmt: skip
+    if cold and not _kernels_cached():
+        reporter.message("compiling the mixed-model kernel for this machine (first run only: "
+                         "about a minute)")  # fmt: skip
     if method in ("em", "em-newton") and (saved is None or saved["stage"] != "full"):
         state = _run_em(evaluate, state, evaluator, method, max_iter, save)
     if method != "em" and (saved is None or saved["stage"] != "auto"):
