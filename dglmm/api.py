@@ -278,6 +278,7 @@ def fit(
                            laplace_order=laplace_order, reml=reml,
                            design_dtype=design_dtype, start=start)  # fmt: skip
         result.source = {"data": data, "missing": missing, "storage_options": storage_options}
+        result.scaled_residuals = _scaled_residuals(result, df)
         return result
     from . import dask_driver
 
@@ -344,6 +345,31 @@ def refit(result: FitResult, formula: str | None = None, data=None, **changes) -
         options["client"] = IN_PROCESS
     options.update(changes)
     return fit(result.formula if formula is None else formula, data, **options)
+
+
+#: in-memory fits up to this many rows get lme4's scaled residuals (one more design pass)
+SCALED_RESIDUALS_MAX_ROWS = 2_000_000
+
+
+def _scaled_residuals(result: FitResult, df) -> dict:
+    """lme4's "Scaled residuals" of an in-memory fit (see ``FitResult.scaled_residuals``):
+    one more pass for the groups' modes; empty where the family has no Pearson residual."""
+    if (result.family in ("ordinal", "nominal") or result.method == "npml" or not result.spec
+            or result.n_obs > SCALED_RESIDUALS_MAX_ROWS):
+        return {}
+    try:
+        from .residuals import residuals
+
+        r = np.asarray(residuals(result, df, type="pearson"), dtype=float)
+    except DglmmError:
+        return {}
+    if result.family == "gaussian" and result.dispersion:
+        r = r / math.sqrt(result.dispersion)
+    r = r[np.isfinite(r)]
+    if not r.size:
+        return {}
+    q = np.quantile(r, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return dict(zip(["Min", "1Q", "Median", "3Q", "Max"], map(float, q), strict=True))
 
 
 def _kernels_cached() -> bool:
@@ -1016,11 +1042,19 @@ def _refresh_resumed(evaluate, state: NewtonState, path: str) -> None:
 
 
 def _check_weights(res, spec: ModelSpec, n_obs: int) -> None:
-    """Refuse data whose prior weights are all zero (nothing to fit).
+    """Refuse data whose prior weights are all zero (nothing to fit); warn when a binomial
+    fit's prior weights are not whole numbers (lme4: "non-integer #successes").
 
     Rows of weight 0 are kept and counted in ``n_obs`` (as lme4 counts them); they add
     nothing to the likelihood.
     """
+    nonint = (getattr(res, "extra", None) or {}).get("nonint_weights")
+    if nonint is not None and float(np.sum(nonint)) > 0:
+        warnings.warn(
+            f"binomial fit with non-integer prior weights on {int(np.sum(nonint))} rows: "
+            "the weighted log-likelihood is not a binomial one (lme4 warns of non-integer "
+            "successes likewise); use weights that count trials, or trials= for proportions",
+            DglmmWarning, stacklevel=4)  # fmt: skip
     total = getattr(res, "weight_total", None)
     if total is None or total > 0:
         return

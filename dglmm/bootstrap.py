@@ -14,11 +14,13 @@ own streams), so a resumed run gives the replicates an uninterrupted run gives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -52,10 +54,9 @@ def bootstrap(result: Any, n: int = 200, *, level: float = 0.95, seed: int = 0,
         raise SpecificationError(f"level must be in (0, 1), not {level!r}")
     if data is None:
         data = (result.source or {}).get("data")
-    if not isinstance(data, pd.DataFrame):
-        raise SpecificationError(
-            "bootstrap() simulates new responses for an in-memory pandas DataFrame: pass "
-            "data= (the fit's rows)")  # fmt: skip
+    if data is None:
+        raise SpecificationError("bootstrap() needs the fit's rows: pass data= (this result was "
+                                 "not fitted in this session)")  # fmt: skip
     names = _names(result)
     estimate = _values(result)
     ident = {"format": FORMAT, "formula": result.formula, "family": result.family,
@@ -68,12 +69,42 @@ def bootstrap(result: Any, n: int = 200, *, level: float = 0.95, seed: int = 0,
         if resume and os.path.exists(checkpoint):
             done, failed = _read(checkpoint, ident, len(names))
     response = result.spec["response"]
-    fit_kwargs.setdefault("client", IN_PROCESS)
     fit_kwargs.setdefault("progress", False)
+    with _cluster_for(data, fit_kwargs) as base:
+        return _replicates(result, base, n, level, seed, checkpoint, ident, done, failed,
+                           names, estimate, response, progress, fit_kwargs)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _cluster_for(data: Any, fit_kwargs: dict) -> Iterator[Any]:
+    """The data the replicates are simulated on: a pandas frame as is (refits in process
+    unless ``client=`` says otherwise); files or a Dask DataFrame as a lazy Dask
+    DataFrame, the refits on ``client=`` or on one embedded cluster started here for all
+    the replicates."""
+    if isinstance(data, pd.DataFrame):
+        fit_kwargs.setdefault("client", IN_PROCESS)
+        yield data
+        return
+    from . import dask_driver
+
+    base = data if hasattr(data, "map_partitions") else dask_driver.load_data(data)
+    if fit_kwargs.get("client") not in (None,):
+        yield base
+        return
+    with dask_driver.connect(n_workers=fit_kwargs.pop("n_workers", None)) as handle:
+        fit_kwargs["client"] = handle.client
+        yield base
+
+
+def _replicates(result, data, n, level, seed, checkpoint, ident, done, failed, names,
+                estimate, response, progress, fit_kwargs) -> pd.DataFrame:
+    """The loop over the replicates and the table of :func:`bootstrap`."""
     t0 = time.perf_counter()
     for k in range(len(done) + failed, n):
         sim = simulate(result, data, 1, seed=int(seed), first=k)
-        frame = data.assign(**{response: sim[f"sim_{k + 1}"].to_numpy()})
+        column = sim[f"sim_{k + 1}"]
+        frame = data.assign(**{response: column.to_numpy() if isinstance(data, pd.DataFrame)
+                               else column})  # fmt: skip
         try:
             with warnings.catch_warnings():  # a replicate's singular fit is no news
                 warnings.simplefilter("ignore", DglmmWarning)

@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict from a fitted result")
     pr.add_argument("result", help="result JSON written by dglmm fit --output")
-    pr.add_argument("data")
+    pr.add_argument("data", help="the rows to predict: a Parquet or CSV file, a directory or "
+                    "a glob (predicted partition by partition)")
     pr.add_argument("--output", required=True, help="Parquet file to write")
     pr.add_argument("--random-effects", default=None,
                     help="random-effects Parquet (from fit --random-effects; nested levels: its "

@@ -384,6 +384,7 @@ def _general_block(block, params, model: KernelModel, want_hess: int, hessian,
     loglik += block_constant(block, model.family_code)
     w_total, x_sumsq, z_sumsq = block_scales(block)
     return BlockResult(
+        extra=_binomial_weight_extra(block, model.family_code),
         loglik=float(loglik),
         gradient=grad,
         hessian=hess if hessian else None,
@@ -423,7 +424,25 @@ def _zero_block(block, params, model: KernelModel, want_hess: int, hessian) -> B
         n_obs=int(np.asarray(block.y).shape[0]), n_groups=n_groups, modes=modes,
         warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes.astype(np.float32)),
         weight_total=w_total, x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy(),
+        extra=_binomial_weight_extra(block, model.family_code),
     )  # fmt: skip
+
+
+def _binomial_weight_extra(block, family_code: int) -> dict | None:
+    """``{"nonint_weights": [rows]}``: a binomial block's rows whose prior weight is not a
+    whole number (the fit then warns, as lme4 does; added over the blocks); None for the
+    other families.  Cached on the block."""
+    if family_code != 0:
+        return None
+    count = getattr(block, "_dglmm_nonint_weights", None)
+    if count is None:
+        w = np.asarray(block.weights, dtype=np.float64)
+        count = int(np.count_nonzero(w != np.round(w)))
+        try:
+            object.__setattr__(block, "_dglmm_nonint_weights", count)
+        except AttributeError:  # pragma: no cover - objects without a __dict__
+            pass
+    return {"nonint_weights": np.array([float(count)])}
 
 
 def design_array(a) -> np.ndarray:

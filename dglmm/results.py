@@ -70,6 +70,11 @@ class FitResult:
     condition_number : dict
         ``{"original": ..., "working": ...}``: the 2-norm condition number of the weighted
         fixed-effects design as given and of the design the optimiser worked on.
+    scaled_residuals : dict
+        lme4's "Scaled residuals" (``Min``, ``1Q``, ``Median``, ``3Q``, ``Max`` of the
+        Pearson residuals conditional on the groups' modes, divided by the residual sd for
+        the Gaussian family); computed for in-process fits of up to 2M rows (one more pass
+        over the rows), empty otherwise.
     input : dict
         What was fitted: ``{"n_obs", "n_groups", "sources"}`` (the files' paths, sizes,
         modification times and footer hashes, or a hash of an in-memory frame's rows); the
@@ -131,6 +136,7 @@ class FitResult:
     condition_number: dict[str, Any] = field(default_factory=dict)
     hlm_table: list[dict[str, Any]] = field(default_factory=list)
     input: dict[str, Any] = field(default_factory=dict)
+    scaled_residuals: dict[str, float] = field(default_factory=dict)
     #: the data and loading options of the fit that made this result (this session only,
     #: never written): what ``confint(method="profile")`` refits on by default
     source: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -198,6 +204,11 @@ class FitResult:
             lines += [f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {'deviance':>10} {'df.resid':>9}",
                       f"{self.aic:>10.1f} {self.bic:>10.1f} {self.loglik:>10.1f} "
                       f"{-2 * self.loglik:>10.1f} {df_resid:>9d}"]  # fmt: skip
+        if self.scaled_residuals:
+            keys = ["Min", "1Q", "Median", "3Q", "Max"]
+            lines += ["", "Scaled residuals:", " ".join(f"{k:>8}" for k in keys),
+                      " ".join(f"{self.scaled_residuals.get(k, math.nan):>8.4f}"
+                               for k in keys)]  # fmt: skip
         lines += ["", "Random effects:"]
         rows = self._random_effect_rows()
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -439,6 +450,7 @@ class FitResult:
             **({"condition_number": self.condition_number} if self.condition_number else {}),
             **({"hlm_table": self.hlm_table} if self.hlm_table else {}),
             **({"input": self.input} if self.input else {}),
+            **({"scaled_residuals": self.scaled_residuals} if self.scaled_residuals else {}),
             "message": self.message,
             "warnings": self.warnings,
             "n_partitions": self.n_partitions,
@@ -583,6 +595,9 @@ class FitResult:
             condition_number=_condition_number(v, d.get("condition_number", {})),
             hlm_table=_hlm_rows(v, d.get("hlm_table", [])),
             input=v.get(d, "input", dict, default={}),
+            scaled_residuals={str(k): v.number(x, f"scaled_residuals {k!r:.20}")
+                              for k, x in v.get(d, "scaled_residuals", dict,
+                                                default={}).items()},  # fmt: skip
         )
 
     @classmethod

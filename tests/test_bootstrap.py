@@ -71,3 +71,23 @@ def test_warm_start_gives_the_same_fit():
                      start=fit.params)  # fmt: skip
     np.testing.assert_allclose(warm.params, fit.params, rtol=1e-6, atol=1e-8)
     assert warm.n_evaluations < fit.n_evaluations
+
+
+@pytest.mark.cluster
+def test_bootstrap_on_a_cluster(tmp_path, monkeypatch):
+    """Files: each replicate's responses are simulated partition by partition and the
+    refits run on the cluster; the replicates equal the in-process ones (same draws: one
+    partition, the in-memory streams)."""
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    from dglmm import dask_driver as drv
+
+    df = _data(11)
+    fit = _fit(df)
+    path = tmp_path / "data"
+    path.mkdir()
+    df.to_parquet(path / "part-0.parquet")
+    with drv.connect(n_workers=2) as handle:
+        boot = fit.bootstrap(3, seed=2, data=str(path), client=handle.client)
+    ref = fit.bootstrap(3, seed=2)
+    np.testing.assert_allclose(boot.attrs["replicates"].to_numpy(),
+                               ref.attrs["replicates"].to_numpy(), rtol=1e-5)  # fmt: skip

@@ -152,3 +152,27 @@ def test_spellings_on_the_embedded_cluster(cbpp, owls, tmp_path, monkeypatch):
     ofit = dglmm.fit("SiblingNegotiation ~ FoodTreatment * SexParent + offset(log(BroodSize))"
                      " + (1 | Nest)", owls, family="poisson", n_workers=2)  # fmt: skip
     assert_same_fit(ofit, oref, rtol=1e-6)
+
+
+def test_non_integer_binomial_weights_warn(cbpp):
+    from dglmm.errors import DglmmWarning
+
+    w = np.linspace(0.5, 1.5, len(cbpp))
+    with pytest.warns(DglmmWarning, match=r"non-integer prior weights on \d+ rows"):
+        dglmm.fit("incidence ~ C(period) + (1 | herd)", cbpp, trials="size", weights=w, **IP)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DglmmWarning)
+        dglmm.fit("incidence ~ C(period) + (1 | herd)", cbpp, trials="size",
+                  weights=np.full(len(cbpp), 2.0), **IP)  # fmt: skip
+
+
+def test_summary_shows_scaled_residuals(cbpp):
+    fit = dglmm.fit("cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)", cbpp,
+                    **IP)  # fmt: skip
+    r = fit.residuals("pearson").to_numpy()
+    np.testing.assert_allclose(fit.scaled_residuals["Median"], np.median(r), rtol=1e-10)
+    assert "Scaled residuals:" in fit.summary()
+    back = dglmm.FitResult.from_json(fit.to_json())
+    assert back.scaled_residuals == fit.scaled_residuals
