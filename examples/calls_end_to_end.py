@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     # 2.-3. fit on an embedded LocalCluster (client=None), write the random-effects table
     t0 = time.perf_counter()
     result = dglmm.fit(FORMULA, data, family="binomial", n_workers=args.workers,
-                       random_effects=re_path)  # fmt: skip
+                       random_effects_output=re_path)  # fmt: skip
     fit_s = time.perf_counter() - t0
     print(result.summary())
     print(f"fit in {fit_s:.1f}s on {result.n_workers} workers, {result.n_partitions} partitions")
