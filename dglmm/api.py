@@ -372,6 +372,35 @@ def _scaled_residuals(result: FitResult, df) -> dict:
     return dict(zip(["Min", "1Q", "Median", "3Q", "Max"], map(float, q), strict=True))
 
 
+class _Heartbeat:
+    """A progress line every ``every`` seconds until the wrapped evaluation first returns
+    (the first run's compile: no silent minute)."""
+
+    def __init__(self, reporter: Progress, text: str, every: float = 10.0) -> None:
+        import threading
+
+        self.done = threading.Event()
+        self.t0 = time.perf_counter()
+
+        def beat() -> None:
+            while not self.done.wait(every):
+                reporter.message(f"{text} ({time.perf_counter() - self.t0:.0f} s)")
+
+        threading.Thread(target=beat, name="dglmm-heartbeat", daemon=True).start()
+
+    def wrap(self, evaluate):
+        def wrapped(params_list, hessian):
+            try:
+                return evaluate(params_list, hessian)
+            finally:
+                self.done.set()
+
+        return wrapped
+
+    def stop(self) -> None:
+        self.done.set()
+
+
 def _kernels_cached() -> bool:
     from .kernels import kernels_cached
 
@@ -718,14 +747,19 @@ def fit_model(
             params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
             history=list(glm_state.history),
         )  # fmt: skip
+    heartbeat = None
     if cold and not _kernels_cached():
         reporter.message("compiling the mixed-model kernel for this machine (first run only: "
                          "about a minute)")  # fmt: skip
+        heartbeat = _Heartbeat(reporter, "still compiling the kernel")
+        evaluate = heartbeat.wrap(evaluate)
     if method in ("em", "em-newton") and (saved is None or saved["stage"] != "full"):
         state = _run_em(evaluate, state, evaluator, method, max_iter, save)
     if method != "em" and (saved is None or saved["stage"] != "auto"):
         state = maximize(evaluate, state, settings, stage="full",
                          callback=lambda s: save("full", s), unit=_start_units())  # fmt: skip
+    if heartbeat is not None:
+        heartbeat.stop()
     auto = None
     if n_agq == "auto":  # each group's own order, chosen at the Laplace optimum
         auto = _run_auto(evaluator, evaluate, state, settings, save, _start_units())
