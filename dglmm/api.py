@@ -699,6 +699,8 @@ def fit_model(
 
     # ---- stage 1: GLM (random effects off)
     cold = bool(progress) and not _kernels_cached()  # the mixed-model kernel compiles below
+    glm_beat = _Heartbeat(reporter, "still compiling the kernels") if cold else None
+    evaluate_glm = glm_beat.wrap(evaluate) if glm_beat is not None else evaluate
     hess0_for_scale = None
     if resumed is not None:
         # checked, not trusted: the objective, gradient and Hessian at the stored point
@@ -728,7 +730,7 @@ def fit_model(
         if saved is not None:
             glm_state = resumed
         else:
-            x0, hess0 = _glm_start(evaluate, layout, fam, P)
+            x0, hess0 = _glm_start(evaluate_glm, layout, fam, P)
             hess0_for_scale = hess0 if work is None else hessian_to_original(work.T, hess0)
             _check_rank(hess0_for_scale[: layout.p, : layout.p], spec.fixed_columns)
             glm_state = NewtonState(params=x0)
@@ -747,6 +749,8 @@ def fit_model(
             params=x1, iteration=glm_state.iteration, n_evaluations=glm_state.n_evaluations,
             history=list(glm_state.history),
         )  # fmt: skip
+    if glm_beat is not None:
+        glm_beat.stop()
     heartbeat = None
     if cold and not _kernels_cached():
         reporter.message("compiling the mixed-model kernel for this machine (first run only: "
