@@ -393,7 +393,7 @@ def _general_block(block, params, model: KernelModel, want_hess: int, hessian,
         modes=modes,
         # float32 slopes: a first-order prediction needs no more, and at 5M subscribers
         # with q = 2 and 11 parameters float64 would hold 0.9 GB
-        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes.astype(np.float32)),
+        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=_float32(slopes)),
         weight_total=w_total,
         x_sumsq=x_sumsq.copy(),
         z_sumsq=z_sumsq.copy(),
@@ -422,10 +422,17 @@ def _zero_block(block, params, model: KernelModel, want_hess: int, hessian) -> B
     return BlockResult(
         loglik=float(loglik), gradient=grad, hessian=hess if hessian else None,
         n_obs=int(np.asarray(block.y).shape[0]), n_groups=n_groups, modes=modes,
-        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=slopes.astype(np.float32)),
+        warm_start=WarmStart(params=params.copy(), modes=modes, slopes=_float32(slopes)),
         weight_total=w_total, x_sumsq=x_sumsq.copy(), z_sumsq=z_sumsq.copy(),
         extra=_binomial_weight_extra(block, model.family_code),
     )  # fmt: skip
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32, values beyond float32's range clipped to it (a wild trial's mode
+    slopes; the warm start only extrapolates from them)."""
+    big = float(np.finfo(np.float32).max)
+    return np.clip(a, -big, big).astype(np.float32)
 
 
 def _binomial_weight_extra(block, family_code: int) -> dict | None:
