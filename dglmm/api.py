@@ -355,7 +355,7 @@ def _scaled_residuals(result: FitResult, df) -> dict:
     """lme4's "Scaled residuals" of an in-memory fit (see ``FitResult.scaled_residuals``):
     one more pass for the groups' modes; empty where the family has no Pearson residual."""
     if (result.family in ("ordinal", "nominal") or result.method == "npml" or not result.spec
-            or result.n_obs > SCALED_RESIDUALS_MAX_ROWS):
+            or result.n_obs > SCALED_RESIDUALS_MAX_ROWS or result.n_agq == "auto"):
         return {}
     try:
         from .residuals import residuals
