@@ -54,7 +54,9 @@ def random_effects_table(
         raise SpecificationError("this result has no model spec (written by an old dglmm)")
     spec = ModelSpec.from_dict(result.spec)
     fam = get_family(result.family, result.link)
-    model = kernel_model(spec, fam, result.n_agq)
+    # n_agq="auto": the table at the Laplace rule (the modes and their curvature are the
+    # same; the posterior means use one node per group)
+    model = kernel_model(spec, fam, 1 if result.n_agq == "auto" else result.n_agq)
     params = np.asarray(result.params, dtype=np.float64)
     if output is not None:  # before any work: not the data, not a foreign directory
         check_output_dataset(output, kind="random-effects", inputs=data,

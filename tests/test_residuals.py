@@ -181,3 +181,11 @@ def test_simulate_on_dask_data(tmp_path, cbpp, cbpp_fit, monkeypatch):
 
     np.testing.assert_array_equal(_group_normals(["a", "b"], 4, 1, 2)[1],
                                   _group_normals(["b"], 4, 1, 2)[0])  # fmt: skip
+
+
+def test_residuals_of_an_auto_nodes_fit(cbpp):
+    """n_agq="auto": the modes come from the Laplace rule's table (the same modes)."""
+    fit = dglmm.fit("cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)", cbpp,
+                    n_agq="auto", **IP)  # fmt: skip
+    r = fit.residuals("pearson").to_numpy()
+    assert r.shape == (len(cbpp),) and np.isfinite(r).all()
