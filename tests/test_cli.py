@@ -125,3 +125,44 @@ def test_console_script_warning_line(tmp_path):
     warn = [ln for ln in proc.stderr.splitlines() if ln.startswith("dglmm: warning:")]
     assert any("did not converge" in ln for ln in warn), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """Issue 15: help text for every option of every command; defaults in --help."""
+    import argparse
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"dglmm {name} {action.option_strings or action.dest}: no help"
+    text = commands["fit"].format_help()
+    assert "(default: 100)" in text  # --max-iter
+    assert "(default: binomial)" in text  # --family
+    assert "--n-workers" in text and "--npartitions" in text
+
+
+def test_prepare_writes_a_file_per_worker_by_default(tmp_path):
+    """Issue 15: prepare's default file count is one per worker (here in process: one
+    worker), and --in-process prepares without a cluster."""
+    import pandas as pd
+
+    src = Path(__file__).parent / "data" / "cbpp.csv"
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), str(out), "--group", "herd", "--in-process",
+                 "--quiet"]) == 0  # fmt: skip
+    meta = json.loads((out / "_dglmm_prepared.json").read_text())
+    assert meta["n_files"] == 1 and meta["n_rows"] == len(pd.read_csv(src))
+
+
+@pytest.mark.cluster
+def test_prepare_on_the_embedded_cluster_gives_each_worker_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    src = Path(__file__).parent / "data" / "cbpp.csv"
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), str(out), "--group", "herd", "--workers", "2",
+                 "--quiet"]) == 0  # fmt: skip
+    meta = json.loads((out / "_dglmm_prepared.json").read_text())
+    assert meta["n_files"] == 2 and sum(meta["rows_per_file"]) == 56
