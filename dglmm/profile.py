@@ -51,6 +51,7 @@ class Coordinate:
     to_params: Callable[[np.ndarray, float], np.ndarray]
     from_params: Callable[[np.ndarray], tuple[np.ndarray, float]]
     lower: float = -math.inf
+    linear: bool = False  # to_params is linear in z: no second-order term in the chain rule
 
 
 def fixed_effect(name: str, index: int) -> Coordinate:
@@ -62,14 +63,13 @@ def fixed_effect(name: str, index: int) -> Coordinate:
     def from_params(params: np.ndarray) -> tuple[np.ndarray, float]:
         return np.delete(params, index), float(params[index])
 
-    return Coordinate(name, to_params, from_params)
+    return Coordinate(name, to_params, from_params, linear=True)
 
 
 def random_sd(name: str, row_indices: Sequence[int]) -> Coordinate:
     """The sd of a random-effect term whose row of ``L`` has the parameter indices
     ``row_indices`` (its free entries in column order, the diagonal last)."""
     row = np.asarray(row_indices, dtype=int)
-    keep_mask = np.ones(0, dtype=bool)
 
     def to_params(z: np.ndarray, c: float) -> np.ndarray:
         P = z.size + 1
@@ -95,8 +95,7 @@ def random_sd(name: str, row_indices: Sequence[int]) -> Coordinate:
         z[positions] = z_row
         return z, c
 
-    del keep_mask
-    return Coordinate(name, to_params, from_params, lower=0.0)
+    return Coordinate(name, to_params, from_params, lower=0.0, linear=row.size == 1)
 
 
 @dataclass
@@ -119,8 +118,9 @@ def _free_derivatives(coord: Coordinate, z: np.ndarray, c: float, gradient: np.n
     J = np.column_stack(cols) if cols else np.zeros((gradient.size, 0))
     g = J.T @ gradient
     H = J.T @ hessian @ J
+    if coord.linear:
+        return g, H
     # the map's curvature: d/dz (J(z)' gradient) with the gradient held
-    base = coord.to_params(z, c)
     for k in range(n):
         for m in range(k + 1):
             ek = np.zeros(n)
@@ -136,7 +136,6 @@ def _free_derivatives(coord: Coordinate, z: np.ndarray, c: float, gradient: np.n
             H[k, m] += value
             if m != k:
                 H[m, k] += value
-    del base
     return g, H
 
 
