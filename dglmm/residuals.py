@@ -227,16 +227,21 @@ def _quantile(family, params, y, mu, n, rng):
     """Randomised quantile residuals: Phi^-1 of a uniform draw between the conditional CDF
     just below ``y`` and at ``y`` (the CDF itself for continuous families)."""
     u = rng.random(y.shape[0])
-    if family in ("gaussian", "gamma", "beta"):
-        p = _continuous_cdf(family, params, y, mu)
+    dist = _distribution(family, params, mu, n)
+    if family in _CONTINUOUS:
+        p = dist.cdf(y)
     else:
-        dist = _discrete(family, params, mu, n)
         low, high = dist.cdf(y - 1), dist.cdf(y)
         p = low + u * (high - low)
     return stats.norm.ppf(np.clip(p, 1e-300, 1 - 1e-16))
 
 
-def _discrete(family, params, mu, n):
+_CONTINUOUS = ("gaussian", "gamma", "beta")
+
+
+def _distribution(family, params, mu, n):
+    """The rows' conditional distributions (scipy, frozen): what the quantile residuals
+    evaluate and :func:`simulate` draws from."""
     if family == "binomial":
         return stats.binom(np.round(n).astype(int), np.clip(mu, 0, 1))
     if family == "poisson":
@@ -247,38 +252,20 @@ def _discrete(family, params, mu, n):
     if family == "nbinom1":
         phi = params["phi"]
         return stats.nbinom(mu / phi, 1 / (1 + phi))
-    raise SpecificationError(f"quantile residuals are not available for the {family} family")
-
-
-def _continuous_cdf(family, params, y, mu):
     if family == "gaussian":
-        return stats.norm.cdf(y, mu, math.sqrt(params["residual_variance"]))
+        return stats.norm(mu, math.sqrt(params["residual_variance"]))
     if family == "gamma":
         a = params["shape"]
-        return stats.gamma.cdf(y, a, scale=mu / a)
-    phi = params["precision"]  # beta
-    return stats.beta.cdf(y, mu * phi, (1 - mu) * phi)
+        return stats.gamma(a, scale=mu / a)
+    if family == "beta":
+        phi = params["precision"]
+        return stats.beta(mu * phi, (1 - mu) * phi)
+    raise SpecificationError(f"no conditional distribution for the {family} family")
 
 
 def _draw(result, mu, trials, rng):
-    family, params = result.family, result.family_parameters
-    if family == "binomial":
-        return rng.binomial(np.round(trials).astype(int), np.clip(mu, 0, 1))
-    if family == "poisson":
-        return rng.poisson(mu)
-    if family == "gaussian":
-        return rng.normal(mu, math.sqrt(params["residual_variance"]))
-    if family == "nbinom2":
-        k = params["size"]
-        return rng.negative_binomial(k, k / (k + mu))
-    if family == "nbinom1":
-        phi = params["phi"]
-        return rng.negative_binomial(mu / phi, 1 / (1 + phi))
-    if family == "gamma":
-        a = params["shape"]
-        return rng.gamma(a, mu / a)
-    phi = params["precision"]
-    return rng.beta(mu * phi, (1 - mu) * phi)
+    return _distribution(result.family, result.family_parameters, mu, trials).rvs(
+        random_state=rng)
 
 
 def _inverse_link(link: str, eta: np.ndarray) -> np.ndarray:
