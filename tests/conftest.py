@@ -145,3 +145,11 @@ def process_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proces
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def cbpp():
+    """lme4's cbpp data (tests/data/cbpp.csv): herds, incidence, size, period."""
+    import pandas as pd
+
+    return pd.read_csv(Path(__file__).parent / "data" / "cbpp.csv")

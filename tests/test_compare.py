@@ -36,11 +36,6 @@ def _value(v):
 
 
 @pytest.fixture(scope="module")
-def cbpp():
-    return pd.read_csv(DATA / "cbpp.csv")
-
-
-@pytest.fixture(scope="module")
 def cbpp_fits(cbpp):
     small = dglmm.fit("incidence ~ 1 + (1 | herd)", cbpp, trials="size", client="in-process")
     big = dglmm.fit("incidence ~ C(period) + (1 | herd)", cbpp, trials="size",

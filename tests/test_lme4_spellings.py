@@ -20,11 +20,6 @@ IP = {"client": "in-process"}
 
 
 @pytest.fixture(scope="module")
-def cbpp():
-    return pd.read_csv(DATA / "cbpp.csv")
-
-
-@pytest.fixture(scope="module")
 def owls():
     return pd.read_csv(DATA / "owls.csv")
 

@@ -19,11 +19,6 @@ IP = {"client": "in-process"}
 
 
 @pytest.fixture(scope="module")
-def cbpp():
-    return pd.read_csv(DATA / "cbpp.csv")
-
-
-@pytest.fixture(scope="module")
 def cbpp_fit(cbpp):
     return dglmm.fit("cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)", cbpp,
                      **IP)  # fmt: skip
