@@ -138,17 +138,11 @@ def _replicates(result, data, n, level, seed, checkpoint, ident, done, failed, n
 
 
 def _names(result: Any) -> list[str]:
-    names = [str(t) for t in result.fixed_effects.index]
-    for group, re_ in result.random_effects.items():
-        names += [f"sd({term} | {group})" for term in re_["terms"]]
-    return names
+    return list(result.interval_parameters().index)
 
 
 def _values(result: Any) -> list[float]:
-    values = [float(v) for v in result.fixed_effects["estimate"]]
-    for re_ in result.random_effects.values():
-        values += [float(v) for v in re_["sd"]]
-    return values
+    return [float(v) for v in result.interval_parameters()["estimate"]]
 
 
 def _read(path: str, ident: dict, width: int) -> tuple[list[list[float]], int]:

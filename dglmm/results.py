@@ -808,30 +808,44 @@ class FitResult:
             table = table.loc[list(parm)]
         return table
 
+    def interval_parameters(self) -> pd.DataFrame:
+        """The rows of :meth:`confint` and the bootstrap: the fixed-effect terms, then
+        ``sd(TERM | GROUP)``; columns ``estimate``, ``std_error`` (NaN where unknown) and
+        ``kind`` (``"fixed"`` or ``"sd"``)."""
+        fe = self.fixed_effects
+        names = [str(t) for t in fe.index]
+        estimates = [float(v) for v in fe["estimate"]]
+        ses = [float(v) for v in fe["std_error"]]
+        kinds = ["fixed"] * len(names)
+        for group, re_ in self.random_effects.items():
+            sd_ses = re_.get("sd_std_error") or [None] * len(re_["terms"])
+            for term, sd, se in zip(re_["terms"], re_["sd"], sd_ses, strict=True):
+                names.append(f"sd({term} | {group})")
+                estimates.append(float(sd))
+                ses.append(math.nan if se is None else float(se))
+                kinds.append("sd")
+        return pd.DataFrame({"estimate": estimates, "std_error": ses, "kind": kinds},
+                            index=pd.Index(names))  # fmt: skip
+
     def wald_intervals(self, level: float = 0.95) -> pd.DataFrame:
         """The ``method="wald"`` table of :meth:`confint`."""
         from scipy.stats import norm
 
         z = float(norm.ppf(0.5 + level / 2.0))
-        names, lower, upper = [], [], []
-        fe = self.fixed_effects
-        for term in fe.index:
-            est, se = float(fe.loc[term, "estimate"]), float(fe.loc[term, "std_error"])
-            names.append(str(term))
-            lower.append(est - z * se)
-            upper.append(est + z * se)
-        for group, re_ in self.random_effects.items():
-            ses = re_.get("sd_std_error") or [None] * len(re_["terms"])
-            for term, sd, se in zip(re_["terms"], re_["sd"], ses, strict=True):
-                names.append(f"sd({term} | {group})")
-                if se is None or not math.isfinite(float(se)) or sd <= 0:
-                    lower.append(math.nan)
-                    upper.append(math.nan)
-                else:
-                    half = z * float(se) / float(sd)
-                    lower.append(float(sd) * math.exp(-half))
-                    upper.append(float(sd) * math.exp(half))
-        return pd.DataFrame({"lower": lower, "upper": upper}, index=pd.Index(names))
+        rows = self.interval_parameters()
+        lower, upper = [], []
+        for est, se, kind in rows.itertuples(index=False):
+            if kind == "fixed":
+                lower.append(est - z * se)
+                upper.append(est + z * se)
+            elif not math.isfinite(se) or est <= 0:
+                lower.append(math.nan)
+                upper.append(math.nan)
+            else:  # the Wald interval of log sd
+                half = z * se / est
+                lower.append(est * math.exp(-half))
+                upper.append(est * math.exp(half))
+        return pd.DataFrame({"lower": lower, "upper": upper}, index=rows.index)
 
 
 class _ResultValidator:
