@@ -51,8 +51,10 @@ PNG_SOFTWARE = "dglmm"
 #: the Parquet schema metadata key of prediction files
 PARQUET_KEY = b"dglmm"
 
-FILE_KINDS = ("result", "checkpoint", "plot", "predictions")
-DATASET_KINDS = ("random-effects", "predictions", "prepared")
+FILE_KINDS = ("result", "checkpoint", "plot", "predictions", "posterior", "summary")
+DATASET_KINDS = ("random-effects", "predictions", "prepared", "posterior-random-effects")
+#: the global attribute dglmm sets in the NetCDF posterior files it writes
+NETCDF_MARKER = "dglmm_posterior"
 
 
 
@@ -269,8 +271,38 @@ def is_predictions_file(path: str, storage_options: dict | None = None) -> bool:
         return False
 
 
+def is_posterior_file(path: str, storage_options: dict | None = None) -> bool:
+    """A NetCDF (HDF5) posterior written by ``dglmm sample``: its root carries the
+    :data:`NETCDF_MARKER` attribute (read with h5py, never unpickled)."""
+    try:
+        head = _read_bytes(path, storage_options, limit=8)
+    except OSError:
+        return False
+    if head != b"\x89HDF\r\n\x1a\n" or _is_url(path):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(_local(path), "r") as fh:
+            return NETCDF_MARKER in fh.attrs
+    except (OSError, ImportError):
+        return False
+
+
+def is_summary_file(path: str, storage_options: dict | None = None) -> bool:
+    """A ``dglmm sample --summary-json`` file: a JSON list of objects with ``parameter``."""
+    try:
+        text = _read_bytes(path, storage_options, limit=_MAX_RECOGNISE_BYTES)
+        obj = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, list) and all(isinstance(r, dict) and "parameter" in r for r in obj)
+
+
 _RECOGNISERS = {
     "result": (is_result_file, "a dglmm result"),
+    "posterior": (is_posterior_file, "a posterior written by dglmm sample"),
+    "summary": (is_summary_file, "a posterior summary written by dglmm sample"),
     "checkpoint": (is_checkpoint_file, "a dglmm checkpoint"),
     "plot": (is_plot_file, "a plot written by dglmm"),
     "predictions": (is_predictions_file, "a predictions file written by dglmm"),
