@@ -25,6 +25,8 @@ _EXPORTS = {
     "get_link": "families",
     "fit_hlm": "hlm",
     "FitResult": "results",
+    "sample": "mcmc",
+    "SampleResult": "mcmc",
 }
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
     "fit_hlm",
     "get_family",
     "get_link",
+    "sample",
+    "SampleResult",
 ]
 
 

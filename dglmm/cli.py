@@ -1,6 +1,7 @@
 """The ``dglmm`` command.
 
-Subcommands: ``fit``, ``prepare``, ``simulate``, ``predict``, ``plot``.  Any
+Subcommands: ``fit``, ``sample``, ``compare``, ``prepare``, ``simulate``, ``predict``,
+``plot``.  Any
 error a user can cause prints one line ``dglmm: error: ...`` and exits with
 status 2; ``--debug`` shows the traceback instead.
 """
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the formula call any Python code (trusted formulas only)")
     _add_tls_arguments(f)
 
+    _add_sample_parser(sub)
+
     p = sub.add_parser("prepare", help="write data partitioned by group for repeated fits",
                        description="Write the data partitioned by the top grouping level.")
     p.add_argument("data", help="Parquet file/directory/glob or CSV file(s) to partition")
@@ -259,6 +262,101 @@ def _hlm_equations(args) -> dict | None:
         out[option] = dict(equations) or None
     hlm_spec(**out)  # the equations checked before the outputs and the data
     return out
+
+
+def _add_sample_parser(sub) -> None:
+    b = sub.add_parser(
+        "sample", help="Bayesian fit: NUTS over the global parameters (MCMC)",
+        description="Sample the posterior of the fixed effects, random-effect sds and "
+        "correlations and family parameters by NUTS, the random effects integrated out by "
+        "Laplace or AGQ (docs/bayes.md); starts from the maximum-likelihood fit.")
+    b.add_argument("data", help="Parquet file/directory/glob, CSV file(s), or prepared data")
+    b.add_argument("--formula", required=True, help="lme4 formula, e.g. 'y ~ x + (1 | g)'")
+    b.add_argument("--family", default="binomial",
+                   help="binomial, poisson, gaussian, nbinom2, nbinom1, gamma, beta or ordinal")
+    b.add_argument("--link", default=None, help="link (default: the family's canonical link)")
+    b.add_argument("--response-levels", default=None, type=_levels,
+                   help="ordinal: the response's categories, lowest first")
+    b.add_argument("--n-agq", type=int, default=1,
+                   help="quadrature nodes per dimension (1: Laplace)")
+    b.add_argument("--draws", type=int, default=1000, help="draws per chain after warm-up")
+    b.add_argument("--tune", type=int, default=1000, help="warm-up iterations per chain")
+    b.add_argument("--chains", type=int, default=4, help="chains, advanced side by side")
+    b.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    b.add_argument("--prior", action="append", default=[], metavar="TARGET=PRIOR",
+                   help="a prior, repeatable: e.g. 'sd=half_normal(1)', "
+                   "'duration=normal(0, 0.5)', 'corr=lkj(2)' (default: docs/bayes.md)")
+    b.add_argument("--target-accept", type=float, default=0.8,
+                   help="warm-up target of the mean acceptance statistic")
+    b.add_argument("--output", required=True, help="write the posterior here (NetCDF)")
+    b.add_argument("--summary-json", default=None, help="write the summary table here (JSON)")
+    b.add_argument("--random-effects", default=None,
+                   help="write per-group posterior draws and means of the random effects as "
+                   "Parquet here (DIR/draws, DIR/summary)")
+    b.add_argument("--random-effects-draws", type=int, default=100,
+                   help="global draws for which the groups' effects are drawn")
+    b.add_argument("--trials", default=None, help="binomial trials column")
+    b.add_argument("--offset", default=None, help="offset column")
+    b.add_argument("--weights", default=None, help="prior weights column")
+    b.add_argument("--missing", choices=("error", "drop"), default="error",
+                   help="rows with missing values: stop with an error (default) or drop them")
+    b.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:8786")
+    b.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
+    b.add_argument("--workers", "--n-workers", dest="workers", type=int, default=None,
+                   help="workers of the embedded local cluster (default: the number of cores)")
+    b.add_argument("--local-processes", action="store_true",
+                   help="the local cluster's workers are processes (default: threads)")
+    b.add_argument("--partitions", "--npartitions", dest="partitions", type=int, default=None,
+                   help="partitions of the data (default: as read, or one per input file)")
+    b.add_argument("--in-process", action="store_true", help="sample in this process, no Dask")
+    b.add_argument("--checkpoint", default=None, help="checkpoint file (JSON)")
+    b.add_argument("--resume", action="store_true", help="resume from --checkpoint")
+    b.add_argument("--checkpoint-every", type=int, default=100,
+                   help="draws per chain between checkpoints")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs even if they are not dglmm outputs")
+    b.add_argument("--allow-python-formulas", action="store_true",
+                   help="let the formula call any Python code (trusted formulas only)")
+    _add_tls_arguments(b)
+
+
+def _cmd_sample(args) -> int:
+    import json
+
+    from .api import IN_PROCESS
+    from .mcmc import sample
+    from .outputs import check_distinct, check_output_file, write_text_atomic
+    from .priors import parse_prior_assignments
+
+    priors = parse_prior_assignments(args.prior)
+    check_output_file(args.output, kind="posterior", overwrite=args.overwrite, inputs=args.data)
+    if args.summary_json:
+        check_output_file(args.summary_json, kind="summary", overwrite=args.overwrite,
+                          inputs=args.data)  # fmt: skip
+    check_distinct([(args.output, False), (args.summary_json, False),
+                    (args.checkpoint, False), (args.random_effects, True)])  # fmt: skip
+    result = sample(
+        args.formula, args.data, family=args.family, link=args.link, n_agq=args.n_agq,
+        trials=args.trials, offset=args.offset, weights=args.weights,
+        client=IN_PROCESS if args.in_process else None, priors=priors, draws=args.draws,
+        tune=args.tune, chains=args.chains, seed=args.seed, target_accept=args.target_accept,
+        checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        random_effects_output=args.random_effects,
+        random_effects_draws=args.random_effects_draws, progress=not args.quiet,
+        overwrite=args.overwrite, missing=args.missing, scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file, n_workers=args.workers,
+        local_processes=args.local_processes, npartitions=args.partitions,
+        allow_python_in_formulas=args.allow_python_formulas, security=_security(args),
+        response_levels=args.response_levels,
+    )  # fmt: skip
+    print(result)
+    result.to_netcdf(args.output, overwrite=True)
+    print(f"\nposterior written to {args.output}", file=sys.stderr)
+    if args.summary_json:
+        write_text_atomic(args.summary_json, json.dumps(result.summary_records(), indent=1))
+        print(f"summary written to {args.summary_json}", file=sys.stderr)
+    return 0
 
 
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -444,6 +542,7 @@ def _cmd_plot(args) -> int:
 
 COMMANDS = {
     "fit": _cmd_fit,
+    "sample": _cmd_sample,
     "compare": _cmd_compare,
     "prepare": _cmd_prepare,
     "simulate": _cmd_simulate,
