@@ -377,6 +377,9 @@ def _run_chains(post, z0, metric, *, chains, draws, tune, seed, target_accept,
         state = resume_state
         sampler, system, integrator = _sampler(post, batcher, state["metric"],
                                                state["step_size"], max_tree_depth)  # fmt: skip
+    # the same representation of the metric whether adapted here or read back (its square
+    # root draws the momenta: a resumed run then continues exactly)
+    system.metric = mici.matrices.DensePositiveDefiniteMatrix(np.asarray(state["metric"]))
     warm_passes, warm_points = state["passes"], state["points"]
     batcher.n_batches = batcher.n_points = 0
     bar.phase = "draws"
