@@ -66,7 +66,7 @@ def block_draws(block, draws: np.ndarray, model, terms, group: str, seed: int,
     out_m2 = np.empty((G, q, q))
     out_ess = np.empty(G)
     rows = []
-    for d, params in enumerate(np.asarray(draws, dtype=np.float64)):
+    for params in np.asarray(draws, dtype=np.float64):
         beta, L, tau = model.split(params)
         eta0 = X @ beta + block.offset
         V = np.ascontiguousarray(Z @ L)

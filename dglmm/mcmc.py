@@ -209,13 +209,14 @@ class SampleResult:
 
     def __str__(self) -> str:
         s = self.settings
+        t = self.timings
         rule = "Laplace" if s["n_agq"] == 1 else f"AGQ {s['n_agq']}"
         lines = [f"Bayesian fit by NUTS (mici) over the marginal likelihood ({rule})",
                  f" Formula: {s['formula']}",
                  f" Family: {s['family']} ({s['link']})",
                  f" Chains: {s['chains']} x {s['draws']} draws after {s['tune']} warm-up",
-                 f" Gradient passes per draw: {self.timings.get('passes_per_draw', float('nan')):.1f}"
-                 f" ({self.timings.get('sampling_s', float('nan')):.1f} s sampling)", ""]  # fmt: skip
+                 f" Gradient passes per draw: {t.get('passes_per_draw', math.nan):.1f}"
+                 f" ({t.get('sampling_s', math.nan):.1f} s sampling)", ""]  # fmt: skip
         cols = ["mean", "sd", "hdi_3%", "hdi_97%", "r_hat", "ess_bulk", "ess_tail", "prior"]
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             lines.append(self.summary[cols].to_string(float_format=lambda v: f"{v:.4g}"))
@@ -457,8 +458,8 @@ def _load_checkpoint(path: str, key: dict) -> dict:
                               f"checkpoint ({exc})") from None  # fmt: skip
     if not isinstance(doc, dict) or doc.get("format") != "dglmm-checkpoint" or \
             doc.get("kind") != "mcmc":  # fmt: skip
-        raise CheckpointError(f"cannot resume from {path!r}: it is not a checkpoint of "
-                              "dglmm sample (a fit's checkpoint resumes with dglmm fit)")  # fmt: skip
+        raise CheckpointError(f"cannot resume from {path!r}: it is not a checkpoint of dglmm "
+                              "sample (a fit's checkpoint resumes with dglmm fit)")  # fmt: skip
     if doc.get("version") != _CHECKPOINT_VERSION:
         raise CheckpointError(f"cannot resume from {path!r}: written by another version of "
                               "the sampler's checkpoint format")  # fmt: skip
@@ -563,7 +564,8 @@ def _diagnostics(summary: pd.DataFrame, stats: dict, chains: int, max_tree_depth
                                 strict=True) if min(e, t) < 100 * chains]  # fmt: skip
     if low:
         out.append(f"bulk or tail ESS below {100 * chains} (100 per chain) for "
-                   f"{', '.join(low)}: posterior intervals are unreliable; take more draws")  # fmt: skip
+                   f"{', '.join(low)}: posterior intervals are unreliable; take more "
+                   "draws")  # fmt: skip
     n_max = int(np.sum(stats["tree_depth"] >= max_tree_depth))
     if n_max:
         out.append(f"{n_max} draws hit the maximum tree depth {max_tree_depth}: sampling is "
@@ -658,8 +660,8 @@ def sample(
     from .evaluator import IN_PROCESS, kernel_model
     from .families import get_family
     from .outputs import check_output_dataset, check_output_file
-    from .postfit import _evaluator
     from .posterior import Posterior, column_moments, scales_from_moments
+    from .postfit import _evaluator
     from .priors import parse_prior
 
     t_start = time.perf_counter()
@@ -751,7 +753,8 @@ def sample(
         run = _run_chains(post, z0, metric, chains=chains, draws=draws, tune=tune, seed=seed,
                           target_accept=float(target_accept), max_tree_depth=max_tree_depth,
                           adapt_metric=adapt_metric, progress=progress, checkpoint=checkpoint,
-                          resume_state=resume_state, save_every=checkpoint_every, key=key)  # fmt: skip
+                          resume_state=resume_state, save_every=checkpoint_every,
+                          key=key)  # fmt: skip
         settings = {"formula": str(formula), "family": ml.family, "link": ml.link,
                     "n_agq": int(ml.n_agq), "chains": chains, "draws": draws, "tune": tune,
                     "seed": seed, "target_accept": float(target_accept),

@@ -127,7 +127,7 @@ _KINDS = {
     "flat": ((), "any"),
 }
 _ALIASES = {"half_t": "half_student_t", "t": "student_t", "studentt": "student_t",
-            "halfnormal": "half_normal", "half_cauchy": "half_cauchy", "cauchy": "cauchy"}  # fmt: skip
+            "halfnormal": "half_normal"}  # fmt: skip
 
 
 def _make(name: str, args: tuple[float, ...]) -> Prior:
@@ -184,7 +184,8 @@ def flat() -> Prior:
 
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_PRIOR_RE = re.compile(rf"^\s*([A-Za-z_]+)\s*(?:\(\s*((?:{_NUMBER})(?:\s*,\s*{_NUMBER})*)?\s*\))?\s*$")
+_ARGS = rf"(?:{_NUMBER})(?:\s*,\s*{_NUMBER})*"
+_PRIOR_RE = re.compile(rf"^\s*([A-Za-z_]+)\s*(?:\(\s*({_ARGS})?\s*\))?\s*$")
 
 
 def parse_prior(text) -> Prior:
@@ -197,8 +198,9 @@ def parse_prior(text) -> Prior:
                                  f"object, not {type(text).__name__}")  # fmt: skip
     m = _PRIOR_RE.match(text)
     if not m:
-        raise SpecificationError(f"cannot read the prior {text!r}: write a name and numbers, "
-                                 "e.g. 'normal(0, 2.5)', 'half_student_t(3, 1)', 'lkj(2)'")  # fmt: skip
+        raise SpecificationError(f"cannot read the prior {text!r}: write a name and "
+                                 "numbers, e.g. 'normal(0, 2.5)', 'half_student_t(3, 1)', "
+                                 "'lkj(2)'")  # fmt: skip
     name = m.group(1).lower()
     name = _ALIASES.get(name, name)
     args = tuple(float(a) for a in re.findall(_NUMBER, m.group(2) or ""))
@@ -277,7 +279,8 @@ def resolve_priors(user: dict | None, t: Targets) -> dict[str, Prior]:
 
             known = sorted(singles | {k for k, v in groups.items() if v})
             raise SpecificationError(f"no parameter {key!r} to put a prior on"
-                                     f"{suggest(key, known)}; known: {', '.join(known)}")  # fmt: skip
+                                     f"{suggest(key, known)}; known: "
+                                     f"{', '.join(known)}")  # fmt: skip
         out[key] = prior
     for name, prior in out.items():
         want = ("corr" if name.startswith("corr | ") else
