@@ -214,3 +214,32 @@ def test_sample_on_a_dask_cluster(process_cluster, cbpp, tmp_path):
     assert res.idata.posterior.sizes["draw"] == 40
     assert res.timings["chain_positions_per_pass"] > 1.2
     assert len(pd.read_parquet(tmp_path / "re" / "summary")) == 15
+
+
+@pytest.mark.parametrize("formula, data, family, names", [
+    ("count ~ mined + (1 | site)", "families/salamanders.csv", "nbinom2",
+     ["Intercept", "mined[T.yes]", "sd(Intercept | site)", "size"]),
+    ("rating ~ temp + contact + (1 | judge)", "families/wine.csv", "ordinal",
+     ["temp[T.warm]", "contact[T.yes]", "sd(Intercept | judge)", "1|2", "2|3", "3|4", "4|5"]),
+    ("Reaction ~ Days + (1 + Days | Subject)", "sleepstudy.csv", "gaussian",
+     ["Intercept", "Days", "sd(Intercept | Subject)", "sd(Days | Subject)",
+      "corr(Intercept, Days | Subject)", "sigma"]),
+    ("TICKS ~ C(YEAR) + sHEIGHT + (1 | LOCATION/BROOD)", "nested/grouseticks.csv", "poisson",
+     ["Intercept", "C(YEAR)[T.96]", "C(YEAR)[T.97]", "sHEIGHT", "sd(Intercept | LOCATION)",
+      "sd(Intercept | BROOD:LOCATION)"]),
+])  # fmt: skip
+def test_families_and_nested_levels(formula, data, family, names):
+    """Every family parameter, thresholds, a correlation and nested levels are sampled, named
+    as the summary promises; the posterior means of the fixed effects sit near the ML fit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short chains: ESS warnings expected
+        res = dglmm.sample(formula, str(DATA / data), family=family, client="in-process",
+                           draws=80, tune=80, chains=2, seed=1, progress=False)  # fmt: skip
+    assert list(res.summary.index) == names
+    assert np.all(np.isfinite(res.summary["mean"]))
+    fe = res.ml.fixed_effects
+    for term in fe.index:
+        row = res.summary.loc[str(term)]
+        assert abs(row["mean"] - fe.loc[term, "estimate"]) < 3 * fe.loc[term, "std_error"]
