@@ -51,7 +51,7 @@ def _sbc_data(rng, groups=12, per=6):
 
 
 def test_simulation_based_calibration():
-    """Truths drawn from the priors, data from the truths, the posterior sampled: the rank
+    """20 truths drawn from the priors, data from the truths, the posterior sampled: the rank
     of each truth among 19 thinned draws is uniform on 0..19 (Talts et al. 2018); pooled
     over the three parameters, a chi-square test on 5 bins of ranks (p > 0.001)."""
     from scipy.stats import chisquare
@@ -59,7 +59,7 @@ def test_simulation_based_calibration():
     rng = np.random.default_rng(2026)
     priors = {"intercept": "normal(0, 1)", "x": "normal(0, 1)", "sd": "half_normal(1)"}
     ranks = {k: [] for k in ("Intercept", "x", "sd(Intercept | g)")}
-    for rep in range(30):
+    for rep in range(20):
         df, truth = _sbc_data(rng)
         res = dglmm.sample("y ~ x + (1 | g)", df, n_agq=7, client="in-process", priors=priors,
                            draws=95, tune=150, chains=2, seed=rep, progress=False)  # fmt: skip
