@@ -314,9 +314,17 @@ def _run_stage(sampler, n_warm: int, n_main: int, states, adapters, trace, rng_k
     sampler = mici.samplers.DynamicMultinomialHMC(
         sampler.system, sampler.integrator, np.random.default_rng(rng_key),
         max_tree_depth=sampler.max_tree_depth)  # fmt: skip
+    calls = [0]
+
+    def counted(state):
+        calls[0] += 1
+        return trace(state)
+
     out = sampler.sample_chains(
-        n_warm, n_main, states, adapters=adapters, trace_funcs=[trace], n_worker=n_chains,
+        n_warm, n_main, states, adapters=adapters, trace_funcs=[counted], n_worker=n_chains,
         use_thread_pool=n_chains > 1, display_progress=False, trace_warm_up=n_warm > 0)
+    if calls[0] < (n_warm + n_main) * n_chains:  # mici returns early on an interrupt
+        raise KeyboardInterrupt
     return out
 
 
@@ -689,6 +697,9 @@ def sample(
         check_output_file(checkpoint, kind="checkpoint", overwrite=overwrite, inputs=data,
                           exists_ok=resume)  # fmt: skip
     if random_effects_output:
+        if "://" in str(random_effects_output):
+            raise SpecificationError("random_effects_output of a Bayesian fit is a directory on "
+                                     "a local or shared file system, not a URL")  # fmt: skip
         check_output_dataset(random_effects_output, kind="posterior-random-effects",
                              overwrite=overwrite, inputs=data)  # fmt: skip
     if progress is None:
