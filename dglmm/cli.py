@@ -322,11 +322,7 @@ def _add_sample_parser(sub) -> None:
 
 
 def _cmd_sample(args) -> int:
-    import json
-
-    from .api import IN_PROCESS
-    from .mcmc import sample
-    from .outputs import check_distinct, check_output_file, write_text_atomic
+    from .outputs import check_distinct, check_output_file
     from .priors import parse_prior_assignments
 
     priors = parse_prior_assignments(args.prior)
@@ -336,6 +332,24 @@ def _cmd_sample(args) -> int:
                           inputs=args.data)  # fmt: skip
     check_distinct([(args.output, False), (args.summary_json, False),
                     (args.checkpoint, False), (args.random_effects, True)])  # fmt: skip
+    if _embedded_cluster(args):  # started while the sampler's modules import (as for fit)
+        from .dask_driver import cluster
+
+        cluster.prestart(args.workers, processes=args.local_processes)
+        try:
+            return _sample_and_report(args, priors)
+        finally:
+            cluster.discard_prestarted()
+    return _sample_and_report(args, priors)
+
+
+def _sample_and_report(args, priors) -> int:
+    import json
+
+    from .api import IN_PROCESS
+    from .mcmc import sample
+    from .outputs import write_text_atomic
+
     result = sample(
         args.formula, args.data, family=args.family, link=args.link, n_agq=args.n_agq,
         trials=args.trials, offset=args.offset, weights=args.weights,

@@ -243,3 +243,15 @@ def test_families_and_nested_levels(formula, data, family, names):
     for term in fe.index:
         row = res.summary.loc[str(term)]
         assert abs(row["mean"] - fe.loc[term, "estimate"]) < 3 * fe.loc[term, "std_error"]
+
+
+def test_cli_sample_on_the_embedded_cluster(tmp_path):
+    """Without --in-process the command starts (prestarts) the embedded local cluster."""
+    out = tmp_path / "p.nc"
+    rc = main(["sample", str(DATA / "cbpp.csv"), "--formula", CBPP_FORMULA, "--draws", "10",
+               "--tune", "10", "--chains", "2", "--seed", "4", "--workers", "1", "--quiet",
+               "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    import arviz as az
+
+    assert az.from_netcdf(out).posterior.sizes["chain"] == 2
