@@ -332,15 +332,7 @@ def _cmd_sample(args) -> int:
                           inputs=args.data)  # fmt: skip
     check_distinct([(args.output, False), (args.summary_json, False),
                     (args.checkpoint, False), (args.random_effects, True)])  # fmt: skip
-    if _embedded_cluster(args):  # started while the sampler's modules import (as for fit)
-        from .dask_driver import cluster
-
-        cluster.prestart(args.workers, processes=args.local_processes)
-        try:
-            return _sample_and_report(args, priors)
-        finally:
-            cluster.discard_prestarted()
-    return _sample_and_report(args, priors)
+    return _prestarting(args, lambda: _sample_and_report(args, priors))
 
 
 def _sample_and_report(args, priors) -> int:
@@ -397,17 +389,22 @@ def _cmd_fit(args) -> int:
     check_fit_outputs(args.data, checkpoint=args.checkpoint, resume=args.resume,
                       random_effects=args.random_effects, output=args.output,
                       overwrite=args.overwrite)  # fmt: skip
-    if _embedded_cluster(args):
-        from .dask_driver import cluster
+    return _prestarting(args, lambda: _fit_and_report(args, equations))
 
-        # the worker processes start (and load the kernels) while this one imports the
-        # design code and reads the formula; the fit's connect() takes the cluster over
-        cluster.prestart(args.workers, processes=args.local_processes)
-        try:
-            return _fit_and_report(args, equations)
-        finally:
-            cluster.discard_prestarted()
-    return _fit_and_report(args, equations)
+
+def _prestarting(args, run):
+    """``run()`` with the embedded cluster started beforehand when it will be used: the
+    workers start (and load the kernels) while this process imports the design code and
+    reads the formula; the fit's (or sampler's) connect() takes the cluster over."""
+    if not _embedded_cluster(args):
+        return run()
+    from .dask_driver import cluster
+
+    cluster.prestart(args.workers, processes=args.local_processes)
+    try:
+        return run()
+    finally:
+        cluster.discard_prestarted()
 
 
 def _embedded_cluster(args) -> bool:
