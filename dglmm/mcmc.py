@@ -702,8 +702,10 @@ def sample(
                                      "a local or shared file system, not a URL")  # fmt: skip
         check_output_dataset(random_effects_output, kind="posterior-random-effects",
                              overwrite=overwrite, inputs=data)  # fmt: skip
-    if progress is None:
-        progress = sys.stderr.isatty()
+    if progress is None:  # a terminal or a notebook, as dglmm.fit decides
+        from .progress import _in_notebook, _isatty
+
+        progress = _isatty(sys.stderr) or _in_notebook()
     cluster = {"scheduler": scheduler, "scheduler_file": scheduler_file, "n_workers": n_workers,
                "local_processes": local_processes, "security": security}  # fmt: skip
     in_process = client == IN_PROCESS or client is False
