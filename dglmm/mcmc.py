@@ -47,6 +47,8 @@ from .errors import CheckpointError, DglmmWarning, SpecificationError
 __all__ = ["sample", "SampleResult"]
 
 _CHECKPOINT_VERSION = 1
+#: on the embedded cluster, data up to this many rows are sampled in this process
+EMBEDDED_IN_PROCESS_ROWS = 200_000
 _CACHE_SIZE = 4096  # positions remembered per chain thread (a trajectory's tree)
 
 
@@ -709,6 +711,8 @@ def sample(
     cluster = {"scheduler": scheduler, "scheduler_file": scheduler_file, "n_workers": n_workers,
                "local_processes": local_processes, "security": security}  # fmt: skip
     in_process = client == IN_PROCESS or client is False
+    embedded = client is None and not (scheduler or scheduler_file or
+                                       os.environ.get("DASK_SCHEDULER_ADDRESS"))  # fmt: skip
     with contextlib.ExitStack() as stack:
         if not in_process:
             from . import dask_driver
@@ -731,10 +735,13 @@ def sample(
             from .bayes_effects import check_model
 
             check_model(model)
+        # the embedded cluster's workers are threads of this process: for small data a
+        # round trip (~10 ms) costs more than the evaluation, and sampling takes thousands
+        local = in_process or (embedded and int(ml.n_obs) <= EMBEDDED_IN_PROCESS_ROWS)
         fit_kwargs = {"missing": missing, "storage_options": storage_options,
-                      "npartitions": npartitions, **({} if in_process else cluster)}  # fmt: skip
+                      "npartitions": npartitions, **({} if local else cluster)}  # fmt: skip
         ev = stack.enter_context(_evaluator(spec, fam, model, data,
-                                            IN_PROCESS if in_process else client, fit_kwargs))
+                                            IN_PROCESS if local else client, fit_kwargs))
         counter = {"passes": 0, "points": 0}
 
         def evaluate(params_list, hessian):
@@ -773,7 +780,8 @@ def sample(
                     "seed": seed, "target_accept": float(target_accept),
                     "max_tree_depth": max_tree_depth, "adapt_metric": bool(adapt_metric),
                     "n_obs": int(ml.n_obs), "n_groups": _n_groups(ml),
-                    "step_size": run["step_size"]}  # fmt: skip
+                    "step_size": run["step_size"],
+                    "evaluator": "in-process" if local else "dask"}  # fmt: skip
         idata = _inference_data(post, run, ml, settings)
         summary = _summary(post, idata)
         t_re = time.perf_counter()
