@@ -36,9 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--draws", type=int, default=1500)
     args = ap.parse_args(argv)
-    import dglmm
     from test_bayes_grid import PRIORS, _data, _grid_posterior
     from test_mcmc import CBPP_FORMULA, STAN_NAMES
+
+    import dglmm
 
     warnings.simplefilter("ignore")
     lines = ["# dglmm.sample against its references", ""]
