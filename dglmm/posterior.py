@@ -310,9 +310,10 @@ class Posterior:
 
     # -- the density ---------------------------------------------------------------------
 
-    def prior_part(self, z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        """``(lp, d lp / dz, J)``: the log prior plus log-Jacobian, its gradient, and
-        ``J = d params / d z`` of the covariance and family coordinates (n_r, n_r)."""
+    def prior_part(self, z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """``(lp, d lp / dz, J, params)``: the log prior plus log-Jacobian, its gradient,
+        ``J = d params / d z`` of the covariance and family coordinates (n_r, n_r), and the
+        kernel's parameters at ``z`` (:meth:`to_params`, computed on the way)."""
         z = np.asarray(z, dtype=float)
         beta = z[: self.p]
         lp = 0.0
@@ -331,7 +332,7 @@ class Posterior:
             th, ta, l_c, _ = self._rest(zc)
             grad[self.p + i] = np.imag(l_c) / _STEP
             J[:, i] = np.imag(np.concatenate([th, ta])) / _STEP
-        return lp, grad, J
+        return lp, grad, J, np.concatenate([beta, theta, tau])
 
     def logp_grad(self, zs) -> tuple[np.ndarray, np.ndarray]:
         """``log p(z)`` and its gradient for each row of ``zs`` (C, P), the data read once
@@ -339,11 +340,11 @@ class Posterior:
         mode, an overflow) gets ``-inf`` and a zero gradient."""
         zs = np.atleast_2d(np.asarray(zs, dtype=float))
         parts = [self.prior_part(z) for z in zs]
-        params = [self.to_params(z) for z in zs]
+        params = [part[3] for part in parts]
         results = self.evaluate(params, False)
         lps = np.empty(len(zs))
         grads = np.zeros_like(zs)
-        for c, (res, (lp, g, J)) in enumerate(zip(results, parts, strict=True)):
+        for c, (res, (lp, g, J, _)) in enumerate(zip(results, parts, strict=True)):
             ll = float(res.loglik)
             gl = np.asarray(res.gradient, dtype=float)
             if not (np.isfinite(ll) and np.isfinite(lp) and np.all(np.isfinite(gl))):
