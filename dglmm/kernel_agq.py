@@ -27,12 +27,12 @@ from .kernel_mode import _invert_lower
 @numba.njit(cache=True)
 def agq_work(p, q, P, K):
     """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, r, QT, QE, dH,
-    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub``."""
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk``."""
     m = p + q
     return (np.empty((q, q, m)), np.empty(m), np.empty((q, q, P)), np.empty((q, q, q)),
             np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
             np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
-            np.empty(p), np.empty((q, q)), np.empty(q))  # fmt: skip
+            np.empty(p), np.empty((q, q)), np.empty(q), np.empty((4, K)))  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -98,14 +98,10 @@ def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
         for c in range(q):
             eta += gV[i - i0, c] * uk[kk, c]
         n = ntr[i]
-        if eta >= 0.0:
-            e = math.exp(-eta)
-            mu = 1.0 / (1.0 + e)
-            lin = -(n - y[i]) * eta
-        else:
-            e = math.exp(eta)
-            mu = e / (1.0 + e)
-            lin = y[i] * eta
+        e = math.exp(-abs(eta))  # branch-free: the sign of eta is random row to row
+        r = 1.0 / (1.0 + e)
+        mu = r if eta >= 0.0 else e * r
+        lin = y[i] * eta - n * max(eta, 0.0)
         wn = w[i] * n
         if wn == 1.0:
             prod *= 1.0 + e
@@ -115,13 +111,83 @@ def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
                 prod = 1.0
                 count = 0
         else:
-            total -= wn * math.log1p(e)
+            total -= wn * math.log(1.0 + e)  # as families._logit_parts
         total += w[i] * lin
         d1 = w[i] * (y[i] - n * mu)
         d1s[i - i0, kk] = d1
         for c in range(q):
             svk[kk, c] += d1 * gV[i - i0, c]
     return total - math.log(prod)
+
+
+_SHARED_ETA_MAX = 300.0  # |eta| bound of the shared-v pass: factors 1 + e^eta below 1e131
+
+
+@numba.njit(cache=True)
+def _shared_v(geta, gV, n_rows, uk, k_centre):
+    """``v`` if every row of a ``q = 1`` group has the same ``v_i`` (a random intercept:
+    ``z = 1``) and every node's ``|eta|`` stays below ``_SHARED_ETA_MAX``; NaN otherwise."""
+    v = gV[0, 0]
+    lo = np.inf
+    hi = -np.inf
+    for i in range(n_rows):
+        if gV[i, 0] != v:
+            return np.nan
+        lo = min(lo, geta[i])
+        hi = max(hi, geta[i])
+    for kk in range(uk.shape[0]):
+        if kk != k_centre:
+            s = v * uk[kk, 0]
+            if max(abs(lo + s), abs(hi + s)) > _SHARED_ETA_MAX:
+                return np.nan
+    return v
+
+
+@numba.njit(cache=True)
+def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk):
+    """Every node but the centre of a logistic ``q = 1`` group with one ``v`` (see
+    :func:`_shared_v`), in one pass over the rows: ``exp(eta_ik) = exp(eta_i) exp(v u_k)``
+    is one exponential per row for all the nodes, not one per row and node.
+
+    Leaves ``sum_i l_ik`` in ``nk[0, kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
+    ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``; for rows with
+    ``w n = 1`` the factors ``1 + e^eta`` (below 1e131) are multiplied up and logged when
+    the product passes 1e150 (as in :func:`_logit_node_pass`)."""
+    K = uk.shape[0]
+    for kk in range(K):
+        nk[0, kk] = 0.0  # the logged parts
+        nk[1, kk] = 1.0  # running product of 1 + e^eta (w n = 1 rows)
+        nk[2, kk] = math.exp(v * uk[kk, 0])
+        nk[3, kk] = 0.0  # sum of d1
+    for i in range(i0, i1):
+        g = geta[i - i0]
+        eg = math.exp(g)
+        yi = y[i]
+        wi = w[i]
+        ni = ntr[i]
+        wn = wi * ni
+        for kk in range(K):
+            if kk == k_centre:
+                continue
+            t = eg * nk[2, kk]
+            opt = 1.0 + t
+            d1 = wi * (yi - ni * (t / opt))
+            d1s[i - i0, kk] = d1
+            nk[3, kk] += d1
+            lin = wi * yi * (g + v * uk[kk, 0])
+            if wn == 1.0:
+                pr = nk[1, kk] * opt
+                if pr > 1e150:
+                    nk[0, kk] -= math.log(pr)
+                    pr = 1.0
+                nk[1, kk] = pr
+                nk[0, kk] += lin
+            else:
+                nk[0, kk] += lin - wn * math.log(opt)
+    for kk in range(K):
+        if kk != k_centre:
+            nk[0, kk] -= math.log(nk[1, kk])
+            svk[kk, 0] = v * nk[3, kk]
 
 
 @numba.njit(cache=True)
@@ -222,18 +288,27 @@ def trace_gradient(Hi, dH, grad):
 @numba.njit(cache=True)
 def agq_nodes(
     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes,
-    logw, k_centre, d1s, LHi, uk, fk, ltk, svk,
+    logw, k_centre, d1s, LHi, uk, fk, ltk, svk, nk,
 ):  # fmt: skip
     """The group's AGQ log-likelihood term (returned).  Leaves ``LHi = LH^-1``, the nodes
     ``uk``, their posterior weights ``fk``, ``d1`` per row and node in ``d1s``,
-    ``sum_i d1_ik v_i`` in ``svk`` and the tau-derivatives in ``ltk``."""
+    ``sum_i d1_ik v_i`` in ``svk`` and the tau-derivatives in ``ltk`` (``nk``: scratch)."""
     q = u.shape[0]
     p = E.shape[1] - q
+    K = nodes.shape[0]
     logit = fam == FAMILY_BINOMIAL and link == LINK_LOGIT
     _invert_lower(LH, LHi)
     log_det_A = 0.5 * q * math.log(2.0) - 0.5 * logdetH
-    for kk in range(nodes.shape[0]):
-        norm2 = node_point(u, LHi, nodes, kk, uk)
+    for kk in range(K):
+        fk[kk] = node_point(u, LHi, nodes, kk, uk)  # |t_k|^2 until f is formed below
+    shared = logit and q == 1 and K > 1
+    if shared:
+        v = _shared_v(geta, gV, i1 - i0, uk, k_centre)
+        shared = not math.isnan(v)
+        if shared:
+            _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk)
+    for kk in range(K):
+        norm2 = fk[kk]
         if kk == k_centre:  # the mode: its sums are known
             Gk = hsum
             lt_node = lts
@@ -242,6 +317,9 @@ def agq_nodes(
                 for a in range(q):
                     acc += E[c, p + a] * s1[p + a]
                 svk[kk, c] = acc
+        elif shared:
+            Gk = nk[0, kk]
+            lt_node = 0.0
         elif logit:
             Gk = _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk)
             lt_node = 0.0

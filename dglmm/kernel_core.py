@@ -77,14 +77,14 @@ def _block_kernel(
     max_rows = 0
     for g in range(n_groups):
         max_rows = max(max_rows, gptr[g + 1] - gptr[g])
-    geta, gV, d3s, u, s1, Sw, Hm, LH, Hi, guPsi, du, C, dHw = group_work(p, q, P, max_rows)
+    geta, gV, d3s, u, s1, Sw, Hm, LH, Hi, guPsi, du, C, dHw, rowb = group_work(p, q, P, max_rows)
     mode_work = _mode_work(q)
     cs = np.empty(p + q)
     Ec = np.empty(q)
     st1 = np.empty(p + q)  # the family parameter's sums (mode_sums)
     Stz = np.empty((q, q))
     Ct = np.empty((q, q))
-    Q3, r, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub = agq_work(
+    Q3, r, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(
         p, q, P, nodes.shape[0]
     )
     XWX = np.zeros((p, p))
@@ -109,7 +109,7 @@ def _block_kernel(
             modes[g, c] = u[c]
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     node_xx, XWX, s1, Sw, d3s, d1s, k_centre, has_disp, st1,
-                                    Stz)  # fmt: skip
+                                    Stz, rowb)  # fmt: skip
         # H at the mode from the sums there (the last Newton step may have had no pass of
         # its own), its factor and inverse
         mode_hessian(Sw, L, p, Hm)
@@ -118,7 +118,7 @@ def _block_kernel(
             slopes[g, :, :] = 0.0
             loglik += _rule_value(
                 y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
-                nodes, logw, rule_bounds, rule_centre, 0, d1s, LHi, uk, fk, ltk, svk,
+                nodes, logw, rule_bounds, rule_centre, 0, d1s, LHi, uk, fk, ltk, svk, nk,
             ) if not laplace else hsum - 0.5 * (u @ u) - 0.5 * logdetH  # fmt: skip
             continue
         set_theta_coef(tcoef, p, pat_c, u)
@@ -137,7 +137,7 @@ def _block_kernel(
             trace_gradient(Hi, dH, grad)
             loglik += agq_nodes(
                 y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
-                nodes, logw, k_centre, d1s, LHi, uk, fk, ltk, svk,
+                nodes, logw, k_centre, d1s, LHi, uk, fk, ltk, svk, nk,
             )  # fmt: skip
             agq_dA(LHi, dH, tmp, dA)
             node_gradient(
@@ -263,13 +263,13 @@ def _ladder_kernel(
     max_rows = 0
     for g in range(n_groups):
         max_rows = max(max_rows, gptr[g + 1] - gptr[g])
-    geta, gV, d3s, u, s1, Sw, Hm, LH, Hi, guPsi, du, C, dHw = group_work(p, q, P, max_rows)
+    geta, gV, d3s, u, s1, Sw, Hm, LH, Hi, guPsi, du, C, dHw, rowb = group_work(p, q, P, max_rows)
     mode_work = _mode_work(q)
     st1 = np.empty(p + q)
     Stz = np.empty((q, q))
     XWX = np.zeros((p, p))
     d1s = np.empty((max_rows, k_max))
-    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub = agq_work(p, q, P, k_max)
+    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(p, q, P, k_max)
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
     for g in range(n_groups):
         i0 = gptr[g]
@@ -283,7 +283,7 @@ def _ladder_kernel(
         )  # fmt: skip
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     False, XWX, s1, Sw, d3s, d1s, -1, has_disp, st1,
-                                    Stz)  # fmt: skip
+                                    Stz, rowb)  # fmt: skip
         mode_hessian(Sw, L, p, Hm)  # as _block_kernel
         logdetH = _mode_factor(Hm, Hi, LH)
         for r in range(R):
@@ -296,7 +296,7 @@ def _ladder_kernel(
                     ll[g, rr] = _rule_value(
                         y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam,
                         link, tau, nodes, logw, rule_ptr, rule_centre, rr, d1s, LHi, uk, fk,
-                        ltk, svk,
+                        ltk, svk, nk,
                     )  # fmt: skip
             if r + 1 < R and abs(ll[g, r + 1] - ll[g, r]) < tol_group:
                 chosen[g] = r
@@ -307,6 +307,7 @@ def _ladder_kernel(
                 ll[g, r - 1] = _rule_value(
                     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link,
                     tau, nodes, logw, rule_ptr, rule_centre, r - 1, d1s, LHi, uk, fk, ltk, svk,
+                    nk,
                 )  # fmt: skip
                 if abs(ll[g, r] - ll[g, r - 1]) >= tol_group:
                     break
@@ -317,7 +318,7 @@ def _ladder_kernel(
 @numba.njit(cache=True, nogil=True)
 def _rule_value(
     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes, logw,
-    rule_ptr, rule_centre, r, d1s, LHi, uk, fk, ltk, svk,
+    rule_ptr, rule_centre, r, d1s, LHi, uk, fk, ltk, svk, nk,
 ):  # fmt: skip
     """The group's term of rule ``r`` of :func:`_ladder_kernel`'s ladder at the mode."""
     a = rule_ptr[r]
@@ -330,5 +331,5 @@ def _rule_value(
     return agq_nodes(
         y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
         nodes[a:b], logw[a:b], rule_centre[r], d1s, LHi, uk[: b - a], fk[: b - a],
-        ltk[: b - a], svk[: b - a],
+        ltk[: b - a], svk[: b - a], nk[:, : b - a],
     )  # fmt: skip

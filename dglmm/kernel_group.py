@@ -62,7 +62,7 @@ def group_work(p, q, P, max_rows):
     return (np.empty(max_rows), np.empty((max_rows, q)), np.empty(max_rows), np.empty(q),
             np.empty(m), np.empty((m, m)), np.empty((q, q)), np.empty((q, q)),
             np.empty((q, q)), np.empty((q, P)), np.empty((q, P)), np.empty((q, q)),
-            np.empty((P, q, q)))  # fmt: skip
+            np.empty((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -86,26 +86,24 @@ def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
 @numba.njit(cache=True)
 def mode_sums(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, want_hess, XWX, s1, Sw, d3s,
-    d1s, k_centre, has_disp, st1, Stz,
+    d1s, k_centre, has_disp, st1, Stz, rowb,
 ):  # fmt: skip
     """Sums over the group's rows at the mode; returns ``(sum l, sum dl/dtau,
     sum d2l/dtau2)``.
 
     ``Sw`` holds only the rows/columns of z: the x-x block of ``sum_i w_i r_i r_i'`` is
     needed only summed over the block (the beta-beta Hessian), accumulated in ``XWX``
-    when ``want_hess``.  ``d3s`` receives ``d3_i`` per row (the integration rule's
-    third-derivative sums), ``d1s[:, k_centre]`` ``d1_i`` when ``k_centre >= 0``.
+    (the full square) when ``want_hess``.  ``d3s`` receives ``d3_i`` per row (the
+    integration rule's third-derivative sums), ``d1s[:, k_centre]`` ``d1_i`` when
+    ``k_centre >= 0``; ``rowb`` (2, max_rows) is scratch.  The family's row functions
+    run first, then the weighted sums of the rows (:func:`weighted_sums`).
     """
-    p = X.shape[1]
     q = Z.shape[1]
     hsum = 0.0
     lts = 0.0
     ltts = 0.0
-    for a in range(p + q):
-        s1[a] = 0.0
+    for a in range(st1.shape[0]):
         st1[a] = 0.0
-        for b in range(p + q):
-            Sw[a, b] = 0.0
     Stz[:, :] = 0.0
     for i in range(i0, i1):
         eta = geta[i - i0]
@@ -116,35 +114,62 @@ def mode_sums(
             _tau_sums(X, Z, i, d1t, d2t, st1, Stz)
         else:
             l, d1, d2, d3, lt, ltt = row_derivatives(fam, link, y[i], ntr[i], w[i], eta, tau)
-        wi = -d2
-        if want_hess:
-            for a in range(p):
-                wxa = wi * X[i, a]
-                for b in range(a + 1):
-                    XWX[a, b] += wxa * X[i, b]
         if k_centre >= 0:
             d1s[i - i0, k_centre] = d1
+        rowb[0, i - i0] = d1
+        rowb[1, i - i0] = -d2
         d3s[i - i0] = d3
         hsum += l
         lts += lt
         ltts += ltt
-        for a in range(p):
-            s1[a] += d1 * X[i, a]
+    weighted_sums(X, Z, i0, i1, rowb[0], rowb[1], want_hess, XWX, s1, Sw)
+    for a in range(q):
+        for b in range(a):
+            Stz[b, a] = Stz[a, b]
+    return hsum, lts, ltts
+
+
+@numba.njit(cache=True)
+def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
+    """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored) and,
+    when ``want_hess``, ``XWX += sum_i wt_i x_i x_i'`` (full square); ``d1``, ``wt`` are
+    indexed from ``i0``.  Two rows per step: each sum is loaded and stored once per pair,
+    which halves the memory traffic of these sums (about twice as fast as row by row)."""
+    p = X.shape[1]
+    q = Z.shape[1]
+    for a in range(p + q):
+        s1[a] = 0.0
+        for b in range(p + q):
+            Sw[a, b] = 0.0
+    for i in range(i0, i1, 2):
+        j = min(i + 1, i1 - 1)  # an odd last row pairs with itself, weighted 0
+        e0 = d1[i - i0]
+        w0 = wt[i - i0]
+        e1 = d1[j - i0] if j > i else 0.0
+        w1 = wt[j - i0] if j > i else 0.0
+        if want_hess:
+            for a in range(p):
+                x0 = w0 * X[i, a]
+                x1 = w1 * X[j, a]
+                for b in range(p):
+                    XWX[a, b] += x0 * X[i, b] + x1 * X[j, b]
+        for b in range(p):
+            s1[b] += e0 * X[i, b] + e1 * X[j, b]
         for a in range(q):
-            za = Z[i, a]
-            s1[p + a] += d1 * za
-            wz = wi * za
+            z0 = Z[i, a]
+            z1 = Z[j, a]
+            s1[p + a] += e0 * z0 + e1 * z1
+            z0 *= w0
+            z1 *= w1
             for b in range(p):
-                Sw[p + a, b] += wz * X[i, b]
+                Sw[p + a, b] += z0 * X[i, b] + z1 * X[j, b]
             for b in range(a + 1):
-                Sw[p + a, p + b] += wz * Z[i, b]
+                Sw[p + a, p + b] += z0 * Z[i, b] + z1 * Z[j, b]
     for a in range(q):
         for b in range(p):
             Sw[b, p + a] = Sw[p + a, b]
         for b in range(a):
             Sw[p + b, p + a] = Sw[p + a, p + b]
-            Stz[b, a] = Stz[a, b]
-    return hsum, lts, ltts
 
 
 @numba.njit(cache=True, inline="always")

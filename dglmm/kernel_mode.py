@@ -77,6 +77,12 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
     ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
     ``want_h`` (otherwise 0; the log-density is then not computed)."""
     q = V.shape[1]
+    if not want_h and q == 2:  # the common cases, their sums in registers
+        _mode_pass_2(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out)
+        return 0.0
+    if not want_h and q == 1:
+        _mode_pass_1(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out)
+        return 0.0
     h = 0.0
     for c in range(q):
         g_out[c] = -u[c]
@@ -100,6 +106,49 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
         for d in range(c):
             H_out[d, c] = H_out[c, d]
     return h
+
+
+@numba.njit(cache=True)
+def _mode_pass_2(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
+    """:func:`_mode_pass` without ``h`` for ``q = 2``, the sums in scalars (registers, not
+    memory: about a third faster)."""
+    u0 = u[0]
+    u1 = u[1]
+    g0 = -u0
+    g1 = -u1
+    h00 = 1.0
+    h10 = 0.0
+    h11 = 1.0
+    for i in range(i0, i1):
+        v0 = V[i, 0]
+        v1 = V[i, 1]
+        d1, d2 = row_d12(fam, link, y[i], ntr[i], w[i], eta0[i] + v0 * u0 + v1 * u1, tau)
+        g0 += d1 * v0
+        g1 += d1 * v1
+        h00 -= d2 * v0 * v0
+        h10 -= d2 * v1 * v0
+        h11 -= d2 * v1 * v1
+    g_out[0] = g0
+    g_out[1] = g1
+    H_out[0, 0] = h00
+    H_out[1, 0] = h10
+    H_out[0, 1] = h10
+    H_out[1, 1] = h11
+
+
+@numba.njit(cache=True)
+def _mode_pass_1(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
+    """:func:`_mode_pass_2` for ``q = 1``."""
+    u0 = u[0]
+    g0 = -u0
+    h00 = 1.0
+    for i in range(i0, i1):
+        v0 = V[i, 0]
+        d1, d2 = row_d12(fam, link, y[i], ntr[i], w[i], eta0[i] + v0 * u0, tau)
+        g0 += d1 * v0
+        h00 -= d2 * v0 * v0
+    g_out[0] = g0
+    H_out[0, 0] = h00
 
 
 @numba.njit(cache=True)

@@ -643,3 +643,94 @@ def test_newton_hessian_matches_numpy_oracle(fid, pattern):
         res = evaluate_block(block, params, make_model(family, link, pattern, n_agq))
         scale = max(1.0, np.max(np.abs(fd)))
         assert np.max(np.abs(res.hessian - fd)) / scale < 1e-5, (n_agq, res.hessian, fd)
+
+
+@pytest.mark.parametrize("n_agq", [3, 7, 12])
+def test_shared_v_logit_nodes_match_the_oracle(n_agq):
+    """A random-intercept logistic model takes the shared-v node pass (one exponential per
+    row for all the nodes, :func:`dglmm.kernel_agq._logit_nodes_shared_v`).  Bernoulli
+    rows, rows with trials or weights, and a group far beyond the pass's ``|eta|`` bound
+    (the per-node pass instead) all match the NumPy oracle."""
+    from dglmm.kernel_agq import _SHARED_ETA_MAX, _shared_v
+
+    base = make_block("binomial", "logit", False, False, False, 1, n_groups=8, seed=5)
+    n = base.y.size
+    rng = np.random.default_rng(6)
+    trials = np.where(rng.random(n) < 0.3, rng.integers(2, 6, n), 1).astype(float)
+    weights = np.where(rng.random(n) < 0.2, rng.uniform(0.3, 2.0, n), 1.0)
+    y = np.minimum(base.y * trials, trials)
+    off = np.zeros(n)
+    g0 = slice(int(base.group_ptr[0]), int(base.group_ptr[1]))
+    off[g0] = 400.0  # beyond _SHARED_ETA_MAX: the per-node pass
+    y[g0] = trials[g0]
+    block = Block(X=base.X, Z=base.Z, y=y, trials=trials, offset=off, weights=weights,
+                  group_ptr=base.group_ptr, group_keys=base.group_keys)  # fmt: skip
+    model = make_model("binomial", "logit", "q1", n_agq)
+    params = make_params(model)
+    res = evaluate_block(block, params, model, hessian=True)
+    assert res.loglik == pytest.approx(
+        _oracle_loglik("binomial", "logit", block, model, params), rel=1e-10, abs=1e-9
+    )
+    def oracle(x):
+        return _oracle_loglik("binomial", "logit", block, model, x)
+
+    steps = np.eye(params.size) * 1e-5
+    fd = np.array([(oracle(params + e) - oracle(params - e)) / 2e-5 for e in steps])
+    np.testing.assert_allclose(res.gradient, fd, rtol=1e-6, atol=1e-6 * np.max(np.abs(fd)))
+    # the guard: the far group is refused, an ordinary one accepted
+    uk = np.array([[-1.0], [0.0], [1.0]])
+    v = 0.7
+    far = 400.0 + np.zeros(4)
+    assert np.isnan(_shared_v(far, np.full((4, 1), v), 4, uk, 1))
+    assert _shared_v(far - 400.0, np.full((4, 1), v), 4, uk, 1) == v
+    assert np.isnan(_shared_v(np.zeros(4), np.array([[v], [v], [0.5], [v]]), 4, uk, 1))
+    assert _SHARED_ETA_MAX < 709.0  # e^eta finite
+
+
+@pytest.mark.parametrize("bounds", [(0, 6), (6, 13), (13, 14)])
+def test_weighted_sums_take_rows_in_pairs_exactly(bounds):
+    """:func:`dglmm.kernel_group.weighted_sums` (two rows per step, an odd row alone) gives
+    the sums of a row at a time: even, odd and one-row groups."""
+    from dglmm.kernel_group import weighted_sums
+
+    rng = np.random.default_rng(3)
+    n, p, q = 14, 4, 2
+    X = rng.normal(size=(n, p))
+    Z = rng.normal(size=(n, q))
+    i0, i1 = bounds
+    d1 = rng.normal(size=i1 - i0)
+    wt = rng.uniform(0.1, 1.0, i1 - i0)
+    s1 = np.full(p + q, np.nan)
+    Sw = np.full((p + q, p + q), np.nan)
+    XWX = np.zeros((p, p))
+    weighted_sums(X, Z, i0, i1, d1, wt, True, XWX, s1, Sw)
+    R = np.hstack([X, Z])[i0:i1]
+    np.testing.assert_allclose(s1, R.T @ d1, rtol=1e-13, atol=1e-13)
+    full = R.T @ (wt[:, None] * R)
+    np.testing.assert_allclose(Sw[p:, :], full[p:, :], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(Sw[:p, p:], full[:p, p:], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(XWX, full[:p, :p], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+def test_mode_pass_in_registers_equals_the_general_pass(q):
+    """The ``q <= 2`` mode passes (sums in scalars) give the general pass's gradient and
+    negative Hessian (which ``want_h`` takes)."""
+    from dglmm.families import FAMILY_BINOMIAL, LINK_LOGIT
+    from dglmm.kernel_mode import _mode_pass
+
+    rng = np.random.default_rng(q)
+    n = 9
+    eta0 = rng.normal(size=n)
+    V = rng.normal(size=(n, q))
+    y = rng.integers(0, 3, n).astype(float)
+    ntr = np.full(n, 2.0)
+    w = rng.uniform(0.5, 1.5, n)
+    u = rng.normal(size=q)
+    g1, H1, g2, H2 = np.empty(q), np.empty((q, q)), np.empty(q), np.empty((q, q))
+    _mode_pass(eta0, V, y, ntr, w, 1, n, u, FAMILY_BINOMIAL, LINK_LOGIT, 0.0, False, g1, H1)
+    _mode_pass(eta0, V, y, ntr, w, 1, n, u, FAMILY_BINOMIAL, LINK_LOGIT, 0.0, True, g2, H2)
+    np.testing.assert_allclose(g1, g2, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(H1, H2, rtol=1e-13, atol=1e-13)
+    mu = 1.0 / (1.0 + np.exp(-(eta0 + V @ u)))[1:]
+    np.testing.assert_allclose(g1, V[1:].T @ (w[1:] * (y[1:] - 2.0 * mu)) - u, rtol=1e-12)
