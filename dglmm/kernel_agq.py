@@ -25,14 +25,14 @@ from .kernel_mode import _invert_lower
 
 
 @numba.njit(cache=True)
-def agq_work(p, q, P, K):
+def agq_work(p, q, P, K, max_rows):
     """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, r, QT, QE, dH,
-    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk``."""
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk`` (``nk``: ``K + max_rows``)."""
     m = p + q
     return (np.empty((q, q, m)), np.empty(m), np.empty((q, q, P)), np.empty((q, q, q)),
             np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
             np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
-            np.empty(p), np.empty((q, q)), np.empty(q), np.empty((4, K)))  # fmt: skip
+            np.empty(p), np.empty((q, q)), np.empty(q), np.empty(K + max_rows))  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -43,18 +43,20 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH):
     q, P = du.shape
     m = p + q
     Q3[:, :, :] = 0.0
-    for i in range(i0, i1):
-        d3 = d3s[i - i0]
-        if d3 != 0.0:
-            for a in range(p):
-                r[a] = X[i, a]
-            for a in range(q):
-                r[p + a] = Z[i, a]
-            for c in range(q):
-                for d in range(c + 1):
-                    coef = d3 * gV[i - i0, c] * gV[i - i0, d]
-                    for a in range(m):
-                        Q3[c, d, a] += coef * r[a]
+    for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
+        j = min(i + 1, i1 - 1)
+        t0 = d3s[i - i0]
+        t1 = d3s[j - i0] if j > i else 0.0
+        if t0 == 0.0 and t1 == 0.0:  # (the Gaussian)
+            continue
+        for c in range(q):
+            for d in range(c + 1):
+                c0 = t0 * gV[i - i0, c] * gV[i - i0, d]
+                c1 = t1 * gV[j - i0, c] * gV[j - i0, d]
+                for a in range(p):
+                    Q3[c, d, a] += c0 * X[i, a] + c1 * X[j, a]
+                for a in range(q):
+                    Q3[c, d, p + a] += c0 * Z[i, a] + c1 * Z[j, a]
     for c in range(q):
         for d in range(c):
             for a in range(m):
@@ -120,7 +122,10 @@ def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
     return total - math.log(prod)
 
 
-_SHARED_ETA_MAX = 300.0  # |eta| bound of the shared-v pass: factors 1 + e^eta below 1e131
+# |eta| bound of the shared-v pass: each factor 1 + e^eta is below 4.9e8, so a product of
+# _PRODUCT_ROWS of them (logged once) stays below 1e278
+_SHARED_ETA_MAX = 20.0
+_PRODUCT_ROWS = 32
 
 
 @numba.njit(cache=True)
@@ -146,48 +151,63 @@ def _shared_v(geta, gV, n_rows, uk, k_centre):
 @numba.njit(cache=True)
 def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk):
     """Every node but the centre of a logistic ``q = 1`` group with one ``v`` (see
-    :func:`_shared_v`), in one pass over the rows: ``exp(eta_ik) = exp(eta_i) exp(v u_k)``
-    is one exponential per row for all the nodes, not one per row and node.
+    :func:`_shared_v`): ``exp(eta_ik) = exp(eta_i) exp(v u_k)`` is one exponential per row
+    for all the nodes (kept in ``nk[K:]``), not one per row and node.
 
-    Leaves ``sum_i l_ik`` in ``nk[0, kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
-    ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``; for rows with
-    ``w n = 1`` the factors ``1 + e^eta`` (below 1e131) are multiplied up and logged when
-    the product passes 1e150 (as in :func:`_logit_node_pass`)."""
+    Leaves ``sum_i l_ik`` in ``nk[kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
+    ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``: the linear
+    part is ``sum w y eta_i + v u_k sum w y`` for every node; when every row has ``w n = 1``
+    the factors ``1 + e^eta`` are multiplied up and logged every ``_PRODUCT_ROWS`` rows (one
+    logarithm per 32 rows and node; :func:`_logit_node_pass` does the same)."""
     K = uk.shape[0]
-    for kk in range(K):
-        nk[0, kk] = 0.0  # the logged parts
-        nk[1, kk] = 1.0  # running product of 1 + e^eta (w n = 1 rows)
-        nk[2, kk] = math.exp(v * uk[kk, 0])
-        nk[3, kk] = 0.0  # sum of d1
+    wy_eta = 0.0
+    wy = 0.0
+    unit = True
     for i in range(i0, i1):
         g = geta[i - i0]
-        eg = math.exp(g)
-        yi = y[i]
-        wi = w[i]
-        ni = ntr[i]
-        wn = wi * ni
-        for kk in range(K):
-            if kk == k_centre:
-                continue
-            t = eg * nk[2, kk]
-            opt = 1.0 + t
-            d1 = wi * (yi - ni * (t / opt))
-            d1s[i - i0, kk] = d1
-            nk[3, kk] += d1
-            lin = wi * yi * (g + v * uk[kk, 0])
-            if wn == 1.0:
-                pr = nk[1, kk] * opt
-                if pr > 1e150:
-                    nk[0, kk] -= math.log(pr)
-                    pr = 1.0
-                nk[1, kk] = pr
-                nk[0, kk] += lin
-            else:
-                nk[0, kk] += lin - wn * math.log(opt)
+        nk[K + i - i0] = math.exp(g)
+        wy_eta += w[i] * y[i] * g
+        wy += w[i] * y[i]
+        unit = unit and w[i] * ntr[i] == 1.0
     for kk in range(K):
-        if kk != k_centre:
-            nk[0, kk] -= math.log(nk[1, kk])
-            svk[kk, 0] = v * nk[3, kk]
+        if kk == k_centre:
+            continue
+        c = math.exp(v * uk[kk, 0])
+        dsum = 0.0
+        logs = 0.0
+        for s in range(i0, i1, _PRODUCT_ROWS):
+            d, lg = _shared_rows(nk[K:], c, y, ntr, w, i0, s, min(s + _PRODUCT_ROWS, i1),
+                                 unit, d1s[:, kk])  # fmt: skip
+            dsum += d
+            logs += lg
+        nk[kk] = wy_eta + v * uk[kk, 0] * wy - logs
+        svk[kk, 0] = v * dsum
+
+
+@numba.njit(cache=True, inline="always")
+def _shared_rows(eg, c, y, ntr, w, i0, s, e, unit, d1k):
+    """Rows ``s:e`` of one node of :func:`_logit_nodes_shared_v`: ``d1`` into ``d1k``;
+    returns ``(sum d1, sum w n log(1 + e^eta))``."""
+    dsum = 0.0
+    if unit:
+        prod = 1.0
+        for i in range(s, e):
+            t = eg[i - i0] * c
+            opt = 1.0 + t
+            d1 = w[i] * (y[i] - ntr[i] * (t / opt))
+            d1k[i - i0] = d1
+            dsum += d1
+            prod *= opt
+        return dsum, math.log(prod)
+    logs = 0.0
+    for i in range(s, e):
+        t = eg[i - i0] * c
+        opt = 1.0 + t
+        d1 = w[i] * (y[i] - ntr[i] * (t / opt))
+        d1k[i - i0] = d1
+        dsum += d1
+        logs += w[i] * ntr[i] * math.log(opt)
+    return dsum, logs
 
 
 @numba.njit(cache=True)
@@ -318,7 +338,7 @@ def agq_nodes(
                     acc += E[c, p + a] * s1[p + a]
                 svk[kk, c] = acc
         elif shared:
-            Gk = nk[0, kk]
+            Gk = nk[kk]
             lt_node = 0.0
         elif logit:
             Gk = _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk)
@@ -352,21 +372,28 @@ def node_gradient(
     for a in range(q):
         for c in range(q):
             szb[a, c] = 0.0
-    for i in range(i0, i1):
-        dbar = 0.0
-        for c in range(q):
-            dub[c] = 0.0
+    for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
+        j = min(i + 1, i1 - 1)
+        b0 = 0.0
+        b1 = 0.0
         for kk in range(K):
-            wd = pk[kk] * d1s[i - i0, kk]
-            dbar += wd
-            for c in range(q):
-                dub[c] += wd * uk[kk, c]
+            b0 += pk[kk] * d1s[i - i0, kk]
+            b1 += pk[kk] * d1s[j - i0, kk]
+        if j == i:
+            b1 = 0.0
         for a in range(p):
-            sx[a] += dbar * X[i, a]
-        for a in range(q):
-            za = Z[i, a]
-            for c in range(q):
-                szb[a, c] += za * dub[c]
+            sx[a] += b0 * X[i, a] + b1 * X[j, a]
+        for c in range(q):
+            e0 = 0.0
+            e1 = 0.0
+            for kk in range(K):
+                puk = pk[kk] * uk[kk, c]
+                e0 += puk * d1s[i - i0, kk]
+                e1 += puk * d1s[j - i0, kk]
+            if j == i:
+                e1 = 0.0
+            for a in range(q):
+                szb[a, c] += Z[i, a] * e0 + Z[j, a] * e1
     for k in range(p):
         grad[k] += sx[k]
     for j in range(pat_r.shape[0]):

@@ -85,7 +85,7 @@ def _block_kernel(
     Stz = np.empty((q, q))
     Ct = np.empty((q, q))
     Q3, r, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(
-        p, q, P, nodes.shape[0]
+        p, q, P, nodes.shape[0], max_rows
     )
     XWX = np.zeros((p, p))
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
@@ -269,7 +269,9 @@ def _ladder_kernel(
     Stz = np.empty((q, q))
     XWX = np.zeros((p, p))
     d1s = np.empty((max_rows, k_max))
-    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(p, q, P, k_max)
+    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(
+        p, q, P, k_max, max_rows
+    )
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
     for g in range(n_groups):
         i0 = gptr[g]
@@ -331,5 +333,5 @@ def _rule_value(
     return agq_nodes(
         y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
         nodes[a:b], logw[a:b], rule_centre[r], d1s, LHi, uk[: b - a], fk[: b - a],
-        ltk[: b - a], svk[: b - a], nk[:, : b - a],
+        ltk[: b - a], svk[: b - a], nk,
     )  # fmt: skip

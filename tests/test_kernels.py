@@ -649,15 +649,19 @@ def test_newton_hessian_matches_numpy_oracle(fid, pattern):
 def test_shared_v_logit_nodes_match_the_oracle(n_agq):
     """A random-intercept logistic model takes the shared-v node pass (one exponential per
     row for all the nodes, :func:`dglmm.kernel_agq._logit_nodes_shared_v`).  Bernoulli
-    rows, rows with trials or weights, and a group far beyond the pass's ``|eta|`` bound
-    (the per-node pass instead) all match the NumPy oracle."""
+    rows, rows with trials or weights, groups longer than a product's 32 rows, and a group
+    far beyond the pass's ``|eta|`` bound (the per-node pass instead) all match the NumPy
+    oracle."""
     from dglmm.kernel_agq import _SHARED_ETA_MAX, _shared_v
 
-    base = make_block("binomial", "logit", False, False, False, 1, n_groups=8, seed=5)
+    sizes = np.array([6, 70, 3, 33, 2, 9, 4, 32])  # products logged every 32 rows
+    base = make_block("binomial", "logit", False, False, False, 1, seed=5, sizes=sizes)
     n = base.y.size
     rng = np.random.default_rng(6)
     trials = np.where(rng.random(n) < 0.3, rng.integers(2, 6, n), 1).astype(float)
     weights = np.where(rng.random(n) < 0.2, rng.uniform(0.3, 2.0, n), 1.0)
+    unit = slice(int(base.group_ptr[1]), int(base.group_ptr[4]))
+    trials[unit] = weights[unit] = 1.0  # whole groups of Bernoulli rows: the product
     y = np.minimum(base.y * trials, trials)
     off = np.zeros(n)
     g0 = slice(int(base.group_ptr[0]), int(base.group_ptr[1]))
