@@ -189,25 +189,19 @@ def _shared_rows(eg, c, y, ntr, w, i0, s, e, unit, d1k):
     """Rows ``s:e`` of one node of :func:`_logit_nodes_shared_v`: ``d1`` into ``d1k``;
     returns ``(sum d1, sum w n log(1 + e^eta))``."""
     dsum = 0.0
-    if unit:
-        prod = 1.0
-        for i in range(s, e):
-            t = eg[i - i0] * c
-            opt = 1.0 + t
-            d1 = w[i] * (y[i] - ntr[i] * (t / opt))
-            d1k[i - i0] = d1
-            dsum += d1
-            prod *= opt
-        return dsum, math.log(prod)
     logs = 0.0
+    prod = 1.0
     for i in range(s, e):
         t = eg[i - i0] * c
         opt = 1.0 + t
         d1 = w[i] * (y[i] - ntr[i] * (t / opt))
         d1k[i - i0] = d1
         dsum += d1
-        logs += w[i] * ntr[i] * math.log(opt)
-    return dsum, logs
+        if unit:  # (loop-invariant: compiled as two loops)
+            prod *= opt
+        else:
+            logs += w[i] * ntr[i] * math.log(opt)
+    return dsum, logs + math.log(prod)
 
 
 @numba.njit(cache=True)
