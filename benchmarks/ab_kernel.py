@@ -14,7 +14,9 @@ GLM pass, with the speed-up:
 * ``newton``: value, gradient and Newton Hessian with the exact warm start (what
   ``run.py`` calls the warm kernel);
 * ``moved``: the same at parameters 2% away from the warm start's (extrapolated, as in a
-  fit).
+  fit);
+* ``exact``: ``moved`` with the exact Hessian (``hessian="exact"``: the standard errors and
+  the last iterations of a fit).
 
 It also prints how far apart the two kernels' exact-Hessian evaluations are (log-likelihood,
 largest relative difference of the gradient and of the Hessian).  One BLAS thread, as on a
@@ -87,7 +89,8 @@ def compare(cfg: dict, df, truth: dict, repeats: int, old) -> None:
                 r = start[name]
                 for kind, point, hess, u0 in (("value", params, "value", r.modes),
                                               ("newton", params, True, r.modes),
-                                              ("moved", moved, True, r.warm_start)):  # fmt: skip
+                                              ("moved", moved, True, r.warm_start),
+                                              ("exact", moved, "exact", r.warm_start)):  # fmt: skip
                     t0 = time.perf_counter()
                     ev(block, point, model, hessian=hess, u_init=u0)
                     res.setdefault((name, kind), []).append(time.perf_counter() - t0)
@@ -96,7 +99,7 @@ def compare(cfg: dict, df, truth: dict, repeats: int, old) -> None:
             res.setdefault(("glm", ""), []).append(time.perf_counter() - t0)
     g = best(res[("glm", "")])
     print(f"{cfg['config']}: {block.y.size} rows, GLM pass {g * 1e3:.1f} ms (best)")
-    for kind in ("value", "newton", "moved"):
+    for kind in ("value", "newton", "moved", "exact"):
         o, n = best(res[("old", kind)]), best(res[("new", kind)])
         print(f"  {kind:7s} old {o * 1e3:7.1f} ms ({o / g:.2f}x)   new {n * 1e3:7.1f} ms "
               f"({n / g:.2f}x)   speed-up {o / n:.2f}")  # fmt: skip

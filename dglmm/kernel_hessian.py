@@ -49,13 +49,13 @@ def hess_work(p, q, P, K, max_rows):
     sig, ez, Rz, Vz, Gz, dun, gn, gbar, XZn, ZZn, S1n, St1n, lttn, ltn, Y, Phi, C, PhiC,
     Gt, vt, qv, Sq, Mq``."""
     m = p + q
-    return (np.empty(P), np.empty((max_rows, 11)), np.empty((q, q)),
+    return (np.empty((2, P)), np.empty((max_rows, 11)), np.empty((q, q)),
             np.empty(q), np.empty(q), np.empty(q), np.empty((q, q, P)), np.empty((q, P)),
             np.empty((q, P)), np.empty((q, P)), np.empty((K, P)), np.empty(P),
             np.empty((K, p, q)), np.empty((K, q, q)), np.empty((K, m)), np.empty((K, m)),
             np.empty(K), np.empty(K), np.empty((P, q, q)), np.empty((P, q, q)),
-            np.empty((q, q)), np.empty((q, q)), np.empty((q, q)), np.empty(P), np.empty(q),
-            np.empty((q, q)), np.empty((q, q)))  # fmt: skip
+            np.empty((q, q)), np.empty((q, q)), np.empty((q, q)), np.empty(P),
+            np.empty((2, q)), np.empty((q, q)), np.empty((q, q)))  # fmt: skip
 
 
 @numba.njit(cache=True, inline="always")
@@ -99,7 +99,8 @@ def logdet_rows(
     """Adds ``<Wd, d2H_kl> + rho' d2 u_hat_kl`` (lower triangle) to ``hess``.
 
     ``rho`` enters holding the nodes' ``gbar_u`` (zero for Laplace); the rows' own part
-    ``-sum_i d3_i m_i v_i`` is added here.  ``T`` (P,): scratch for a row's tangent."""
+    ``-sum_i d3_i m_i v_i`` is added here.  ``T`` (2, P) and ``Wv`` (2, q): scratch of a
+    pair of rows (pass 2 takes the rows two at a time, see ``kernel_group.weighted_sums``)."""
     p = X.shape[1]
     q, P = du.shape
     nth = pat_r.shape[0]
@@ -139,55 +140,83 @@ def logdet_rows(
     Vz[:, :] = 0.0
     vt[:] = 0.0
     ctt = 0.0
-    for i in range(i0, i1):  # pass 2: the sums
-        j = i - i0
-        row_tangent(X, Z, i, gV[j], tcol, tcoef, du, T)
-        d2 = rowd[j, 1]
-        d3 = rowd[j, 2]
-        d4 = rowd[j, 3]
-        d1t = rowd[j, 4]
-        d2t = rowd[j, 5]
-        d3t = rowd[j, 6]
-        d1tt = rowd[j, 7]
-        d2tt = rowd[j, 8]
-        mi = rowd[j, 9]
-        sv = 0.0
-        for c in range(q):
-            sv += sig[c] * gV[i - i0, c]
-            acc = 0.0
-            for d in range(q):
-                acc += Wd[c, d] * gV[i - i0, d]
-            Wv[c] = acc
-        a = -d4 * mi + d3 * sv
+    for i in range(i0, i1, 2):  # pass 2: the sums, two rows a step
+        i2 = min(i + 1, i1 - 1)
+        f2 = 1.0 if i2 > i else 0.0  # an odd last row pairs with itself, weighted 0
+        a0, e0, b0, c0 = _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[0], Wv[0])
+        a1, e1, b1, c1 = _pair_row(X, Z, i2, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[1],
+                                   Wv[1])  # fmt: skip
+        a1 *= f2
+        e1 *= f2
         for k in range(P):
-            tk = a * T[k]
+            t0 = a0 * T[0, k]
+            t1 = a1 * T[1, k]
             for l in range(k + 1):
-                hess[k, l] += tk * T[l]
+                hess[k, l] += t0 * T[0, l] + t1 * T[1, l]
         if has_disp:
-            bt = -d3t * mi + d2t * sv
-            for k in range(P):
-                vt[k] += bt * T[k]
-            ctt += -d2tt * mi + d1tt * sv
-        e = -d3 * mi + d2 * sv
+            ctt += _tau_row(rowd, i - i0, gV, sig, T[0], vt)
+            if f2 > 0.0:
+                ctt += _tau_row(rowd, i2 - i0, gV, sig, T[1], vt)
         for a_ in range(q):
-            za = Z[i, a_]
-            if za == 0.0:
+            z0 = Z[i, a_]
+            z1 = Z[i2, a_] * f2
+            if z0 == 0.0 and z1 == 0.0:
                 continue
-            ez[a_] += e * za
+            ez[a_] += e0 * z0 + e1 * z1
+            v0 = z0 * b0
+            v1 = z1 * b1
             for l in range(P):
-                tl = T[l]
-                Vz[a_, l] += za * d2 * tl
-                for c in range(q):
-                    Rz[a_, c, l] -= za * Wv[c] * d3 * tl
+                Vz[a_, l] += v0 * T[0, l] + v1 * T[1, l]
+            for c in range(q):
+                r0 = z0 * Wv[0, c] * c0
+                r1 = z1 * Wv[1, c] * c1
+                for l in range(P):
+                    Rz[a_, c, l] -= r0 * T[0, l] + r1 * T[1, l]
             if has_disp:
-                Vz[a_, itau] += za * d1t
+                Vz[a_, itau] += z0 * rowd[i - i0, 4] + z1 * rowd[i2 - i0, 4]
                 for c in range(q):
-                    Rz[a_, c, itau] -= za * Wv[c] * d2t
+                    Rz[a_, c, itau] -= (z0 * Wv[0, c] * rowd[i - i0, 5]
+                                        + z1 * Wv[1, c] * rowd[i2 - i0, 5])  # fmt: skip
     if has_disp:
         for k in range(itau):
             hess[itau, k] += vt[k]
         hess[itau, itau] += 2.0 * vt[itau] + ctt
     _theta_terms(p, nth, pat_r, pat_c, du, ez, Rz, Vz, sig, Sw, Wd, hess)
+
+
+@numba.njit(cache=True, inline="always")
+def _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T, Wv):
+    """Row ``i`` of :func:`logdet_rows`' pass 2: its tangent into ``T``, ``Wd v_i`` into
+    ``Wv``; returns ``(a, e, d2, d3)`` with ``a = -d4 m + d3 s``, ``e = -d3 m + d2 s``,
+    ``s = sig' v_i``."""
+    q = gV.shape[1]
+    j = i - i0
+    row_tangent(X, Z, i, gV[j], tcol, tcoef, du, T)
+    sv = 0.0
+    for c in range(q):
+        sv += sig[c] * gV[j, c]
+        acc = 0.0
+        for d in range(q):
+            acc += Wd[c, d] * gV[j, d]
+        Wv[c] = acc
+    d2 = rowd[j, 1]
+    d3 = rowd[j, 2]
+    mi = rowd[j, 9]
+    return -rowd[j, 3] * mi + d3 * sv, -d3 * mi + d2 * sv, d2, d3
+
+
+@numba.njit(cache=True, inline="always")
+def _tau_row(rowd, j, gV, sig, T, vt):
+    """The family parameter's terms of row ``j``: ``(-d3t m + d2t s) T`` added to ``vt``;
+    returns ``-d2tt m + d1tt s``."""
+    sv = 0.0
+    for c in range(gV.shape[1]):
+        sv += sig[c] * gV[j, c]
+    mi = rowd[j, 9]
+    bt = -rowd[j, 6] * mi + rowd[j, 5] * sv
+    for k in range(T.shape[0]):
+        vt[k] += bt * T[k]
+    return -rowd[j, 8] * mi + rowd[j, 7] * sv
 
 
 @numba.njit(cache=True)
@@ -444,7 +473,7 @@ def group_exact_hessian(
         node_hessian(
             X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, nodes, du, dA, L, fam, link, tau,
             has_disp, pat_r, pat_c, XZn[:K], ZZn[:K], S1n[:K], St1n[:K], lttn[:K], ltn[:K],
-            dun, Gz, gn[:K], gbar, rho, Gt, qv, XWX, hess,
+            dun, Gz, gn[:K], gbar, rho, Gt, qv[0], XWX, hess,
         )  # fmt: skip
         chol_adjoint(LHi, dH, Gt, Phi, C, PhiC, Wd, Sq, Mq, hess)
     dH_products(Hi, dH, Y, hess)
