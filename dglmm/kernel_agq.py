@@ -21,22 +21,23 @@ import numba
 import numpy as np
 
 from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_l_d1
+from .kernel_group import row_pair
 from .kernel_mode import _invert_lower
 
 
 @numba.njit(cache=True)
 def agq_work(p, q, P, K, max_rows):
-    """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, r, QT, QE, dH,
-    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk`` (``nk``: ``K + max_rows``)."""
+    """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, QT, QE, dH,
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk`` (``nk``: ``K + max_rows``)."""
     m = p + q
-    return (np.empty((q, q, m)), np.empty(m), np.empty((q, q, P)), np.empty((q, q, q)),
+    return (np.empty((q, q, m)), np.empty((q, q, P)), np.empty((q, q, q)),
             np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
             np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
-            np.empty(p), np.empty((q, q)), np.empty(q), np.empty(K + max_rows))  # fmt: skip
+            np.empty(p), np.empty((q, q)), np.empty(K + max_rows))  # fmt: skip
 
 
 @numba.njit(cache=True)
-def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH):
+def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
     """``dH/dpsi`` (P, q, q) into ``dH``: ``dHw`` minus the third-derivative terms
     ``Q3[c, d, :] = sum_i d3_i v_ic v_id r_i`` taken along ``d eta / d psi``."""
     p = X.shape[1]
@@ -44,9 +45,9 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH):
     m = p + q
     Q3[:, :, :] = 0.0
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
-        j = min(i + 1, i1 - 1)
+        j, f = row_pair(i, i1)
         t0 = d3s[i - i0]
-        t1 = d3s[j - i0] if j > i else 0.0
+        t1 = f * d3s[j - i0]
         if t0 == 0.0 and t1 == 0.0:  # (the Gaussian)
             continue
         for c in range(q):
@@ -352,7 +353,7 @@ def agq_nodes(
 @numba.njit(cache=True)
 def node_gradient(
     X, Z, i0, i1, pk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp, sx, szb,
-    dub, grad,
+    grad,
 ):  # fmt: skip
     """Adds ``sum_k pi_k [dg/dpsi(u_k) + g_u(u_k)' (du + dA t_k)]`` to ``grad`` (``pk``:
     the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`)."""
@@ -367,14 +368,13 @@ def node_gradient(
         for c in range(q):
             szb[a, c] = 0.0
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
-        j = min(i + 1, i1 - 1)
+        j, f = row_pair(i, i1)
         b0 = 0.0
         b1 = 0.0
         for kk in range(K):
             b0 += pk[kk] * d1s[i - i0, kk]
             b1 += pk[kk] * d1s[j - i0, kk]
-        if j == i:
-            b1 = 0.0
+        b1 *= f
         for a in range(p):
             sx[a] += b0 * X[i, a] + b1 * X[j, a]
         for c in range(q):
@@ -384,8 +384,7 @@ def node_gradient(
                 puk = pk[kk] * uk[kk, c]
                 e0 += puk * d1s[i - i0, kk]
                 e1 += puk * d1s[j - i0, kk]
-            if j == i:
-                e1 = 0.0
+            e1 *= f
             for a in range(q):
                 szb[a, c] += Z[i, a] * e0 + Z[j, a] * e1
     for k in range(p):

@@ -84,7 +84,7 @@ def _block_kernel(
     st1 = np.empty(p + q)  # the family parameter's sums (mode_sums)
     Stz = np.empty((q, q))
     Ct = np.empty((q, q))
-    Q3, r, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(
+    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk = agq_work(
         p, q, P, nodes.shape[0], max_rows
     )
     XWX = np.zeros((p, p))
@@ -133,7 +133,7 @@ def _block_kernel(
                 has_disp, cs, Ec, grad, loglik,
             )  # fmt: skip
         else:
-            agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH)
+            agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH)
             trace_gradient(Hi, dH, grad)
             loglik += agq_nodes(
                 y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau,
@@ -142,12 +142,12 @@ def _block_kernel(
             agq_dA(LHi, dH, tmp, dA)
             node_gradient(
                 X, Z, i0, i1, fk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp,
-                sx, szb, dub, grad,
+                sx, szb, grad,
             )  # fmt: skip
         if exact:
             if laplace:
                 hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
-                agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, r, QT, QE, dH)
+                agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH)
                 _invert_lower(LH, LHi)
             group_exact_hessian(
                 X, Z, y, ntr, w, i0, i1, geta, gV, u, L, fam, link, tau, has_disp, Hi, LHi,
@@ -269,7 +269,7 @@ def _ladder_kernel(
     Stz = np.empty((q, q))
     XWX = np.zeros((p, p))
     d1s = np.empty((max_rows, k_max))
-    Q3, r_, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, dub, nk = agq_work(
+    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk = agq_work(
         p, q, P, k_max, max_rows
     )
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)

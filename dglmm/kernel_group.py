@@ -129,6 +129,15 @@ def mode_sums(
     return hsum, lts, ltts
 
 
+@numba.njit(cache=True, inline="always")
+def row_pair(i, i1):
+    """The partner of row ``i`` in a two-rows step over ``i0:i1`` and its weight:
+    ``(i + 1, 1.0)``, or ``(i, 0.0)`` for an odd last row (paired with itself, weighted 0)."""
+    if i + 1 < i1:
+        return i + 1, 1.0
+    return i, 0.0
+
+
 @numba.njit(cache=True)
 def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored) and,
@@ -142,11 +151,11 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
         for b in range(p + q):
             Sw[a, b] = 0.0
     for i in range(i0, i1, 2):
-        j = min(i + 1, i1 - 1)  # an odd last row pairs with itself, weighted 0
+        j, f = row_pair(i, i1)
         e0 = d1[i - i0]
         w0 = wt[i - i0]
-        e1 = d1[j - i0] if j > i else 0.0
-        w1 = wt[j - i0] if j > i else 0.0
+        e1 = f * d1[j - i0]
+        w1 = f * wt[j - i0]
         if want_hess:
             for a in range(p):
                 x0 = w0 * X[i, a]

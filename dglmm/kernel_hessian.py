@@ -41,6 +41,7 @@ import numba
 import numpy as np
 
 from .families import row_all, row_d12, row_d1234
+from .kernel_group import row_pair
 
 
 @numba.njit(cache=True)
@@ -141,11 +142,11 @@ def logdet_rows(
     vt[:] = 0.0
     ctt = 0.0
     for i in range(i0, i1, 2):  # pass 2: the sums, two rows a step
-        i2 = min(i + 1, i1 - 1)
-        f2 = 1.0 if i2 > i else 0.0  # an odd last row pairs with itself, weighted 0
-        a0, e0, b0, c0 = _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[0], Wv[0])
-        a1, e1, b1, c1 = _pair_row(X, Z, i2, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[1],
-                                   Wv[1])  # fmt: skip
+        i2, f2 = row_pair(i, i1)
+        a0, e0, b0, c0, sv0 = _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[0],
+                                       Wv[0])  # fmt: skip
+        a1, e1, b1, c1, sv1 = _pair_row(X, Z, i2, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T[1],
+                                       Wv[1])  # fmt: skip
         a1 *= f2
         e1 *= f2
         for k in range(P):
@@ -154,9 +155,9 @@ def logdet_rows(
             for l in range(k + 1):
                 hess[k, l] += t0 * T[0, l] + t1 * T[1, l]
         if has_disp:
-            ctt += _tau_row(rowd, i - i0, gV, sig, T[0], vt)
+            ctt += _tau_row(rowd, i - i0, sv0, T[0], vt)
             if f2 > 0.0:
-                ctt += _tau_row(rowd, i2 - i0, gV, sig, T[1], vt)
+                ctt += _tau_row(rowd, i2 - i0, sv1, T[1], vt)
         for a_ in range(q):
             z0 = Z[i, a_]
             z1 = Z[i2, a_] * f2
@@ -187,7 +188,7 @@ def logdet_rows(
 @numba.njit(cache=True, inline="always")
 def _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T, Wv):
     """Row ``i`` of :func:`logdet_rows`' pass 2: its tangent into ``T``, ``Wd v_i`` into
-    ``Wv``; returns ``(a, e, d2, d3)`` with ``a = -d4 m + d3 s``, ``e = -d3 m + d2 s``,
+    ``Wv``; returns ``(a, e, d2, d3, s)`` with ``a = -d4 m + d3 s``, ``e = -d3 m + d2 s``,
     ``s = sig' v_i``."""
     q = gV.shape[1]
     j = i - i0
@@ -202,16 +203,13 @@ def _pair_row(X, Z, i, i0, gV, rowd, sig, Wd, tcol, tcoef, du, T, Wv):
     d2 = rowd[j, 1]
     d3 = rowd[j, 2]
     mi = rowd[j, 9]
-    return -rowd[j, 3] * mi + d3 * sv, -d3 * mi + d2 * sv, d2, d3
+    return -rowd[j, 3] * mi + d3 * sv, -d3 * mi + d2 * sv, d2, d3, sv
 
 
 @numba.njit(cache=True, inline="always")
-def _tau_row(rowd, j, gV, sig, T, vt):
-    """The family parameter's terms of row ``j``: ``(-d3t m + d2t s) T`` added to ``vt``;
-    returns ``-d2tt m + d1tt s``."""
-    sv = 0.0
-    for c in range(gV.shape[1]):
-        sv += sig[c] * gV[j, c]
+def _tau_row(rowd, j, sv, T, vt):
+    """The family parameter's terms of row ``j`` (``sv = sig' v_j`` from :func:`_pair_row`):
+    ``(-d3t m + d2t sv) T`` added to ``vt``; returns ``-d2tt m + d1tt sv``."""
     mi = rowd[j, 9]
     bt = -rowd[j, 6] * mi + rowd[j, 5] * sv
     for k in range(T.shape[0]):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numba
 
+from .kernel_group import row_pair
+
 
 @numba.njit(cache=True)
 def laplace_group(
@@ -30,9 +32,9 @@ def laplace_group(
     for a in range(m):
         cs[a] = 0.0
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
-        j = min(i + 1, i1 - 1)
+        j, f = row_pair(i, i1)
         t0 = d3s[i - i0]
-        t1 = d3s[j - i0] if j > i else 0.0
+        t1 = f * d3s[j - i0]
         if t0 == 0.0 and t1 == 0.0:  # (the Gaussian)
             continue
         m0 = 0.0
