@@ -376,7 +376,7 @@ def _logit_parts(eta):
     return (r if eta >= 0.0 else e * r), common + min(eta, 0.0), common - max(eta, 0.0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _log_ndtr(x):
     """log Phi(x), accurate in both tails."""
     if x > -20.0:
@@ -387,7 +387,7 @@ def _log_ndtr(x):
     return -0.5 * x2 - math.log(-x) - _LOG_SQRT_2PI + math.log(series)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _probit_parts(x):
     """(log Phi(x), a1, a2, a3): log Phi and its first three derivatives."""
     la = _log_ndtr(x)
@@ -397,7 +397,7 @@ def _probit_parts(x):
     return la, r, a2, a3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def own_parameter_row(family, link, y, w, eta, tau):
     """``(l, d1, d2, d3, lt, ltt, d1t, d2t)`` of the families with a scalar parameter of
     their own (:mod:`dglmm.family_rows`): a new such family is a branch here."""
@@ -412,7 +412,7 @@ def own_parameter_row(family, link, y, w, eta, tau):
     return beta_row(y, w, eta, tau)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_derivatives(family, link, y, n, w, eta, tau):
     """Log-density of one observation and its derivatives in ``eta``.
 
@@ -469,7 +469,7 @@ def row_derivatives(family, link, y, n, w, eta, tau):
     return -tau - 0.5 * q, prec * r, -prec, 0.0, -1.0 + q, -2.0 * q
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_d12(family, link, y, n, w, eta, tau):
     """First and second derivative of the log-density in ``eta`` (no log computed).
 
@@ -496,7 +496,7 @@ def row_d12(family, link, y, n, w, eta, tau):
     return d1, d2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_l_d1(family, link, y, n, w, eta, tau):
     """``(l, d1, dl_dtau)``: log-density, its first eta-derivative and tau-derivative.
 
@@ -512,7 +512,7 @@ def row_l_d1(family, link, y, n, w, eta, tau):
     return l, d1, lt
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_all(family, link, y, n, w, eta, tau):
     """Every row derivative a kernel part may need, for every family:
     ``(l, d1, d2, d3, lt, ltt, d1t, d2t)`` (see :mod:`dglmm.family_rows`).
@@ -530,13 +530,13 @@ def row_all(family, link, y, n, w, eta, tau):
     return l, d1, d2, d3, lt, ltt, 0.0, 0.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _probit_d4(x, a1, a2, a3):
     """The fourth derivative of log Phi at ``x`` from the first three (``a3' ``)."""
     return -(a3 * (x + 2.0 * a1) + 2.0 * a2 * (1.0 + a2))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _cloglog_d4(eta):
     """The fourth eta-derivative of ``log mu`` for ``mu = 1 - exp(-exp(eta))``.
 
@@ -555,7 +555,7 @@ def _cloglog_d4(eta):
     return qa * a * a * a - 2.0 * qa * pa * a * b - qa * pa * (a * b + b * b - qa * a)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_higher(family, link, y, n, w, eta, tau):
     """The row derivatives the exact Hessian needs beyond :func:`row_all`:
     ``(d4, d3t, d1tt, d2tt)``, the fourth eta-derivative of the log-density, the
@@ -593,7 +593,7 @@ def row_higher(family, link, y, n, w, eta, tau):
             (rp[6] - rm[6]) / (2.0 * ht), (rp[7] - rm[7]) / (2.0 * ht))  # fmt: skip
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def row_d1234(family, link, y, n, w, eta, tau):
     """``(d1, d2, d3, d4, d1t, d2t, d3t, d1tt, d2tt)``: the derivatives of
     :func:`row_all` and :func:`row_higher` the exact Hessian takes at the mode, without the

@@ -31,7 +31,7 @@ _ETA_MAX = 700.0
 _NEG = -1e300  # the log-density outside the support (a failed trial step, not a value)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def nbinom2_row(y, w, eta, tau):
     """Negative binomial, variance mu + mu^2/k, k = exp(tau), mu = exp(eta).
 
@@ -55,7 +55,7 @@ def nbinom2_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def nbinom1_row(y, w, eta, tau):
     """Negative binomial, variance mu (1 + phi), phi = exp(tau): size k = mu / phi.
 
@@ -81,7 +81,7 @@ def nbinom1_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1t, w * d2t
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def gamma_log_row(y, w, eta, tau):
     """Gamma with shape a = exp(tau), log link mu = exp(eta).
 
@@ -98,7 +98,7 @@ def gamma_log_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1, w * d2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def gamma_inverse_row(y, w, eta, tau):
     """Gamma with shape a = exp(tau), inverse link mu = 1 / eta (eta > 0).
 
@@ -117,7 +117,7 @@ def gamma_inverse_row(y, w, eta, tau):
     return w * l, w * d1, w * d2, w * d3, w * lt, w * ltt, w * d1, w * d2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def _expit(eta):
     """``1 / (1 + exp(-eta))`` without overflow.  Branch-free (a select, not a jump): the
     sign of ``eta`` is random from row to row, and a mispredicted branch per row costs more
@@ -127,7 +127,7 @@ def _expit(eta):
     return r if eta >= 0.0 else e * r
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def beta_row(y, w, eta, tau):
     """Beta with mean mu = expit(eta) and precision phi = exp(tau) (glmmTMB beta_family).
 
@@ -172,7 +172,7 @@ def beta_row(y, w, eta, tau):
 # without the log-gamma and higher polygamma terms of the full rows above (same formulas).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def nbinom2_d12(y, w, eta, tau):
     k = math.exp(tau)
     mu = math.exp(min(eta, _ETA_MAX))
@@ -180,7 +180,7 @@ def nbinom2_d12(y, w, eta, tau):
     return w * k * (y - mu) / s, -w * k * mu * (k + y) / (s * s)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def nbinom1_d12(y, w, eta, tau):
     phi = math.exp(tau)
     k = math.exp(min(max(eta, -_ETA_MAX), _ETA_MAX)) / phi
@@ -188,7 +188,7 @@ def nbinom1_d12(y, w, eta, tau):
     return w * k * a, w * (k * a + k * k * (trigamma(y + k) - trigamma(k)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def gamma_d12(y, w, eta, tau, inverse):
     a = math.exp(tau)
     if inverse:
@@ -199,7 +199,7 @@ def gamma_d12(y, w, eta, tau, inverse):
     return w * a * (r - 1.0), -w * a * r
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def beta_d12(y, w, eta, tau):
     phi = math.exp(tau)
     mu = min(max(_expit(eta), 1e-300), 1.0 - 1e-16)

@@ -36,7 +36,7 @@ def agq_work(p, q, P, K, max_rows):
             np.empty(p), np.empty((q, q)), np.empty(K + max_rows))  # fmt: skip
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
     """``dH/dpsi`` (P, q, q) into ``dH``: ``dHw`` minus the third-derivative terms
     ``Q3[c, d, :] = sum_i d3_i v_ic v_id r_i`` taken along ``d eta / d psi``."""
@@ -80,7 +80,7 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
                 dH[k, c, d] = dHw[k, c, d] - acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
     """Logistic log-density summed over a group at node ``uk[kk]``, with ``d1`` per row
     into ``d1s[:, kk]`` and ``sum_i d1_i v_i`` into ``svk[kk]``.
@@ -129,7 +129,7 @@ _SHARED_ETA_MAX = 20.0
 _PRODUCT_ROWS = 32
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _shared_v(geta, gV, n_rows, uk, k_centre):
     """``v`` if every row of a ``q = 1`` group has the same ``v_i`` (a random intercept:
     ``z = 1``) and every node's ``|eta|`` stays below ``_SHARED_ETA_MAX``; NaN otherwise."""
@@ -149,7 +149,7 @@ def _shared_v(geta, gV, n_rows, uk, k_centre):
     return v
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk):
     """Every node but the centre of a logistic ``q = 1`` group with one ``v`` (see
     :func:`_shared_v`): ``exp(eta_ik) = exp(eta_i) exp(v u_k)`` is one exponential per row
@@ -205,7 +205,7 @@ def _shared_rows(eg, c, y, ntr, w, i0, s, e, unit, d1k):
     return dsum, logs + math.log(prod)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _node_pass(y, ntr, w, i0, i1, geta, gV, uk, kk, fam, link, tau, d1s, svk):
     """Any family (the family's row functions) at node ``uk[kk]``: ``(sum l_i,
     sum dl_i/dtau)``, ``d1_i`` per row into ``d1s[:, kk]`` and ``sum_i d1_i v_i`` into
@@ -228,7 +228,7 @@ def _node_pass(y, ntr, w, i0, i1, geta, gV, uk, kk, fam, link, tau, d1s, svk):
     return G, lt_node
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def node_point(u, LHi, nodes, kk, uk):
     """``uk[kk] = u + sqrt(2) LH^-T t_kk`` (a node of the adaptive rule); returns
     ``|t_kk|^2``."""
@@ -244,7 +244,7 @@ def node_point(u, LHi, nodes, kk, uk):
     return norm2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def exp_normalise(f):
     """Replace log-weights ``f`` by the normalised weights ``exp(f) / sum exp(f)``
     and return ``log sum exp(f)`` (computed without overflow)."""
@@ -260,7 +260,7 @@ def exp_normalise(f):
     return fmax + math.log(total)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def agq_dA(LHi, dH, tmp, dA):
     """``dA/dpsi_k = -sqrt2 LH^-T (dLH_k)' LH^-T`` with ``dLH = LH Phi(LH^-1 dH LH^-T)``
     (``Phi``: lower triangle, halved diagonal), i.e. ``dA = -sqrt2 LHi' Phi'``."""
@@ -288,7 +288,7 @@ def agq_dA(LHi, dH, tmp, dA):
                 dA[k, c, d] = -sqrt2 * acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def trace_gradient(Hi, dH, grad):
     """``grad -= 1/2 tr(H^-1 dH/dpsi)``: the gradient of ``log|det A|``."""
     q = Hi.shape[0]
@@ -300,7 +300,7 @@ def trace_gradient(Hi, dH, grad):
         grad[k] -= 0.5 * acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def agq_nodes(
     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes,
     logw, k_centre, d1s, LHi, uk, fk, ltk, svk, nk,
@@ -350,7 +350,7 @@ def agq_nodes(
     return log_det_A + log_sum - 0.5 * q * math.log(2.0 * math.pi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def node_gradient(
     X, Z, i0, i1, pk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp, sx, szb,
     grad,

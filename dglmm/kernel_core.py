@@ -88,6 +88,9 @@ def _block_kernel(
         p, q, P, nodes.shape[0], max_rows
     )
     XWX = np.zeros((p, p))
+    gy = np.empty(max_rows)  # the group's responses, trials and weights (no slices: a
+    gn = np.empty(max_rows)  # view per group costs two atomic reference counts)
+    gw = np.empty(max_rows)
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
     exact = want_hess == 2
     rule_bounds = np.array([0, nodes.shape[0]])  # the rule as a ladder of one (_rule_value)
@@ -99,11 +102,14 @@ def _block_kernel(
         i0 = gptr[g]
         i1 = gptr[g + 1]
         group_predictor(X, Z, off, beta, L, i0, i1, geta, gV)
+        for i in range(i0, i1):
+            gy[i - i0] = y[i]
+            gn[i - i0] = ntr[i]
+            gw[i - i0] = w[i]
         for c in range(q):
             u[c] = u_init[g, c]
         _find_mode_robust(
-            geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam, link, tau, Hm,
-            mode_work, FINAL_STEP_TOL,
+            geta, gV, gy, gn, gw, 0, i1 - i0, u, fam, link, tau, Hm, mode_work, FINAL_STEP_TOL,
         )  # fmt: skip
         for c in range(q):
             modes[g, c] = u[c]
@@ -218,7 +224,7 @@ def _posterior_kernel(
         _posterior_moments(fk, uk, post_mean[grp], post_cov[grp])
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _posterior_moments(pk, uk, mean, cov):
     """Mean and covariance of the nodes ``uk`` under the weights ``pk``."""
     K, q = uk.shape
@@ -317,7 +323,7 @@ def _ladder_kernel(
             chosen[g] = r
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _rule_value(
     y, ntr, w, i0, i1, geta, gV, u, LH, logdetH, E, s1, hsum, lts, fam, link, tau, nodes, logw,
     rule_ptr, rule_centre, r, d1s, LHi, uk, fk, ltk, svk, nk,

@@ -48,7 +48,7 @@ def psi_map(p, q, P, L, pat_r):
     return tcol, tcoef, E
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def set_theta_coef(tcoef, p, pat_c, u):
     """``d eta / d L_ab = z_a u_b``: the theta coefficients at the group's mode."""
     for j in range(pat_c.shape[0]):
@@ -65,7 +65,7 @@ def group_work(p, q, P, max_rows):
             np.empty((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
     """The group's linear predictor at ``u = 0`` into ``geta`` and ``v_i = L' z_i`` into
     ``gV`` (rows ``0 .. i1 - i0``)."""
@@ -83,7 +83,7 @@ def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
             gV[i - i0, c] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def mode_sums(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, want_hess, XWX, s1, Sw, d3s,
     d1s, k_centre, has_disp, st1, Stz, rowb,
@@ -138,7 +138,7 @@ def row_pair(i, i1):
     return i, 0.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored) and,
     when ``want_hess``, ``XWX += sum_i wt_i x_i x_i'`` (full square); ``d1``, ``wt`` are
@@ -194,7 +194,7 @@ def _tau_sums(X, Z, i, d1t, d2t, st1, Stz):
             Stz[a, b] -= d2t * za * Z[i, b]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, du):
     """``g_u,psi`` (q x P) into ``guPsi`` and ``du_hat/dpsi = H^-1 g_u,psi`` into ``du``."""
     q, P = du.shape
@@ -224,7 +224,7 @@ def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, 
             du[c, k] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
     """The fixed-weight part ``dHw`` (P, q, q) of ``dH/dpsi`` (``W`` held fixed); ``C``
     receives ``C[a, :] = sum_i w_i z_ia v_i'`` and ``Ct = Stz L`` (its tau-derivative)."""
@@ -262,7 +262,7 @@ def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
                 dHw[itau, c, d] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     """Adds the exact Hessian of ``h(u_hat(psi), psi)``, ``-T Sw T' + g_psi,u H^-1
     g_u,psi`` (lower triangle; the x-x block of ``Sw`` is added by the caller from
@@ -282,7 +282,7 @@ def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
             hess[itau, k] += tcoef[k] * st1[tcol[k]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess):
     """Adds the Hessian of ``-1/2 log det H`` with the working weights fixed (lower
     triangle of the theta / tau rows) to ``hess``.  ``d2H/dtau2`` is known for the
@@ -328,7 +328,7 @@ def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess):
             hess[k, k2] += val - 0.5 * d2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def mode_hessian(Sw, L, p, Hm):
     """``Hm = I + L' Sw_zz L``: the negative u-Hessian at the point of :func:`mode_sums`
     (the mode), from its z-z block ``sum_i w_i z_i z_i'``."""

@@ -72,7 +72,7 @@ def row_tangent(X, Z, i, v, tcol, tcoef, du, T):
         T[k] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def dH_products(Hi, dH, Y, hess):
     """Adds ``1/2 tr(H^-1 dH_k H^-1 dH_l)`` (lower triangle) to ``hess``."""
     P, q, _ = dH.shape
@@ -92,7 +92,7 @@ def dH_products(Hi, dH, Y, hess):
             hess[k, l] += 0.5 * acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def logdet_rows(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau, has_disp, Hi, Wd, rho, du, tcol,
     tcoef, T, Sw, pat_r, pat_c, rowd, sig, ez, Rz, Vz, vt, Wv, hess,
@@ -217,7 +217,7 @@ def _tau_row(rowd, j, sv, T, vt):
     return -rowd[j, 8] * mi + rowd[j, 7] * sv
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _theta_terms(p, nth, pat_r, pat_c, du, ez, Rz, Vz, sig, Sw, Wd, hess):
     """The terms of :func:`logdet_rows` that carry ``Dv`` (a theta index in the pair)."""
     P = du.shape[1]
@@ -237,7 +237,7 @@ def _theta_terms(p, nth, pat_r, pat_c, du, ez, Rz, Vz, sig, Sw, Wd, hess):
                 hess[k, k] += 2.0 * val
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _phi(M, out):
     """``out = Phi(M)``: the lower triangle of ``M`` with the diagonal halved."""
     q = M.shape[0]
@@ -246,7 +246,7 @@ def _phi(M, out):
             out[c, d] = M[c, d] if d < c else (0.5 * M[c, c] if d == c else 0.0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def chol_adjoint(B, dH, Gt, Phi, C, PhiC, Wd, tmp, M, hess):
     """AGQ: ``sqrt2 <d2B_kl, Gt>`` split into its part linear in ``d2H`` (added to ``Wd``
     as ``-sqrt2 sym(B' Phi(C) B)``, ``C = Gt B'``) and the rest, ``sqrt2 (<Phi_l Phi_k +
@@ -296,7 +296,7 @@ def chol_adjoint(B, dH, Gt, Phi, C, PhiC, Wd, tmp, M, hess):
             hess[k, l] += s2 * acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _node_position(du, dA, nodes, n, L, u_n, pat_r, pat_c, p, dun, Gz):
     """``dun = du + dA t_n`` (q, P) and ``Gz[a, k]`` with ``T^n_ik = [beta_k] x_ik +
     z_i' Gz[:, k]`` at node ``u_n``."""
@@ -317,7 +317,7 @@ def _node_position(du, dA, nodes, n, L, u_n, pat_r, pat_c, p, dun, Gz):
         Gz[pat_r[j], p + j] += u_n[pat_c[j]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def node_sums(X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, fam, link, tau, has_disp, XZn,
               ZZn, S1n, St1n, lttn, ltn, XWX):  # fmt: skip
     """One pass over the group's rows at every node: ``XZn = sum d2 x z'``, ``ZZn = sum
@@ -372,7 +372,7 @@ def node_sums(X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, fam, link, tau, has_dis
                 ZZn[n, a, b] = ZZn[n, b, a]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def node_hessian(
     X, Z, y, ntr, w, i0, i1, geta, gV, uk, pk, nodes, du, dA, L, fam, link, tau, has_disp,
     pat_r, pat_c, XZn, ZZn, S1n, St1n, lttn, ltn, dun, Gz, gn, gbar, rho, Gt, gu, XWX, hess,
@@ -449,7 +449,7 @@ def _tau_cross(St1n, n, p, q, Gz, l, both, ltt):
     return acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def group_exact_hessian(
     X, Z, y, ntr, w, i0, i1, geta, gV, u, L, fam, link, tau, has_disp, Hi, LHi, dH, du,
     tcol, tcoef, Sw, pat_r, pat_c, laplace, uk, pk, nodes, dA, hw, XWX, hess,

@@ -16,7 +16,7 @@ import numba
 from .kernel_group import row_pair
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def laplace_group(
     X, Z, i0, i1, gV, d3s, u, Hi, logdetH, E, tcol, tcoef, du, dHw, s1, hsum, lts,
     has_disp, cs, Ec, grad, loglik,

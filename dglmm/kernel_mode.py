@@ -24,7 +24,7 @@ _FREE_STEP = 0.25  # Newton steps up to this size (in sd units of u) are not che
 FINAL_STEP_TOL = 1e-12
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _chol_solve_small(H, rhs, Lc):
     """Cholesky ``H = Lc Lc'`` into ``Lc`` and return ``H^-1 rhs``; False if not PD."""
     q = H.shape[0]
@@ -56,7 +56,7 @@ def _chol_solve_small(H, rhs, Lc):
     return True
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _invert_lower(Lc, out):
     """Inverse of the lower-triangular ``Lc`` into ``out`` (forward substitution)."""
     q = Lc.shape[0]
@@ -71,7 +71,7 @@ def _invert_lower(Lc, out):
             out[c, d] = -acc / Lc[c, c]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_out):
     """For one group at ``u``: the u-gradient and negative u-Hessian of
     ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
@@ -108,7 +108,7 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
     return h
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _mode_pass_2(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
     """:func:`_mode_pass` without ``h`` for ``q = 2``, the sums in scalars (registers, not
     memory: about a third faster)."""
@@ -136,7 +136,7 @@ def _mode_pass_2(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
     H_out[1, 1] = h11
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _mode_pass_1(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
     """:func:`_mode_pass_2` for ``q = 1``."""
     u0 = u[0]
@@ -151,7 +151,7 @@ def _mode_pass_1(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
     H_out[0, 0] = h00
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _shifted_step(H, g, step, Lc, Hs):
     """``step = (H + lambda I)^-1 g`` with the smallest ``lambda`` in 1e-3, 1e-2, ... that
     makes the matrix positive definite (``Hs`` scratch); False if none up to 1e8 does."""
@@ -178,7 +178,7 @@ def _mode_work(q):
             np.empty((q, q)))  # fmt: skip
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol=0.0):
     """Newton iteration with step halving for the conditional mode.
 
@@ -256,7 +256,7 @@ def _find_mode(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol
     return n_pass
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol=0.0):
     """:func:`_find_mode` from ``u``; if that does not converge (a warm start far from
     the mode, e.g. after a wild trial step), again from ``u = 0``."""
@@ -274,7 +274,7 @@ def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, fi
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _mode_factor(Hm, Hi, LH):
     """Cholesky factor ``LH`` and inverse ``Hi`` of the negative Hessian ``Hm`` at the mode;
     returns ``log det Hm``."""

@@ -16,7 +16,7 @@ import numba
 _SHIFT = 10.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def digamma(x):
     """psi(x) = d log Gamma(x) / dx, for x > 0."""
     acc = 0.0
@@ -28,7 +28,7 @@ def digamma(x):
     return acc + math.log(x) - 0.5 / x - series
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def trigamma(x):
     """psi'(x), for x > 0."""
     acc = 0.0
@@ -40,7 +40,7 @@ def trigamma(x):
     return acc + 1.0 / x + 0.5 * r + series * r / x
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
 def tetragamma(x):
     """psi''(x), for x > 0."""
     acc = 0.0
