@@ -21,19 +21,19 @@ import numba
 import numpy as np
 
 from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_l_d1
-from .kernel_group import row_pair
+from .kernel_group import add_row_pair, d3_pair, row_pair
 from .kernel_mode import _invert_lower
 
 
 @numba.njit(cache=True)
 def agq_work(p, q, P, K, max_rows):
     """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, QT, QE, dH,
-    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk`` (``nk``: ``K + max_rows``)."""
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku`` (``nk``: ``K + max_rows``)."""
     m = p + q
     return (np.empty((q, q, m)), np.empty((q, q, P)), np.empty((q, q, q)),
             np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
             np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
-            np.empty(p), np.empty((q, q)), np.empty(K + max_rows))  # fmt: skip
+            np.empty(p), np.empty((q, q)), np.empty(K + max_rows), np.empty((K, q)))  # fmt: skip
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -45,19 +45,14 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
     m = p + q
     Q3[:, :, :] = 0.0
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
-        j, f = row_pair(i, i1)
-        t0 = d3s[i - i0]
-        t1 = f * d3s[j - i0]
+        j, t0, t1 = d3_pair(d3s, i, i0, i1)
         if t0 == 0.0 and t1 == 0.0:  # (the Gaussian)
             continue
         for c in range(q):
             for d in range(c + 1):
                 c0 = t0 * gV[i - i0, c] * gV[i - i0, d]
                 c1 = t1 * gV[j - i0, c] * gV[j - i0, d]
-                for a in range(p):
-                    Q3[c, d, a] += c0 * X[i, a] + c1 * X[j, a]
-                for a in range(q):
-                    Q3[c, d, p + a] += c0 * Z[i, a] + c1 * Z[j, a]
+                add_row_pair(X, Z, i, j, c0, c1, Q3[c, d])
     for c in range(q):
         for d in range(c):
             for a in range(m):
@@ -353,10 +348,11 @@ def agq_nodes(
 @numba.njit(cache=True, _nrt=False)
 def node_gradient(
     X, Z, i0, i1, pk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp, sx, szb,
-    grad,
+    pku, grad,
 ):  # fmt: skip
     """Adds ``sum_k pi_k [dg/dpsi(u_k) + g_u(u_k)' (du + dA t_k)]`` to ``grad`` (``pk``:
-    the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`)."""
+    the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`; ``pku`` (K, q)
+    scratch)."""
     p = X.shape[1]
     q, P = du.shape
     K = pk.shape[0]
@@ -367,6 +363,9 @@ def node_gradient(
     for a in range(q):
         for c in range(q):
             szb[a, c] = 0.0
+    for kk in range(K):
+        for c in range(q):
+            pku[kk, c] = pk[kk] * uk[kk, c]
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
         j, f = row_pair(i, i1)
         b0 = 0.0
@@ -381,9 +380,8 @@ def node_gradient(
             e0 = 0.0
             e1 = 0.0
             for kk in range(K):
-                puk = pk[kk] * uk[kk, c]
-                e0 += puk * d1s[i - i0, kk]
-                e1 += puk * d1s[j - i0, kk]
+                e0 += pku[kk, c] * d1s[i - i0, kk]
+                e1 += pku[kk, c] * d1s[j - i0, kk]
             e1 *= f
             for a in range(q):
                 szb[a, c] += Z[i, a] * e0 + Z[j, a] * e1

@@ -84,7 +84,7 @@ def _block_kernel(
     st1 = np.empty(p + q)  # the family parameter's sums (mode_sums)
     Stz = np.empty((q, q))
     Ct = np.empty((q, q))
-    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk = agq_work(
+    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku = agq_work(
         p, q, P, nodes.shape[0], max_rows
     )
     XWX = np.zeros((p, p))
@@ -148,7 +148,7 @@ def _block_kernel(
             agq_dA(LHi, dH, tmp, dA)
             node_gradient(
                 X, Z, i0, i1, fk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp,
-                sx, szb, grad,
+                sx, szb, pku, grad,
             )  # fmt: skip
         if exact:
             if laplace:
@@ -275,7 +275,7 @@ def _ladder_kernel(
     Stz = np.empty((q, q))
     XWX = np.zeros((p, p))
     d1s = np.empty((max_rows, k_max))
-    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk = agq_work(
+    Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku = agq_work(
         p, q, P, k_max, max_rows
     )
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)

@@ -138,6 +138,24 @@ def row_pair(i, i1):
     return i, 0.0
 
 
+@numba.njit(cache=True, inline="always")
+def d3_pair(d3s, i, i0, i1):
+    """``(j, t0, t1)``: row ``i``'s partner (:func:`row_pair`) and the two rows' ``d3``
+    (``d3s`` indexed from ``i0``; ``t1 = 0`` for an odd last row)."""
+    j, f = row_pair(i, i1)
+    return j, d3s[i - i0], f * d3s[j - i0]
+
+
+@numba.njit(cache=True, inline="always")
+def add_row_pair(X, Z, i, j, c0, c1, out):
+    """``out += c0 r_i + c1 r_j`` (``r = [x, z]``, length p + q)."""
+    p = X.shape[1]
+    for a in range(p):
+        out[a] += c0 * X[i, a] + c1 * X[j, a]
+    for a in range(Z.shape[1]):
+        out[p + a] += c0 * Z[i, a] + c1 * Z[j, a]
+
+
 @numba.njit(cache=True, _nrt=False)
 def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored) and,

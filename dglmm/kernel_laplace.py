@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numba
 
-from .kernel_group import row_pair
+from .kernel_group import add_row_pair, d3_pair
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -27,14 +27,11 @@ def laplace_group(
     q = Z.shape[1]
     m = E.shape[1]
     P = grad.shape[0]
-    p = m - q
     # cs = sum_i d3_i (v_i' H^-1 v_i) r_i gives tr(H^-1 dH/dpsi) directly
     for a in range(m):
         cs[a] = 0.0
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
-        j, f = row_pair(i, i1)
-        t0 = d3s[i - i0]
-        t1 = f * d3s[j - i0]
+        j, t0, t1 = d3_pair(d3s, i, i0, i1)
         if t0 == 0.0 and t1 == 0.0:  # (the Gaussian)
             continue
         m0 = 0.0
@@ -47,12 +44,7 @@ def laplace_group(
                 a1 += Hi[c, d] * gV[j - i0, d]
             m0 += gV[i - i0, c] * a0
             m1 += gV[j - i0, c] * a1
-        c0 = t0 * m0
-        c1 = t1 * m1
-        for a in range(p):
-            cs[a] += c0 * X[i, a] + c1 * X[j, a]
-        for a in range(q):
-            cs[p + a] += c0 * Z[i, a] + c1 * Z[j, a]
+        add_row_pair(X, Z, i, j, t0 * m0, t1 * m1, cs)
     # gradient of log|det A| = -1/2 tr(H^-1 dH), dH = dHw - d3-terms
     for e in range(q):
         acc = 0.0
