@@ -376,8 +376,10 @@ def handle(process_cluster):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("npartitions", [1, 7])
-def test_evaluate_matches_in_process(handle, npartitions):
+@pytest.mark.parametrize("npartitions, gather_max", [(1, 16), (7, 16), (7, 2)])
+def test_evaluate_matches_in_process(handle, npartitions, gather_max, monkeypatch):
+    # gather_max 2: the 7 results are summed by sum tasks on the workers down to 2 first
+    monkeypatch.setattr(drv.evaluator, "_GATHER_MAX", gather_max)
     df = make_data(with_missing=True)
     want = in_process(df, PARAMS)
     with evaluator(handle, df, group="g", npartitions=npartitions) as ev:

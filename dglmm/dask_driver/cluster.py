@@ -115,6 +115,8 @@ class ClusterHandle:
         """``client.gather(futures)`` that cannot hang on a cluster without workers;
         ``gather=False``: only wait until they are in memory on the workers (results that
         stay there, such as blocks, are not copied to this process) and return None.
+        From the embedded cluster the results come straight from the workers (one hop less
+        than through the scheduler, which a remote cluster's client may need).
 
         Raises
         ------
@@ -153,7 +155,7 @@ class ClusterHandle:
                     f.result()
             return None
         try:
-            out = self.client.gather(futs)
+            out = self.client.gather(futs, direct=self.cluster is not None or None)
         except CancelledError as exc:
             if self.scheduler_lost(exc):
                 raise self.lost_scheduler_error() from None

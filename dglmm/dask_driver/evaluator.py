@@ -254,6 +254,11 @@ def _transform_task(entry: tuple[Any, int], T: np.ndarray,
     return transform_block(entry[0], T, dtype), entry[1]
 
 
+# at most this many partial sums are gathered to the client per evaluation (each is a
+# gradient and Hessian, P^2 floats); more blocks are first summed by a tree of sum tasks
+_GATHER_MAX = 16
+
+
 def _sum_task(*parts: tuple[list[Any], dict]) -> tuple[list[Any], dict]:
     total, timing = list(parts[0][0]), parts[0][1]
     for other, other_timing in parts[1:]:
@@ -267,8 +272,9 @@ class DaskEvaluator:
 
     Builds one Block per partition on the workers (``block_builder(spec, df, missing=,
     check_response=)``), keeps them in worker memory, and for each call to :meth:`evaluate`
-    submits one kernel task per block followed by a binary tree of sum tasks; only the root
-    (one summed result per parameter vector) comes back.
+    submits one kernel task per block, sums the results pairwise in a tree of sum tasks
+    until at most ``_GATHER_MAX`` remain, and adds those here (one summed result per
+    parameter vector).
 
     Parameters
     ----------
@@ -703,7 +709,7 @@ class DaskEvaluator:
             for i, entry in enumerate(self._blocks)
         ]  # fmt: skip
         depth = 0
-        while len(level) > 1:
+        while len(level) > _GATHER_MAX:  # many blocks: sums on the workers first
             depth += 1
             level = [
                 submit(
@@ -714,7 +720,9 @@ class DaskEvaluator:
                 else level[i]
                 for i in range(0, len(level), 2)
             ]  # fmt: skip
-        return self.handle.wait(level[0])  # bounded when every worker is gone
+        # the last few partial sums (small: a gradient and Hessian each) are added here,
+        # which saves the round trip of a sum task on a worker
+        return _sum_task(*self.handle.wait(level))  # bounded when every worker is gone
 
     # -- life cycle ------------------------------------------------------------------------
 
