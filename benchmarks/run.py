@@ -72,6 +72,7 @@ COLUMNS = [
     "fit_s_per_evaluation_median", "inprocess_fit_s_per_eval_median",
     "inprocess_fit_s_per_eval_mean", "inprocess_fit_evaluations",
     "ratio_fit_eval_vs_glm_1thread", "ns_per_row_eval_fit",
+    "glm_pass_default_beside_dask_s", "ratio_dask_eval_vs_glm_default",
 ]  # fmt: skip
 R_COLUMNS = [
     "config", "rows", "groups", "n_agq", "dglmm_inprocess_s", "glmer_s", "glmmTMB_s",
@@ -329,7 +330,10 @@ def _pop_times(dask_worker=None):
 
 
 def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: int,
-                     client=None) -> dict:  # fmt: skip
+                     client=None, glm=None) -> dict:  # fmt: skip
+    """Evaluations on persisted blocks; ``glm`` ``(X, y, beta)``: a NumPy GLM pass with the
+    default threads is timed after each evaluation (the same moment's denominator of the
+    ratio on the same cores)."""
     from dglmm.dask_driver import connect, make_evaluator
     from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
@@ -341,13 +345,17 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
                                   kernel_model=kernel_model, kernel=_timed_kernel)  # fmt: skip
         load_s = time.perf_counter() - t0
         client = handle.client
-        walls, kernels = [], []
+        walls, kernels, glms = [], [], []
         for i in range(repeats + 1):
             client.run(_pop_times)
             t0 = time.perf_counter()
             ev.evaluate([params], hessian=True)
             wall = time.perf_counter() - t0
             per_worker = client.run(_pop_times)
+            if glm is not None:
+                t0 = time.perf_counter()
+                glm_pass(*glm)
+                glms.append(time.perf_counter() - t0)
             if i == 0:
                 continue  # first call: numba load on the workers
             walls.append(wall)
@@ -365,6 +373,8 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
             "worker_kernel_s_median": median(kernels),
             "overhead_ms_median": 1e3
             * median([w - k for w, k in zip(walls, kernels, strict=True)]),
+            "glm_default_all": glms[1:],
+            "glm_default_s_median": median(glms[1:]) if glms else None,
         }
         ev.close()
     out["peak_worker_rss_mb"] = poll.peak_worker_mb
@@ -728,14 +738,16 @@ def main(argv=None) -> int:
         detail = {"config": cfg, "build_block_inprocess_s": build_s, "kernel": kt,
                   "phases_1thread": phases, "inprocess_block_bytes_per_row": block.nbytes / n,
                   "fixed_columns": list(spec.fixed_columns)}  # fmt: skip
+        glm = (block.X, block.y, params[: spec.p])
         del block
         ev_s = kt["warm_s"]
         if not args.no_dask:
             de = dask_evaluations(data_dir, cfg, params, args.workers, args.repeats,
-                                  client=shared.client if shared else None)
+                                  client=shared.client if shared else None, glm=glm)
             print(f"  dask: load {de['load_s']:.2f}s, evaluate {de['eval_s_median']:.3f}s, "
                   f"worker kernel {de['worker_kernel_s_median']:.3f}s, overhead "
-                  f"{de['overhead_ms_median']:.1f} ms, {de['partitions']} partitions", flush=True)
+                  f"{de['overhead_ms_median']:.1f} ms, {de['partitions']} partitions; GLM pass "
+                  f"beside it {de['glm_default_s_median']:.4f}s", flush=True)
             detail["dask_evaluations"] = de
             ev_s = de["eval_s_median"]
             row.update({
@@ -744,6 +756,8 @@ def main(argv=None) -> int:
                 "dask_overhead_ms": de["overhead_ms_median"],
                 "block_bytes_per_row": de["block_nbytes"] / de["n_obs"],
                 "peak_worker_rss_mb": de["peak_worker_rss_mb"],
+                "glm_pass_default_beside_dask_s": de["glm_default_s_median"],
+                "ratio_dask_eval_vs_glm_default": de["eval_s_median"] / de["glm_default_s_median"],
             })  # fmt: skip
             row["block_vs_raw"] = row["block_bytes_per_row"] / raw_per_row
         else:
@@ -782,6 +796,7 @@ def main(argv=None) -> int:
         elif "dask_evaluations" in detail:
             row["load_s"] = detail["dask_evaluations"]["load_s"]
         detail["eval_s_used_for_ratio"] = ev_s
+        del glm
         rows.append(row)
         details.append(detail)
 

@@ -41,7 +41,7 @@ def test_quick_benchmark_writes_tables(tmp_path):
                  "fit_total_s", "peak_worker_rss_mb", "block_vs_raw", "dask_overhead_ms",
                  "ratio_eval_vs_glm_1thread", "ratio_eval_vs_glm_default",
                  "inprocess_fit_s_per_eval_median", "ratio_fit_eval_vs_glm_1thread",
-                 "fit_s_per_evaluation_median"):  # fmt: skip
+                 "fit_s_per_evaluation_median", "ratio_dask_eval_vs_glm_default"):  # fmt: skip
         assert name in columns
 
     with open(out / "bench-20000.csv", newline="") as fh:
@@ -60,6 +60,9 @@ def test_quick_benchmark_writes_tables(tmp_path):
         assert fit_eval > 0 and int(r["inprocess_fit_evaluations"]) > 0
         ratio = float(r["ratio_fit_eval_vs_glm_1thread"])
         assert ratio == pytest.approx(fit_eval / float(r["glm_pass_1thread_s"]), rel=1e-6)
+        # the ratio on the same cores: the Dask evaluation over the GLM pass timed beside it
+        same_cores = float(r["eval_s_median"]) / float(r["glm_pass_default_beside_dask_s"])
+        assert float(r["ratio_dask_eval_vs_glm_default"]) == pytest.approx(same_cores, rel=1e-6)
 
     md = (out / "bench-20000.md").read_text().splitlines()
     assert md[0].startswith("| config |") and all(c in md[0] for c in columns)
