@@ -59,8 +59,9 @@ def set_theta_coef(tcoef, p, pat_c, u):
 def group_work(p, q, P, max_rows):
     """Scratch arrays of the per-group parts (allocated once per block)."""
     m = p + q
+    # Sw zeroed once: weighted_sums sets only its z-rows and z-columns per group
     return (np.empty(max_rows), np.empty((max_rows, q)), np.empty(max_rows), np.empty(q),
-            np.empty(m), np.empty((m, m)), np.empty((q, q)), np.empty((q, q)),
+            np.empty(m), np.zeros((m, m)), np.empty((q, q)), np.empty((q, q)),
             np.empty((q, q)), np.empty((q, P)), np.empty((q, P)), np.empty((q, q)),
             np.empty((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
 
@@ -158,7 +159,8 @@ def add_row_pair(X, Z, i, j, c0, c1, out):
 
 @numba.njit(cache=True, _nrt=False)
 def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
-    """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored) and,
+    """``s1 = sum_i d1_i r_i``, the z-rows of ``Sw = sum_i wt_i r_i r_i'`` (mirrored into
+    the z-columns; the x-x block is left as it is: zero from group_work) and,
     when ``want_hess``, ``XWX += sum_i wt_i x_i x_i'`` (full square); ``d1``, ``wt`` are
     indexed from ``i0``.  Two rows per step: each sum is loaded and stored once per pair,
     which halves the memory traffic of these sums (about twice as fast as row by row)."""
@@ -166,6 +168,7 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     q = Z.shape[1]
     for a in range(p + q):
         s1[a] = 0.0
+    for a in range(p, p + q):  # the z-rows (the x-x block stays zero)
         for b in range(p + q):
             Sw[a, b] = 0.0
     for i in range(i0, i1, 2):
@@ -284,17 +287,33 @@ def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
 def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     """Adds the exact Hessian of ``h(u_hat(psi), psi)``, ``-T Sw T' + g_psi,u H^-1
     g_u,psi`` (lower triangle; the x-x block of ``Sw`` is added by the caller from
-    ``XWX``), to ``hess``."""
+    ``XWX``), to ``hess``.  Only the z-rows of ``Sw`` are read (its x-x block is not
+    summed per group): the beta-beta block is the Schur term alone, and the
+    tau row (``tcoef = 0``) has no ``Sw`` term."""
     q, P = du.shape
+    p = Sw.shape[0] - q
     itau = P - 1
-    for k in range(P):
+    n_psi = P - 1 if has_disp else P  # the beta and theta rows
+    for k in range(p):
         for k2 in range(k + 1):
-            acc = tcoef[k] * tcoef[k2] * Sw[tcol[k], tcol[k2]]
-            acc2 = 0.0
+            acc = 0.0
             for c in range(q):
-                acc2 += guPsi[c, k] * du[c, k2]
-            hess[k, k2] += -acc + acc2
+                acc += guPsi[c, k] * du[c, k2]
+            hess[k, k2] += acc
+    for k in range(p, n_psi):
+        ck = tcol[k]
+        tk = tcoef[k]
+        for k2 in range(k + 1):
+            acc = -tk * tcoef[k2] * Sw[ck, tcol[k2]]
+            for c in range(q):
+                acc += guPsi[c, k] * du[c, k2]
+            hess[k, k2] += acc
     if has_disp:
+        for k2 in range(P):
+            acc = 0.0
+            for c in range(q):
+                acc += guPsi[c, itau] * du[c, k2]
+            hess[itau, k2] += acc
         hess[itau, itau] += ltts
         for k in range(itau):
             hess[itau, k] += tcoef[k] * st1[tcol[k]]
