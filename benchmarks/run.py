@@ -356,6 +356,9 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
                 t0 = time.perf_counter()
                 glm_pass(*glm)
                 glms.append(time.perf_counter() - t0)
+                # OpenBLAS's threads keep spinning for a while after a call: on the two
+                # cores they would slow the next evaluation's kernels (by a third, measured)
+                time.sleep(0.5)
             if i == 0:
                 continue  # first call: numba load on the workers
             walls.append(wall)
