@@ -28,6 +28,8 @@ FINAL_STEP_TOL = 1e-12
 def _chol_solve_small(H, rhs, Lc):
     """Cholesky ``H = Lc Lc'`` into ``Lc`` and return ``H^-1 rhs``; False if not PD."""
     q = H.shape[0]
+    if q == 2:  # the common case, written out (the loops below cost twice as much)
+        return _chol_solve_2(H, rhs, Lc)
     for i in range(q):
         for j in range(i + 1):
             s = H[i, j]
@@ -53,6 +55,31 @@ def _chol_solve_small(H, rhs, Lc):
             for k in range(i + 1, q):
                 s -= Lc[k, i] * rhs[k, c]
             rhs[i, c] = s / Lc[i, i]
+    return True
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _chol_solve_2(H, rhs, Lc):
+    """:func:`_chol_solve_small` for ``q = 2``, the same operations in the same order."""
+    h00 = H[0, 0]
+    if h00 <= 0.0:
+        return False
+    l00 = math.sqrt(h00)
+    l10 = H[1, 0] / l00
+    s = H[1, 1] - l10 * l10
+    if s <= 0.0:
+        return False
+    l11 = math.sqrt(s)
+    Lc[0, 0] = l00
+    Lc[0, 1] = 0.0
+    Lc[1, 0] = l10
+    Lc[1, 1] = l11
+    for c in range(rhs.shape[1]):
+        r0 = rhs[0, c] / l00
+        r1 = (rhs[1, c] - l10 * r0) / l11
+        r1 = r1 / l11
+        rhs[1, c] = r1
+        rhs[0, c] = (r0 - l10 * r1) / l00
     return True
 
 
