@@ -84,6 +84,7 @@ def _block_kernel(
     st1 = np.empty(p + q)  # the family parameter's sums (mode_sums)
     Stz = np.empty((q, q))
     Ct = np.empty((q, q))
+    HdH = np.empty((P, q, q))  # (hessian_logdet_term)
     Q3, QT, QE, dH, LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku = agq_work(
         p, q, P, nodes.shape[0], max_rows
     )
@@ -162,7 +163,7 @@ def _block_kernel(
             )  # fmt: skip
         elif want_hess:
             hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess)
-            hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess)
+            hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, HdH, hess)
     if want_hess > 0:
         for a in range(p):
             for b in range(a + 1):

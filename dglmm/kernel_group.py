@@ -320,28 +320,31 @@ def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
 
 
 @numba.njit(cache=True, _nrt=False)
-def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, hess):
+def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, HdH, hess):
     """Adds the Hessian of ``-1/2 log det H`` with the working weights fixed (lower
     triangle of the theta / tau rows) to ``hess``.  ``d2H/dtau2`` is known for the
     Gaussian (``d2l/deta2`` scales as ``exp(-2 tau)``: ``-2 dH/dtau``); for the other
     families it is left out (the rows give no ``d2t`` derivative in tau), which the
-    optimiser's measured corrections make up for."""
+    optimiser's measured corrections make up for.  ``HdH`` (P, q, q) is scratch: it
+    receives ``H^-1 dHw_k`` for the theta / tau rows, each product formed once."""
     q = Hi.shape[0]
     P = dHw.shape[0]
     nth = pat_r.shape[0]
     itau = P - 1
     for k in range(p, P):
+        for c in range(q):
+            for d in range(q):
+                acc = 0.0
+                for e in range(q):
+                    acc += Hi[c, e] * dHw[k, e, d]
+                HdH[k, c, d] = acc
+    for k in range(p, P):
         for k2 in range(p, k + 1):
+            # tr(H^-1 dH_k2 H^-1 dH_k) / 2
             acc = 0.0
             for c in range(q):
                 for d in range(q):
-                    hd = 0.0
-                    for e in range(q):
-                        hd += Hi[c, e] * dHw[k2, e, d]
-                    acc2 = 0.0
-                    for e in range(q):
-                        acc2 += Hi[d, e] * dHw[k, e, c]
-                    acc += hd * acc2
+                    acc += HdH[k2, c, d] * HdH[k, d, c]
             val = 0.5 * acc
             # second derivative of H
             d2 = 0.0
