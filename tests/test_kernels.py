@@ -761,3 +761,38 @@ def test_compiled_parts_run_without_reference_counting():
             assert options.get("_nrt") is False, f"{name}.{attr} is compiled with NRT"
             checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_logit_mode_rows_match_the_family_row_functions(unit):
+    """The logistic fast path of the sums at the mode (one logarithm per 32 rows when every
+    row has w n = 1) against the family's row functions, row by row: 75 rows (two full
+    products and a remainder), eta out to +-800, a centre-node column."""
+    from dglmm.families import FAMILY_BINOMIAL, LINK_LOGIT, row_derivatives
+    from dglmm.kernel_group import logit_mode_rows
+
+    rng = np.random.default_rng(3)
+    n_rows, q = 75, 2
+    geta = rng.normal(0.0, 3.0, n_rows)
+    geta[:6] = [-800.0, 800.0, -40.0, 40.0, 0.0, -1e-300]
+    gV = rng.normal(0.0, 1.0, (n_rows, q))
+    u = np.array([0.3, -0.2])
+    ntr = np.ones(n_rows) if unit else rng.integers(1, 6, n_rows).astype(float)
+    w = np.ones(n_rows) if unit else rng.uniform(0.2, 2.0, n_rows)
+    y = rng.binomial(ntr.astype(int), 0.4).astype(float)
+    i0, i1 = 5, 5 + n_rows  # the rows of the group within the block's arrays
+    yb, nb, wb = (np.concatenate([np.zeros(i0), a]) for a in (y, ntr, w))
+    d1s = np.zeros((n_rows, 3))
+    d3s = np.zeros(n_rows)
+    rowb = np.zeros((2, n_rows))
+    hsum = logit_mode_rows(yb, nb, wb, i0, i1, geta, gV, u, d1s, 1, d3s, rowb)
+    eta = geta.copy()
+    for c in range(q):  # in the kernel's order
+        eta += gV[:, c] * u[c]
+    want = np.array([row_derivatives(FAMILY_BINOMIAL, LINK_LOGIT, y[r], ntr[r], w[r], eta[r], 0.0)
+                     for r in range(n_rows)])  # fmt: skip
+    np.testing.assert_array_equal(rowb[0], want[:, 1])
+    np.testing.assert_array_equal(rowb[1], -want[:, 2])
+    np.testing.assert_array_equal(d3s, want[:, 3])
+    np.testing.assert_array_equal(d1s[:, 1], want[:, 1])
+    assert hsum == pytest.approx(want[:, 0].sum(), rel=1e-14, abs=1e-12)
