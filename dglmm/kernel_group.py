@@ -294,6 +294,17 @@ def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, 
             for a in range(m):
                 acc += E[c, a] * st1[a]
             guPsi[c, itau] = acc
+    if q == 2:  # (written out: the general loop's 2-trip inner loop costs more)
+        h00 = Hi[0, 0]
+        h01 = Hi[0, 1]
+        h10 = Hi[1, 0]
+        h11 = Hi[1, 1]
+        for k in range(P):
+            g0 = guPsi[0, k]
+            g1 = guPsi[1, k]
+            du[0, k] = h00 * g0 + h01 * g1
+            du[1, k] = h10 * g0 + h11 * g1
+        return
     for c in range(q):
         for k in range(P):
             acc = 0.0
@@ -351,12 +362,19 @@ def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     p = Sw.shape[0] - q
     itau = P - 1
     n_psi = P - 1 if has_disp else P  # the beta and theta rows
-    for k in range(p):
-        for k2 in range(k + 1):
-            acc = 0.0
-            for c in range(q):
-                acc += guPsi[c, k] * du[c, k2]
-            hess[k, k2] += acc
+    if q == 2:  # (written out: the general loop's 2-trip inner loop costs more)
+        for k in range(p):
+            g0 = guPsi[0, k]
+            g1 = guPsi[1, k]
+            for k2 in range(k + 1):
+                hess[k, k2] += g0 * du[0, k2] + g1 * du[1, k2]
+    else:
+        for k in range(p):
+            for k2 in range(k + 1):
+                acc = 0.0
+                for c in range(q):
+                    acc += guPsi[c, k] * du[c, k2]
+                hess[k, k2] += acc
     for k in range(p, n_psi):
         ck = tcol[k]
         tk = tcoef[k]
