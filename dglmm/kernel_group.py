@@ -61,11 +61,12 @@ def set_theta_coef(tcoef, p, pat_c, u):
 def group_work(p, q, P, max_rows):
     """Scratch arrays of the per-group parts (allocated once per block)."""
     m = p + q
-    # Sw zeroed once: weighted_sums sets only its z-rows and z-columns per group
+    # Sw and dHw zeroed once: weighted_sums sets only Sw's z-rows and z-columns per group,
+    # dH_fixed only dHw's theta and tau rows
     return (np.empty(max_rows), np.empty((max_rows, q)), np.empty(max_rows), np.empty(q),
             np.empty(m), np.zeros((m, m)), np.empty((q, q)), np.empty((q, q)),
             np.empty((q, q)), np.empty((q, P)), np.empty((q, P)), np.empty((q, q)),
-            np.empty((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
+            np.zeros((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -280,12 +281,23 @@ def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, 
     p = m - q
     nth = pat_r.shape[0]
     itau = P - 1
-    for c in range(q):
+    if q == 2:  # (written out, the same operations)
+        e00 = E[0, p]
+        e01 = E[0, p + 1]
+        e10 = E[1, p]
+        e11 = E[1, p + 1]
         for k in range(P):
-            acc = 0.0
-            for a in range(q):
-                acc += E[c, p + a] * Sw[p + a, tcol[k]]
-            guPsi[c, k] = -acc * tcoef[k]
+            s0 = Sw[p, tcol[k]]
+            s1k = Sw[p + 1, tcol[k]]
+            guPsi[0, k] = -(e00 * s0 + e01 * s1k) * tcoef[k]
+            guPsi[1, k] = -(e10 * s0 + e11 * s1k) * tcoef[k]
+    else:
+        for c in range(q):
+            for k in range(P):
+                acc = 0.0
+                for a in range(q):
+                    acc += E[c, p + a] * Sw[p + a, tcol[k]]
+                guPsi[c, k] = -acc * tcoef[k]
     for j in range(nth):
         guPsi[pat_c[j], p + j] += s1[p + pat_r[j]]
     if has_disp:
@@ -315,8 +327,9 @@ def mode_slopes(Sw, s1, st1, E, Hi, tcol, tcoef, pat_r, pat_c, has_disp, guPsi, 
 
 @numba.njit(cache=True, _nrt=False)
 def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
-    """The fixed-weight part ``dHw`` (P, q, q) of ``dH/dpsi`` (``W`` held fixed); ``C``
-    receives ``C[a, :] = sum_i w_i z_ia v_i'`` and ``Ct = Stz L`` (its tau-derivative)."""
+    """The fixed-weight part ``dHw`` (P, q, q) of ``dH/dpsi`` (``W`` held fixed; its beta
+    rows are zero and are not written); ``C`` receives ``C[a, :] = sum_i w_i z_ia v_i'``
+    and ``Ct = Stz L`` (its tau-derivative)."""
     q = L.shape[0]
     nth = pat_r.shape[0]
     itau = dHw.shape[0] - 1
@@ -326,7 +339,7 @@ def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
             for b in range(q):
                 acc += Sw[p + a, p + b] * L[b, c]
             C[a, c] = acc
-    for k in range(dHw.shape[0]):
+    for k in range(p, dHw.shape[0]):  # (the beta rows stay zero, from group_work)
         for c in range(q):
             for d in range(q):
                 dHw[k, c, d] = 0.0
@@ -378,6 +391,12 @@ def hessian_mode_term(Sw, st1, tcol, tcoef, guPsi, du, ltts, has_disp, hess):
     for k in range(p, n_psi):
         ck = tcol[k]
         tk = tcoef[k]
+        if q == 2:
+            g0 = guPsi[0, k]
+            g1 = guPsi[1, k]
+            for k2 in range(k + 1):
+                hess[k, k2] += -tk * tcoef[k2] * Sw[ck, tcol[k2]] + g0 * du[0, k2] + g1 * du[1, k2]
+            continue
         for k2 in range(k + 1):
             acc = -tk * tcoef[k2] * Sw[ck, tcol[k2]]
             for c in range(q):
