@@ -428,6 +428,9 @@ def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, HdH, hess):
     for k in range(p, P):
         for c in range(q):
             for d in range(q):
+                if q == 2:  # (written out, the same operations)
+                    HdH[k, c, d] = Hi[c, 0] * dHw[k, 0, d] + Hi[c, 1] * dHw[k, 1, d]
+                    continue
                 acc = 0.0
                 for e in range(q):
                     acc += Hi[c, e] * dHw[k, e, d]
@@ -435,10 +438,14 @@ def hessian_logdet_term(Sw, Hi, Ct, dHw, p, pat_r, pat_c, fam, HdH, hess):
     for k in range(p, P):
         for k2 in range(p, k + 1):
             # tr(H^-1 dH_k2 H^-1 dH_k) / 2
-            acc = 0.0
-            for c in range(q):
-                for d in range(q):
-                    acc += HdH[k2, c, d] * HdH[k, d, c]
+            if q == 2:
+                acc = (HdH[k2, 0, 0] * HdH[k, 0, 0] + HdH[k2, 0, 1] * HdH[k, 1, 0]
+                       + HdH[k2, 1, 0] * HdH[k, 0, 1] + HdH[k2, 1, 1] * HdH[k, 1, 1])  # fmt: skip
+            else:
+                acc = 0.0
+                for c in range(q):
+                    for d in range(q):
+                        acc += HdH[k2, c, d] * HdH[k, d, c]
             val = 0.5 * acc
             # second derivative of H
             d2 = 0.0
