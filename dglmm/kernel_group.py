@@ -75,11 +75,29 @@ def group_predictor(X, Z, off, beta, L, i0, i1, geta, gV):
     ``gV`` (rows ``0 .. i1 - i0``)."""
     p = X.shape[1]
     q = Z.shape[1]
-    for i in range(i0, i1):
-        acc = off[i]
+    for i in range(i0, i1, 2):  # two rows a step: two independent chains of additions
+        j, _f = row_pair(i, i1)
+        acc0 = off[i]
+        acc1 = off[j]
         for a in range(p):
-            acc += X[i, a] * beta[a]
-        geta[i - i0] = acc
+            acc0 += X[i, a] * beta[a]
+            acc1 += X[j, a] * beta[a]
+        geta[i - i0] = acc0
+        geta[j - i0] = acc1  # (an odd last row: the same value twice)
+    if q == 2:  # (q = 1, 2 written out, the same operations)
+        l00 = L[0, 0]
+        l10 = L[1, 0]
+        l11 = L[1, 1]
+        for i in range(i0, i1):
+            gV[i - i0, 0] = Z[i, 0] * l00 + Z[i, 1] * l10
+            gV[i - i0, 1] = Z[i, 1] * l11
+        return
+    if q == 1:
+        l00 = L[0, 0]
+        for i in range(i0, i1):
+            gV[i - i0, 0] = Z[i, 0] * l00
+        return
+    for i in range(i0, i1):
         for c in range(q):
             acc = 0.0
             for a in range(c, q):
