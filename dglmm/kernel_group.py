@@ -353,6 +353,9 @@ def dH_fixed(Sw, L, Stz, p, pat_r, pat_c, has_disp, C, Ct, dHw):
     itau = dHw.shape[0] - 1
     for a in range(q):
         for c in range(q):
+            if q == 2:  # (written out, the same operations)
+                C[a, c] = Sw[p + a, p] * L[0, c] + Sw[p + a, p + 1] * L[1, c]
+                continue
             acc = 0.0
             for b in range(q):
                 acc += Sw[p + a, p + b] * L[b, c]
@@ -492,6 +495,20 @@ def mode_hessian(Sw, L, p, Hm):
     """``Hm = I + L' Sw_zz L``: the negative u-Hessian at the point of :func:`mode_sums`
     (the mode), from its z-z block ``sum_i w_i z_i z_i'``."""
     q = L.shape[0]
+    if q == 2:  # (written out: the terms the loops below add, in their order)
+        l00 = L[0, 0]
+        l10 = L[1, 0]
+        l11 = L[1, 1]
+        s00 = Sw[p, p]
+        s01 = Sw[p, p + 1]
+        s10 = Sw[p + 1, p]
+        s11 = Sw[p + 1, p + 1]
+        Hm[0, 0] = l00 * s00 * l00 + l00 * s01 * l10 + l10 * s10 * l00 + l10 * s11 * l10 + 1.0
+        h10 = l11 * s10 * l00 + l11 * s11 * l10
+        Hm[1, 0] = h10
+        Hm[0, 1] = h10
+        Hm[1, 1] = l11 * s11 * l11 + 1.0
+        return
     for c in range(q):
         for d in range(c + 1):
             acc = 0.0
