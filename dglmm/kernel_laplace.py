@@ -74,15 +74,29 @@ def laplace_group(
         for a in range(m):
             acc += E[e, a] * cs[a]
         Ec[e] = acc
-    for k in range(P):
-        acc = 0.0
-        for c in range(q):
-            for d in range(q):
-                acc += Hi[c, d] * dHw[k, d, c]
-        acc -= tcoef[k] * cs[tcol[k]]
-        for e in range(q):
-            acc -= Ec[e] * du[e, k]
-        grad[k] -= 0.5 * acc
+    if q == 2:  # (written out, the same operations)
+        h00 = Hi[0, 0]
+        h01 = Hi[0, 1]
+        h10 = Hi[1, 0]
+        h11 = Hi[1, 1]
+        ec0 = Ec[0]
+        ec1 = Ec[1]
+        for k in range(P):
+            acc = h00 * dHw[k, 0, 0] + h01 * dHw[k, 1, 0] + h10 * dHw[k, 0, 1] + h11 * dHw[k, 1, 1]
+            acc -= tcoef[k] * cs[tcol[k]]
+            acc -= ec0 * du[0, k]
+            acc -= ec1 * du[1, k]
+            grad[k] -= 0.5 * acc
+    else:
+        for k in range(P):
+            acc = 0.0
+            for c in range(q):
+                for d in range(q):
+                    acc += Hi[c, d] * dHw[k, d, c]
+            acc -= tcoef[k] * cs[tcol[k]]
+            for e in range(q):
+                acc -= Ec[e] * du[e, k]
+            grad[k] -= 0.5 * acc
     loglik += hsum
     for c in range(q):
         loglik -= 0.5 * u[c] * u[c]
