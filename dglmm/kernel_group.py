@@ -247,6 +247,57 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     for a in range(p, p + q):  # the z-rows (the x-x block stays zero)
         for b in range(p + q):
             Sw[a, b] = 0.0
+    if q == 2:
+        _weighted_sums_2(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw)
+    else:
+        for i in range(i0, i1, 2):
+            j, f = row_pair(i, i1)
+            e0 = d1[i - i0]
+            w0 = wt[i - i0]
+            e1 = f * d1[j - i0]
+            w1 = f * wt[j - i0]
+            if want_hess:
+                _xwx_pair(X, i, j, w0, w1, XWX)
+            for b in range(p):
+                s1[b] += e0 * X[i, b] + e1 * X[j, b]
+            for a in range(q):
+                z0 = Z[i, a]
+                z1 = Z[j, a]
+                s1[p + a] += e0 * z0 + e1 * z1
+                z0 *= w0
+                z1 *= w1
+                for b in range(p):
+                    Sw[p + a, b] += z0 * X[i, b] + z1 * X[j, b]
+                for b in range(a + 1):
+                    Sw[p + a, p + b] += z0 * Z[i, b] + z1 * Z[j, b]
+    for a in range(q):
+        for b in range(p):
+            Sw[b, p + a] = Sw[p + a, b]
+        for b in range(a):
+            Sw[p + b, p + a] = Sw[p + a, p + b]
+
+
+@numba.njit(cache=True, inline="always")
+def _xwx_pair(X, i, j, w0, w1, XWX):
+    """``XWX += w0 x_i x_i' + w1 x_j x_j'`` (the full square: its inner loop vectorises)."""
+    p = X.shape[1]
+    for a in range(p):
+        x0 = w0 * X[i, a]
+        x1 = w1 * X[j, a]
+        for b in range(p):
+            XWX[a, b] += x0 * X[i, b] + x1 * X[j, b]
+
+
+@numba.njit(cache=True, _nrt=False)
+def _weighted_sums_2(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
+    """The row loop of :func:`weighted_sums` for ``q = 2`` (the same operations): the sums
+    of the z entries in registers, the x-indexed ones in one loop over the columns."""
+    p = X.shape[1]
+    sz0 = 0.0
+    sz1 = 0.0
+    w00 = 0.0
+    w10 = 0.0
+    w11 = 0.0
     for i in range(i0, i1, 2):
         j, f = row_pair(i, i1)
         e0 = d1[i - i0]
@@ -254,28 +305,31 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
         e1 = f * d1[j - i0]
         w1 = f * wt[j - i0]
         if want_hess:
-            for a in range(p):
-                x0 = w0 * X[i, a]
-                x1 = w1 * X[j, a]
-                for b in range(p):
-                    XWX[a, b] += x0 * X[i, b] + x1 * X[j, b]
+            _xwx_pair(X, i, j, w0, w1, XWX)
+        zi0 = Z[i, 0]
+        zj0 = Z[j, 0]
+        zi1 = Z[i, 1]
+        zj1 = Z[j, 1]
+        sz0 += e0 * zi0 + e1 * zj0
+        sz1 += e0 * zi1 + e1 * zj1
+        a0 = zi0 * w0
+        b0 = zj0 * w1
+        a1 = zi1 * w0
+        b1 = zj1 * w1
         for b in range(p):
-            s1[b] += e0 * X[i, b] + e1 * X[j, b]
-        for a in range(q):
-            z0 = Z[i, a]
-            z1 = Z[j, a]
-            s1[p + a] += e0 * z0 + e1 * z1
-            z0 *= w0
-            z1 *= w1
-            for b in range(p):
-                Sw[p + a, b] += z0 * X[i, b] + z1 * X[j, b]
-            for b in range(a + 1):
-                Sw[p + a, p + b] += z0 * Z[i, b] + z1 * Z[j, b]
-    for a in range(q):
-        for b in range(p):
-            Sw[b, p + a] = Sw[p + a, b]
-        for b in range(a):
-            Sw[p + b, p + a] = Sw[p + a, p + b]
+            xi = X[i, b]
+            xj = X[j, b]
+            s1[b] += e0 * xi + e1 * xj
+            Sw[p, b] += a0 * xi + b0 * xj
+            Sw[p + 1, b] += a1 * xi + b1 * xj
+        w00 += a0 * zi0 + b0 * zj0
+        w10 += a1 * zi0 + b1 * zj0
+        w11 += a1 * zi1 + b1 * zj1
+    s1[p] = sz0
+    s1[p + 1] = sz1
+    Sw[p, p] = w00
+    Sw[p + 1, p] = w10
+    Sw[p + 1, p + 1] = w11
 
 
 @numba.njit(cache=True, inline="always")
