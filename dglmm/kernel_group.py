@@ -251,13 +251,7 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
         _weighted_sums_2(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw)
     else:
         for i in range(i0, i1, 2):
-            j, f = row_pair(i, i1)
-            e0 = d1[i - i0]
-            w0 = wt[i - i0]
-            e1 = f * d1[j - i0]
-            w1 = f * wt[j - i0]
-            if want_hess:
-                _xwx_pair(X, i, j, w0, w1, XWX)
+            j, e0, e1, w0, w1 = _pair_weights(X, i, i0, i1, d1, wt, want_hess, XWX)
             for b in range(p):
                 s1[b] += e0 * X[i, b] + e1 * X[j, b]
             for a in range(q):
@@ -275,6 +269,18 @@ def weighted_sums(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
             Sw[b, p + a] = Sw[p + a, b]
         for b in range(a):
             Sw[p + b, p + a] = Sw[p + a, p + b]
+
+
+@numba.njit(cache=True, inline="always")
+def _pair_weights(X, i, i0, i1, d1, wt, want_hess, XWX):
+    """``(j, d1_i, d1_j, wt_i, wt_j)`` of a two-rows step (:func:`row_pair`; ``d1``, ``wt``
+    indexed from ``i0``), the pair's ``XWX`` terms added when ``want_hess``."""
+    j, f = row_pair(i, i1)
+    w0 = wt[i - i0]
+    w1 = f * wt[j - i0]
+    if want_hess:
+        _xwx_pair(X, i, j, w0, w1, XWX)
+    return j, d1[i - i0], f * d1[j - i0], w0, w1
 
 
 @numba.njit(cache=True, inline="always")
@@ -299,13 +305,7 @@ def _weighted_sums_2(X, Z, i0, i1, d1, wt, want_hess, XWX, s1, Sw):
     w10 = 0.0
     w11 = 0.0
     for i in range(i0, i1, 2):
-        j, f = row_pair(i, i1)
-        e0 = d1[i - i0]
-        w0 = wt[i - i0]
-        e1 = f * d1[j - i0]
-        w1 = f * wt[j - i0]
-        if want_hess:
-            _xwx_pair(X, i, j, w0, w1, XWX)
+        j, e0, e1, w0, w1 = _pair_weights(X, i, i0, i1, d1, wt, want_hess, XWX)
         zi0 = Z[i, 0]
         zj0 = Z[j, 0]
         zi1 = Z[i, 1]
