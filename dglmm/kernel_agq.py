@@ -345,6 +345,24 @@ def agq_nodes(
     return log_det_A + log_sum - 0.5 * q * math.log(2.0 * math.pi)
 
 
+@numba.njit(cache=True, inline="always")
+def _node_sums_1(pk, pku, d1s, ri, rj):
+    """``(sum_k pi_k d1_ik, the same for row j, sum_k pi_k u_k d1_ik, row j)`` for q = 1:
+    four independent chains in one loop over the nodes."""
+    b0 = 0.0
+    b1 = 0.0
+    e0 = 0.0
+    e1 = 0.0
+    for kk in range(pk.shape[0]):
+        di = d1s[ri, kk]
+        dj = d1s[rj, kk]
+        b0 += pk[kk] * di
+        b1 += pk[kk] * dj
+        e0 += pku[kk, 0] * di
+        e1 += pku[kk, 0] * dj
+    return b0, b1, e0, e1
+
+
 @numba.njit(cache=True, _nrt=False)
 def node_gradient(
     X, Z, i0, i1, pk, d1s, uk, svk, ltk, nodes, du, dA, pat_r, pat_c, has_disp, sx, szb,
@@ -368,6 +386,14 @@ def node_gradient(
             pku[kk, c] = pk[kk] * uk[kk, c]
     for i in range(i0, i1, 2):  # two rows a step (see kernel_group.weighted_sums)
         j, f = row_pair(i, i1)
+        if q == 1:  # one loop over the nodes for both sums (the same operations)
+            b0, b1, e0, e1 = _node_sums_1(pk, pku, d1s, i - i0, j - i0)
+            b1 *= f
+            e1 *= f
+            for a in range(p):
+                sx[a] += b0 * X[i, a] + b1 * X[j, a]
+            szb[0, 0] += Z[i, 0] * e0 + Z[j, 0] * e1
+            continue
         b0 = 0.0
         b1 = 0.0
         for kk in range(K):
