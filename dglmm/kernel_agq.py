@@ -53,6 +53,13 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
                 c0 = t0 * gV[i - i0, c] * gV[i - i0, d]
                 c1 = t1 * gV[j - i0, c] * gV[j - i0, d]
                 add_row_pair(X, Z, i, j, c0, c1, Q3[c, d])
+    if q == 1:  # (written out, the same operations)
+        qe = 0.0
+        for a in range(m):
+            qe += Q3[0, 0, a] * E[0, a]
+        for k in range(P):
+            dH[k, 0, 0] = dHw[k, 0, 0] - (Q3[0, 0, tcol[k]] * tcoef[k] + qe * du[0, k])
+        return
     for c in range(q):
         for d in range(c):
             for a in range(m):
@@ -261,6 +268,12 @@ def agq_dA(LHi, dH, tmp, dA):
     (``Phi``: lower triangle, halved diagonal), i.e. ``dA = -sqrt2 LHi' Phi'``."""
     q = LHi.shape[0]
     sqrt2 = math.sqrt(2.0)
+    if q == 1:  # (written out, the same operations)
+        l00 = LHi[0, 0]
+        for k in range(dH.shape[0]):
+            t = 0.5 * (l00 * dH[k, 0, 0] * l00)
+            dA[k, 0, 0] = -sqrt2 * (l00 * t)
+        return
     for k in range(dH.shape[0]):
         for c in range(q):
             for d in range(q):
