@@ -333,7 +333,12 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
                      client=None, glm=None) -> dict:  # fmt: skip
     """Evaluations on persisted blocks; ``glm`` ``(X, y, beta)``: a NumPy GLM pass with the
     default threads is timed after each evaluation (the same moment's denominator of the
-    ratio on the same cores)."""
+    ratio on the same cores).
+
+    With ``glm``, each timed evaluation follows an untimed one, as evaluations follow each
+    other in a fit: after the half-second pause for OpenBLAS, the first evaluation's kernels
+    ran 40% slower (median, measured with two processes and no Dask), as the cores of this
+    VM come back from idle."""
     from dglmm.dask_driver import connect, make_evaluator
     from dglmm.evaluator import kernel_model
     from dglmm.families import get_family
@@ -347,6 +352,8 @@ def dask_evaluations(data_dir: Path, cfg: dict, params, workers: int, repeats: i
         client = handle.client
         walls, kernels, glms = [], [], []
         for i in range(repeats + 1):
+            if glm is not None:  # the cores are back from the pause below (see the docstring)
+                ev.evaluate([params], hessian=True)
             client.run(_pop_times)
             t0 = time.perf_counter()
             ev.evaluate([params], hessian=True)

@@ -28,12 +28,14 @@ from .kernel_mode import _invert_lower
 @numba.njit(cache=True)
 def agq_work(p, q, P, K, max_rows):
     """Scratch arrays of the AGQ parts (allocated once per block): ``Q3, QT, QE, dH,
-    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku`` (``nk``: ``K + max_rows``)."""
+    LHi, uk, fk, ltk, svk, dA, tmp, sx, szb, nk, pku`` (``nk``: ``K + 3 max_rows``; ``pku``:
+    ``K + 1 + q`` rows)."""
     m = p + q
     return (np.empty((q, q, m)), np.empty((q, q, P)), np.empty((q, q, q)),
             np.empty((P, q, q)), np.empty((q, q)), np.empty((K, q)), np.empty(K),
             np.empty(K), np.empty((K, q)), np.empty((P, q, q)), np.empty((q, q)),
-            np.empty(p), np.empty((q, q)), np.empty(K + max_rows), np.empty((K, q)))  # fmt: skip
+            np.empty(p), np.empty((q, q)), np.empty(K + 3 * max_rows),
+            np.empty((K + 1 + q, q)))  # fmt: skip
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -151,60 +153,66 @@ def _shared_v(geta, gV, n_rows, uk, k_centre):
     return v
 
 
-@numba.njit(cache=True, _nrt=False)
+@numba.njit(cache=True, _nrt=False, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk):
     """Every node but the centre of a logistic ``q = 1`` group with one ``v`` (see
     :func:`_shared_v`): ``exp(eta_ik) = exp(eta_i) exp(v u_k)`` is one exponential per row
-    for all the nodes (kept in ``nk[K:]``), not one per row and node.
+    for all the nodes, not one per row and node.
 
     Leaves ``sum_i l_ik`` in ``nk[kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
     ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``: the linear
     part is ``sum w y eta_i + v u_k sum w y`` for every node; when every row has ``w n = 1``
     the factors ``1 + e^eta`` are multiplied up and logged every ``_PRODUCT_ROWS`` rows (one
-    logarithm per 32 rows and node; :func:`_logit_node_pass` does the same)."""
+    logarithm per 32 rows and node; :func:`_logit_node_pass` does the same).
+
+    ``nk`` holds ``K`` node sums, then three row buffers (``exp(eta_i)``, ``d1``,
+    ``1 + e^eta``): per node the rows are one loop without a call or a dependence from row
+    to row but its sums (summed in any order: ``fastmath`` reassociation), which the
+    compiler runs on vectors, divisions included."""
     K = uk.shape[0]
+    n = i1 - i0
+    m = (nk.shape[0] - K) // 3
+    eg = nk[K : K + n]
+    d1r = nk[K + m : K + m + n]
+    opt = nk[K + 2 * m : K + 2 * m + n]
+    yg = y[i0:i1]
+    ng = ntr[i0:i1]
+    wg = w[i0:i1]
     wy_eta = 0.0
     wy = 0.0
     unit = True
-    for i in range(i0, i1):
-        g = geta[i - i0]
-        nk[K + i - i0] = math.exp(g)
-        wy_eta += w[i] * y[i] * g
-        wy += w[i] * y[i]
-        unit = unit and w[i] * ntr[i] == 1.0
+    for r in range(n):
+        g = geta[r]
+        eg[r] = math.exp(g)
+        wy_eta += wg[r] * yg[r] * g
+        wy += wg[r] * yg[r]
+        unit = unit and wg[r] * ng[r] == 1.0
     for kk in range(K):
         if kk == k_centre:
             continue
         c = math.exp(v * uk[kk, 0])
         dsum = 0.0
-        logs = 0.0
-        for s in range(i0, i1, _PRODUCT_ROWS):
-            d, lg = _shared_rows(nk[K:], c, y, ntr, w, i0, s, min(s + _PRODUCT_ROWS, i1),
-                                 unit, d1s[:, kk])  # fmt: skip
+        for r in range(n):
+            t = eg[r] * c
+            o = 1.0 + t
+            d = wg[r] * (yg[r] - ng[r] * (t / o))
+            opt[r] = o
+            d1r[r] = d
             dsum += d
-            logs += lg
+        for r in range(n):
+            d1s[r, kk] = d1r[r]
+        logs = 0.0
+        if unit:
+            for s in range(0, n, _PRODUCT_ROWS):
+                prod = 1.0
+                for r in range(s, min(s + _PRODUCT_ROWS, n)):
+                    prod *= opt[r]
+                logs += math.log(prod)
+        else:
+            for r in range(n):
+                logs += wg[r] * ng[r] * math.log(opt[r])
         nk[kk] = wy_eta + v * uk[kk, 0] * wy - logs
         svk[kk, 0] = v * dsum
-
-
-@numba.njit(cache=True, inline="always")
-def _shared_rows(eg, c, y, ntr, w, i0, s, e, unit, d1k):
-    """Rows ``s:e`` of one node of :func:`_logit_nodes_shared_v`: ``d1`` into ``d1k``;
-    returns ``(sum d1, sum w n log(1 + e^eta))``."""
-    dsum = 0.0
-    logs = 0.0
-    prod = 1.0
-    for i in range(s, e):
-        t = eg[i - i0] * c
-        opt = 1.0 + t
-        d1 = w[i] * (y[i] - ntr[i] * (t / opt))
-        d1k[i - i0] = d1
-        dsum += d1
-        if unit:  # (loop-invariant: compiled as two loops)
-            prod *= opt
-        else:
-            logs += w[i] * ntr[i] * math.log(opt)
-    return dsum, logs + math.log(prod)
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -382,8 +390,8 @@ def node_gradient(
     pku, grad,
 ):  # fmt: skip
     """Adds ``sum_k pi_k [dg/dpsi(u_k) + g_u(u_k)' (du + dA t_k)]`` to ``grad`` (``pk``:
-    the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`; ``pku`` (K, q)
-    scratch)."""
+    the posterior weights ``pi_k`` of the nodes from :func:`agq_nodes`; ``pku``
+    (K + 1 + q, q) scratch)."""
     p = X.shape[1]
     q, P = du.shape
     K = pk.shape[0]
@@ -428,17 +436,29 @@ def node_gradient(
         grad[k] += sx[k]
     for j in range(pat_r.shape[0]):
         grad[p + j] += szb[pat_r[j], pat_c[j]]
-    # sum_k pi_k g_u(u_k)' (du + dA t_k),  g_u(u_k) = sum_i d1_ik v_i - u_k
+    # sum_k pi_k g_u(u_k)' (du + dA t_k),  g_u(u_k) = sum_i d1_ik v_i - u_k, as
+    # sum_c du[c, k] s_c + sum_cd dA[k, c, d] S_cd with s_c = sum_k pi_k g_kc (row K of
+    # pku) and S_cd = sum_k pi_k g_kc t_kd (rows K + 1 + c): O((K + P) q^2), not O(K P q^2)
+    for c in range(q):
+        pku[K, c] = 0.0
+        for d in range(q):
+            pku[K + 1 + c, d] = 0.0
+    lt = 0.0
     for kk in range(K):
-        if pk[kk] == 0.0:
+        if pk[kk] == 0.0:  # (a node without weight may hold infinities)
             continue
-        for k in range(P):
-            acc = 0.0
-            for c in range(q):
-                mv = du[c, k]
-                for d in range(q):
-                    mv += dA[k, c, d] * nodes[kk, d]
-                acc += (svk[kk, c] - uk[kk, c]) * mv
-            grad[k] += pk[kk] * acc
-        if has_disp:
-            grad[P - 1] += pk[kk] * ltk[kk]
+        for c in range(q):
+            gk = pk[kk] * (svk[kk, c] - uk[kk, c])
+            pku[K, c] += gk
+            for d in range(q):
+                pku[K + 1 + c, d] += gk * nodes[kk, d]
+        lt += pk[kk] * ltk[kk]
+    for k in range(P):
+        acc = 0.0
+        for c in range(q):
+            acc += du[c, k] * pku[K, c]
+            for d in range(q):
+                acc += dA[k, c, d] * pku[K + 1 + c, d]
+        grad[k] += acc
+    if has_disp:
+        grad[P - 1] += lt
