@@ -23,6 +23,7 @@ import numpy as np
 from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_l_d1
 from .kernel_group import add_row_pair, d3_pair, row_pair
 from .kernel_mode import _invert_lower
+from .special import exp_lanes
 
 
 @numba.njit(cache=True)
@@ -153,11 +154,11 @@ def _shared_v(geta, gV, n_rows, uk, k_centre):
     return v
 
 
-@numba.njit(cache=True, _nrt=False, fastmath={"reassoc", "contract"}, error_model="numpy")
+@numba.njit(cache=True, _nrt=False, error_model="numpy")
 def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk):
     """Every node but the centre of a logistic ``q = 1`` group with one ``v`` (see
     :func:`_shared_v`): ``exp(eta_ik) = exp(eta_i) exp(v u_k)`` is one exponential per row
-    for all the nodes, not one per row and node.
+    for all the nodes (:func:`dglmm.special.exp_lanes`), not one per row and node.
 
     Leaves ``sum_i l_ik`` in ``nk[kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
     ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``: the linear
@@ -166,9 +167,10 @@ def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk
     logarithm per 32 rows and node; :func:`_logit_node_pass` does the same).
 
     ``nk`` holds ``K`` node sums, then three row buffers (``exp(eta_i)``, ``d1``,
-    ``1 + e^eta``): per node the rows are one loop without a call or a dependence from row
-    to row but its sums (summed in any order: ``fastmath`` reassociation), which the
-    compiler runs on vectors, divisions included."""
+    ``1 + e^eta``).  Per node, the rows' values come from a loop without a call or a sum,
+    which the compiler runs on vectors (divisions included); the sums follow row by row in
+    order (as in :func:`dglmm.kernel_group.logit_mode_rows`: the same result whichever
+    version of the first loop ran)."""
     K = uk.shape[0]
     n = i1 - i0
     m = (nk.shape[0] - K) // 3
@@ -178,40 +180,38 @@ def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk
     yg = y[i0:i1]
     ng = ntr[i0:i1]
     wg = w[i0:i1]
+    unit = True
     wy_eta = 0.0
     wy = 0.0
-    unit = True
     for r in range(n):
-        g = geta[r]
-        eg[r] = math.exp(g)
-        wy_eta += wg[r] * yg[r] * g
-        wy += wg[r] * yg[r]
         unit = unit and wg[r] * ng[r] == 1.0
+        wy_eta += wg[r] * yg[r] * geta[r]
+        wy += wg[r] * yg[r]
+    for r in range(n):
+        eg[r] = exp_lanes(geta[r])
     for kk in range(K):
         if kk == k_centre:
             continue
         c = math.exp(v * uk[kk, 0])
-        dsum = 0.0
         for r in range(n):
             t = eg[r] * c
             o = 1.0 + t
-            d = wg[r] * (yg[r] - ng[r] * (t / o))
             opt[r] = o
-            d1r[r] = d
-            dsum += d
+            d1r[r] = wg[r] * (yg[r] - ng[r] * (t / o))
+        dsum = 0.0
+        logs = 0.0
+        prod = 1.0
         for r in range(n):
             d1s[r, kk] = d1r[r]
-        logs = 0.0
-        if unit:
-            for s in range(0, n, _PRODUCT_ROWS):
-                prod = 1.0
-                for r in range(s, min(s + _PRODUCT_ROWS, n)):
-                    prod *= opt[r]
-                logs += math.log(prod)
-        else:
-            for r in range(n):
+            dsum += d1r[r]
+            if unit:  # (loop-invariant)
+                prod *= opt[r]
+                if r % _PRODUCT_ROWS == _PRODUCT_ROWS - 1:
+                    logs += math.log(prod)
+                    prod = 1.0
+            else:
                 logs += wg[r] * ng[r] * math.log(opt[r])
-        nk[kk] = wy_eta + v * uk[kk, 0] * wy - logs
+        nk[kk] = wy_eta + v * uk[kk, 0] * wy - (logs + math.log(prod))
         svk[kk, 0] = v * dsum
 
 

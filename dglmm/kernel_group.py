@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from .families import FAMILY_BINOMIAL, FAMILY_GAUSSIAN, LINK_LOGIT, row_all, row_derivatives
+from .special import exp_lanes
 
 
 @numba.njit(cache=True)
@@ -66,7 +67,7 @@ def group_work(p, q, P, max_rows):
     return (np.empty(max_rows), np.empty((max_rows, q)), np.empty(max_rows), np.empty(q),
             np.empty(m), np.zeros((m, m)), np.empty((q, q)), np.empty((q, q)),
             np.empty((q, q)), np.empty((q, P)), np.empty((q, P)), np.empty((q, q)),
-            np.zeros((P, q, q)), np.empty((2, max_rows)))  # fmt: skip
+            np.zeros((P, q, q)), np.empty((4, max_rows)))  # fmt: skip
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -117,7 +118,7 @@ def mode_sums(
     needed only summed over the block (the beta-beta Hessian), accumulated in ``XWX``
     (the full square) when ``want_hess``.  ``d3s`` receives ``d3_i`` per row (the
     integration rule's third-derivative sums), ``d1s[:, k_centre]`` ``d1_i`` when
-    ``k_centre >= 0``; ``rowb`` (2, max_rows) is scratch.  The family's row functions
+    ``k_centre >= 0``; ``rowb`` (4, max_rows) is scratch.  The family's row functions
     run first, then the weighted sums of the rows (:func:`weighted_sums`).
     """
     q = Z.shape[1]
@@ -158,7 +159,7 @@ def mode_sums(
 PRODUCT_ROWS = 32  # factors 1 + e (each in (1, 2]) multiplied before one logarithm
 
 
-@numba.njit(cache=True, _nrt=False)
+@numba.njit(cache=True, _nrt=False, error_model="numpy", fastmath={"contract"})
 def logit_mode_rows(y, ntr, w, i0, i1, geta, gV, u, d1s, k_centre, d3s, rowb):
     """:func:`mode_sums`' row loop for the logistic binomial (``row_derivatives``' values,
     written out): ``d1``, ``-d2``, ``d3`` per row as there; returns ``sum l_i``.
@@ -166,43 +167,64 @@ def logit_mode_rows(y, ntr, w, i0, i1, geta, gV, u, d1s, k_centre, d3s, rowb):
     ``l = w (y min(eta, 0) - (n - y) max(eta, 0) - n log(1 + e))`` with
     ``e = exp(-|eta|)``; when every row has ``w n = 1`` the factors ``1 + e`` are
     multiplied up and logged every ``PRODUCT_ROWS`` rows, one logarithm in place of 32
-    (as the AGQ nodes do, :mod:`dglmm.kernel_agq`)."""
+    (as the AGQ nodes do, :mod:`dglmm.kernel_agq`).
+
+    The per-row values come from a loop without a call (:func:`dglmm.special.exp_lanes`)
+    or a sum, which the compiler runs on vectors; the sums follow in a loop of their own,
+    row by row in order, so the result does not depend on whether the vector or the scalar
+    version of the first loop ran (the compiler picks by where the scratch arrays lie).
+    ``rowb`` rows: ``d1``, ``-d2``, ``eta``, ``1 + e``."""
     q = gV.shape[1]
+    n = i1 - i0
     unit = True
     for i in range(i0, i1):
         unit = unit and w[i] * ntr[i] == 1.0
+    eta_r = rowb[2]
+    opt_r = rowb[3]
+    if q == 1:
+        for r in range(n):
+            eta_r[r] = geta[r] + gV[r, 0] * u[0]
+    elif q == 2:
+        for r in range(n):
+            eta_r[r] = geta[r] + gV[r, 0] * u[0] + gV[r, 1] * u[1]
+    else:
+        for r in range(n):
+            eta = geta[r]
+            for c in range(q):
+                eta += gV[r, c] * u[c]
+            eta_r[r] = eta
+    for r in range(n):
+        eta = eta_r[r]
+        e = exp_lanes(-abs(eta))
+        opt = 1.0 + e
+        r1 = 1.0 / opt
+        mu = r1 if eta >= 0.0 else e * r1
+        wi = w[i0 + r]
+        ni = ntr[i0 + r]
+        d2 = -wi * ni * (mu * (1.0 - mu))
+        rowb[0, r] = wi * (y[i0 + r] - ni * mu)
+        rowb[1, r] = -d2
+        d3s[r] = d2 * (1.0 - 2.0 * mu)
+        opt_r[r] = opt
+    if k_centre >= 0:
+        for r in range(n):
+            d1s[r, k_centre] = rowb[0, r]
     lin = 0.0
     logs = 0.0
     prod = 1.0
-    count = 0
-    for i in range(i0, i1):
-        eta = geta[i - i0]
-        for c in range(q):
-            eta += gV[i - i0, c] * u[c]
-        e = math.exp(-abs(eta))
-        opt = 1.0 + e
-        r = 1.0 / opt
-        mu = r if eta >= 0.0 else e * r
-        wi = w[i]
-        ni = ntr[i]
-        yi = y[i]
-        d2 = -wi * ni * (mu * (1.0 - mu))
-        d1 = wi * (yi - ni * mu)
-        if k_centre >= 0:
-            d1s[i - i0, k_centre] = d1
-        rowb[0, i - i0] = d1
-        rowb[1, i - i0] = -d2
-        d3s[i - i0] = d2 * (1.0 - 2.0 * mu)
+    for r in range(n):
+        eta = eta_r[r]
+        wi = w[i0 + r]
+        ni = ntr[i0 + r]
+        yi = y[i0 + r]
         lin += wi * (yi * min(eta, 0.0) - (ni - yi) * max(eta, 0.0))
         if unit:  # (loop-invariant)
-            prod *= opt
-            count += 1
-            if count == PRODUCT_ROWS:
+            prod *= opt_r[r]
+            if r % PRODUCT_ROWS == PRODUCT_ROWS - 1:
                 logs += math.log(prod)
                 prod = 1.0
-                count = 0
         else:
-            logs += wi * ni * math.log(opt)
+            logs += wi * ni * math.log(opt_r[r])
     return lin - (logs + math.log(prod))
 
 

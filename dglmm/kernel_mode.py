@@ -12,7 +12,8 @@ import math
 import numba
 import numpy as np
 
-from .families import row_d12, row_derivatives
+from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_d12, row_derivatives
+from .special import exp_lanes
 
 _MODE_DECREMENT_TOL = 1e-20
 _MODE_STEP_FLOOR = 1e-14
@@ -104,6 +105,9 @@ def _mode_pass(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, want_h, g_out, H_o
     ``h(u) = sum l_i - u'u/2`` (into ``g_out``, ``H_out``), and ``h(u)`` itself when
     ``want_h`` (otherwise 0; the log-density is then not computed)."""
     q = V.shape[1]
+    if not want_h and q <= 2 and fam == FAMILY_BINOMIAL and link == LINK_LOGIT:
+        _logit_mode_pass(eta0, V, y, ntr, w, i0, i1, u, g_out, H_out)
+        return 0.0
     if not want_h and q == 2:  # the common cases, their sums in registers
         _mode_pass_2(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out)
         return 0.0
@@ -176,6 +180,55 @@ def _mode_pass_1(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, g_out, H_out):
         h00 -= d2 * v0 * v0
     g_out[0] = g0
     H_out[0, 0] = h00
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy", _nrt=False)
+def _logit_d12(y, n, w, eta):
+    """:func:`dglmm.families.row_d12` of the logistic binomial with
+    :func:`dglmm.special.exp_lanes` (no call: a loop over rows runs on vectors)."""
+    e = exp_lanes(-abs(eta))
+    r = 1.0 / (1.0 + e)
+    mu = r if eta >= 0.0 else e * r
+    return w * (y - n * mu), -w * n * mu * (1.0 - mu)
+
+
+@numba.njit(cache=True, _nrt=False, error_model="numpy", fastmath={"reassoc", "contract"})
+def _logit_mode_pass(eta0, V, y, ntr, w, i0, i1, u, g_out, H_out):
+    """:func:`_mode_pass_1` and :func:`_mode_pass_2` for the logistic binomial, as loops the
+    compiler runs on vectors (``exp_lanes``; the sums reassociate).  The loops store
+    nothing, so the compiler needs no check of where arrays lie to run them on vectors: the
+    order of the sums depends on the number of rows alone (the result is reproducible)."""
+    u0 = u[0]
+    g0 = -u0
+    h00 = 1.0
+    if V.shape[1] == 1:
+        for i in range(i0, i1):
+            v0 = V[i, 0]
+            d1, d2 = _logit_d12(y[i], ntr[i], w[i], eta0[i] + v0 * u0)
+            g0 += d1 * v0
+            h00 -= d2 * v0 * v0
+        g_out[0] = g0
+        H_out[0, 0] = h00
+        return
+    u1 = u[1]
+    g1 = -u1
+    h10 = 0.0
+    h11 = 1.0
+    for i in range(i0, i1):
+        v0 = V[i, 0]
+        v1 = V[i, 1]
+        d1, d2 = _logit_d12(y[i], ntr[i], w[i], eta0[i] + v0 * u0 + v1 * u1)
+        g0 += d1 * v0
+        g1 += d1 * v1
+        h00 -= d2 * v0 * v0
+        h10 -= d2 * v1 * v0
+        h11 -= d2 * v1 * v1
+    g_out[0] = g0
+    g_out[1] = g1
+    H_out[0, 0] = h00
+    H_out[1, 0] = h10
+    H_out[0, 1] = h10
+    H_out[1, 1] = h11
 
 
 @numba.njit(cache=True, _nrt=False)
