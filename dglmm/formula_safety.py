@@ -4,8 +4,9 @@ formulaic evaluates every non-trivial factor of a formula (``I(...)``, ``np.log(
 ``C(f)``, ``{x + 1}``) with Python's ``eval``.  A formula from a shared result file, a
 checkpoint or a configuration could therefore run any code
 (``I(x + 0*np.f2py.os.system('id > F'))``).  Before any formula text is evaluated,
-:func:`check_formula` parses every factor formulaic would evaluate with :mod:`ast` and
-accepts only:
+:func:`check_formula` parses every factor formulaic would evaluate with :mod:`ast` (and
+every factor of the formula's tokens, also those formulaic's simplification drops, such as
+``0 : term``) and accepts only:
 
 * column names (bare names such as ``x``, ``subscriber.id``, ``gé``; backtick-quoted
   names ```my col```; ``Q("my col")``), never dunder names (``__class__``);
@@ -341,6 +342,23 @@ def _check_factors(rhs: str, where: str) -> None:
                     f"{where}: {factor.expr!r} is evaluated in an unknown way ({method}); "
                     f"{OPT_IN}"
                 )
+    _check_tokens(rhs, where)
+
+
+def _check_tokens(rhs: str, where: str) -> None:
+    """Check the factors of every token of ``rhs``, also those formulaic's simplification
+    drops from the terms (``0 : np.f(x)`` leaves no term, so its factor is never in
+    ``Formula(rhs)``): a formula outside the allowlist is refused wherever it is."""
+    from formulaic.parser import DefaultFormulaParser
+
+    for token in DefaultFormulaParser().get_tokens(rhs):
+        kind = token.kind.name
+        if kind == "PYTHON":
+            check_expression(token.token, where)
+        elif kind == "NAME" and (token.token.startswith("__") or token.token.endswith("__")):
+            raise SpecificationError(
+                f"{where}: the dunder name {token.token!r} is not allowed; {OPT_IN}"
+            )
 
 
 def check_formula(parsed: Any, allow_python: bool = False) -> None:

@@ -1003,6 +1003,17 @@ def test_fml_fuzz_formulas_never_run_code(fml_sentinel_builtin, formula):
             fml_fit(formula, FML_FUZZ_DATA)
 
 
+@pytest.mark.parametrize("formula", ["y ~ 0 : np.fml_sentinel(x) + (1 | g)",
+                                     "y ~ x + (0 : {fml_sentinel()} | g)",
+                                     "y ~ x + 0 : __class__ + (1 | g)"])  # fmt: skip
+def test_fml_factors_dropped_by_simplification_are_refused_too(fml_sentinel_builtin, formula):
+    """``0 : term`` leaves no term after formulaic's simplification (the fuzz test found
+    it): its factor is still checked, and the formula refused in one line."""
+    with pytest.raises(DglmmError) as info:
+        fml_fit(formula, FML_FUZZ_DATA)
+    assert "\n" not in str(info.value).strip()
+
+
 def test_fml_sentinel_is_reachable_without_the_allowlist(fml_sentinel_builtin):
     """The fuzz test can fail: with the opt-in the sentinel does run."""
     fml_fit("y ~ I(x + 0*np.fml_sentinel()) + (1 | g)", FML_FUZZ_DATA,
