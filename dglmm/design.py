@@ -300,6 +300,11 @@ class ModelSpec:
         fixed = _str_tuple(d["fixed_columns"], "fixed_columns")
         random = _str_tuple(d["random_columns"], "random_columns")
         columns = _str_tuple(d.get("columns", ()), "columns")
+        for key, names in (("fixed_columns", fixed), ("random_columns", random),
+                           ("columns", columns)):  # fmt: skip
+            twice = sorted({c for c in names if names.count(c) > 1})
+            if twice:
+                raise SpecificationError(f"model spec field {key!r} names {twice[0]!r} twice")
         if not fixed and not random:
             raise SpecificationError("model spec has no design columns")
         cov = _check_pattern(d["cov_pattern"], len(random), "cov_pattern")

@@ -232,7 +232,10 @@ def test_worker_killed_mid_fit(big, big_reference, cluster, tmp_path):
                 if "_build_task" in str(key) or "dglmm-xt-" in str(key)  # built, or in X T
                 for w in ws
             }
-            assert len(holders) == 2  # blocks on both workers
+            # the scheduler usually spreads the 4 blocks over both workers but may keep
+            # them on one (seen once in CI-like runs): either way a worker that holds
+            # blocks is killed, and the fit must rebuild them on the other
+            assert holders
             victim = _worker_index(cluster, client, sorted(holders)[0])
         cluster.kill_worker(victim)  # SIGKILL the worker and its nanny
     finally:

@@ -2275,3 +2275,15 @@ def test_out_to_json_from_python_refuses_a_foreign_file(tmp_path):
     res.to_json(str(foreign), overwrite=True)
     res.to_json(str(foreign))  # now ours: replaced without overwrite
     assert FitResult.from_json(str(foreign)).loglik == pytest.approx(res.loglik)
+
+
+@pytest.mark.parametrize("field", ["columns", "fixed_columns", "random_columns"])
+def test_result_spec_naming_a_column_twice_is_refused(field):
+    """A result file whose spec names a column twice (the fuzz test found ``columns`` with
+    ``x`` twice: predict then failed deep in pandas) is refused in one line when read."""
+    d = fml_base_result()
+    names = d["spec"][field]
+    names.append(names[-1])
+    with pytest.raises(DglmmError) as info:
+        FitResult.from_json(json.dumps(d))
+    assert "twice" in str(info.value) and "\n" not in str(info.value).strip()
