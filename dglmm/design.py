@@ -323,7 +323,7 @@ class ModelSpec:
         options = {}
         for key in ("trials", "offset", "weights"):
             value = d.get(key)
-            if value is not None and not isinstance(value, str):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise SpecificationError(f"model spec field {key!r} must be a column name or "
                                          f"null, not {_kind(value)}")  # fmt: skip
             options[key] = value

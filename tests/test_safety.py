@@ -2287,3 +2287,14 @@ def test_result_spec_naming_a_column_twice_is_refused(field):
     with pytest.raises(DglmmError) as info:
         FitResult.from_json(json.dumps(d))
     assert "twice" in str(info.value) and "\n" not in str(info.value).strip()
+
+
+@pytest.mark.parametrize("field", ["trials", "offset", "weights"])
+def test_result_spec_with_an_empty_option_name_is_refused(field):
+    """A spec whose offset (trials, weights) is the empty string (the fuzz test found it:
+    predict then failed with pandas' KeyError) is refused in one line when read."""
+    d = fml_base_result()
+    d["spec"][field] = ""
+    with pytest.raises(DglmmError) as info:
+        FitResult.from_json(json.dumps(d))
+    assert field in str(info.value) and "\n" not in str(info.value).strip()
