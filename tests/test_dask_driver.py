@@ -434,12 +434,20 @@ def test_builder_errors_reach_the_user_unchanged(handle):
 def test_only_the_blocks_stay_on_the_cluster(handle):
     df = make_data()
     with evaluator(handle, df, group="g", npartitions=4) as ev:
-        for _ in range(2):
+        blocks = {f.key for f in ev._blocks}
+        held = []
+        for _ in range(3):
             ev.evaluate(PARAMS)
-        deadline = time.monotonic() + 5  # releases of finished futures are asynchronous
-        while len(handle.client.futures) != 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert set(handle.client.futures) == {f.key for f in ev._blocks}
+            last = {f.key for f in ev._previous}
+            deadline = time.monotonic() + 5  # releases of finished futures are asynchronous
+            while len(handle.client.futures) != 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            held.append(set(handle.client.futures))
+            # the blocks, and the last call's four results until the next call is submitted
+            # (an earlier release would hold that call back, see _evaluate_once)
+            assert held[-1] == blocks | last
+            assert len(last) == 4 and not last & blocks
+        assert not held[0] & held[1] - blocks  # each call's results were released
     deadline = time.monotonic() + 5
     while handle.client.futures and time.monotonic() < deadline:
         time.sleep(0.05)

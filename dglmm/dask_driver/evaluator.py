@@ -345,6 +345,9 @@ class DaskEvaluator:
         self.last_kernel_seconds = 0.0
         self.last_wall_seconds = 0.0
         self.last_timing: dict = {}
+        # the last evaluation's futures, released only after the next one is submitted
+        # (see _evaluate_once)
+        self._previous: list = []
         if sources is None and not isinstance(data, dd.DataFrame):
             self._sources = input_fingerprint(data)
         npartitions = check_npartitions(npartitions)
@@ -720,6 +723,12 @@ class DaskEvaluator:
                 else level[i]
                 for i in range(0, len(level), 2)
             ]  # fmt: skip
+        # Release the previous call's keys only now.  The client's messages to the
+        # scheduler go in batches at most every 10 ms, and the scheduler's to a worker
+        # every 5 ms: released right after the last call, those keys' message would hold
+        # this call's tasks back by up to that long (7-12 ms of an 80 ms evaluation,
+        # measured, when the optimizer asks for the next one at once).
+        self._previous = level
         # the last few partial sums (small: a gradient and Hessian each) are added here,
         # which saves the round trip of a sum task on a worker
         return _sum_task(*self.handle.wait(level))  # bounded when every worker is gone
@@ -731,6 +740,7 @@ class DaskEvaluator:
             f.release()
         self._blocks = []
         self._stats = []
+        self._previous = []
 
     def close(self) -> None:
         """Drop the persisted blocks from the workers."""
