@@ -21,7 +21,14 @@ import numba
 import numpy as np
 
 from .families import FAMILY_BINOMIAL, LINK_LOGIT, row_l_d1
-from .kernel_group import add_row_pair, d3_pair, row_pair
+from .kernel_group import (
+    add_row_pair,
+    d3_pair,
+    eta_rows,
+    log_factor_step,
+    logit_mean,
+    row_pair,
+)
 from .kernel_mode import _invert_lower
 from .special import exp_lanes
 
@@ -85,53 +92,59 @@ def agq_dH(X, Z, i0, i1, gV, d3s, E, tcol, tcoef, du, dHw, Q3, QT, QE, dH):
                 dH[k, c, d] = dHw[k, c, d] - acc
 
 
-@numba.njit(cache=True, _nrt=False)
-def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk):
+@numba.njit(cache=True, _nrt=False, error_model="numpy")
+def _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk, nk):
     """Logistic log-density summed over a group at node ``uk[kk]``, with ``d1`` per row
     into ``d1s[:, kk]`` and ``sum_i d1_i v_i`` into ``svk[kk]``.
 
-    ``log f = w [lin - n log(1 + e)]`` with ``e = exp(-|eta|)``; for rows with
-    ``w n = 1`` (Bernoulli, unit weight) the ``log(1 + e)`` terms are accumulated as
-    a product (each factor in [1, 2], logged every 512 rows), which saves a
-    logarithm per row and quadrature node.
-    """
+    ``log f = w [lin - n log(1 + e)]`` with ``e = exp(-|eta|)`` (branch-free: the sign of
+    ``eta`` is random row to row); when every row has ``w n = 1`` the factors ``1 + e``
+    are multiplied up and logged every ``PRODUCT_ROWS`` rows (:func:`log_factor_step`).
+    As in :func:`dglmm.kernel_group.logit_mode_rows`, the rows' values come from a loop
+    without a call or a sum (:func:`dglmm.kernel_group.logit_mean`), which runs on vectors, into
+    ``nk``'s row buffers (after its ``K`` node sums: ``eta``, ``d1``, ``1 + e``); the sums
+    follow row by row in order."""
     q = gV.shape[1]
-    total = 0.0
-    prod = 1.0
-    count = 0
+    n = i1 - i0
+    eta_r, d1r, opt_r = _row_buffers(nk, uk.shape[0], n)
+    yg = y[i0:i1]
+    ng = ntr[i0:i1]
+    wg = w[i0:i1]
+    eta_rows(geta, gV, uk[kk], n, eta_r)
+    for r in range(n):
+        opt, mu = logit_mean(eta_r[r])
+        d1r[r] = wg[r] * (yg[r] - ng[r] * mu)
+        opt_r[r] = opt
+    unit = True
+    for r in range(n):
+        unit = unit and wg[r] * ng[r] == 1.0
     for c in range(q):
         svk[kk, c] = 0.0
-    for i in range(i0, i1):
-        eta = geta[i - i0]
+    lin = 0.0
+    logs = 0.0
+    prod = 1.0
+    for r in range(n):
+        eta = eta_r[r]
+        lin += wg[r] * (yg[r] * eta - ng[r] * max(eta, 0.0))
+        logs, prod = log_factor_step(unit, r, opt_r[r], wg[r] * ng[r], logs, prod)
+        d1 = d1r[r]
+        d1s[r, kk] = d1
         for c in range(q):
-            eta += gV[i - i0, c] * uk[kk, c]
-        n = ntr[i]
-        e = math.exp(-abs(eta))  # branch-free: the sign of eta is random row to row
-        r = 1.0 / (1.0 + e)
-        mu = r if eta >= 0.0 else e * r
-        lin = y[i] * eta - n * max(eta, 0.0)
-        wn = w[i] * n
-        if wn == 1.0:
-            prod *= 1.0 + e
-            count += 1
-            if count == 512:
-                total -= math.log(prod)
-                prod = 1.0
-                count = 0
-        else:
-            total -= wn * math.log(1.0 + e)  # as families._logit_parts
-        total += w[i] * lin
-        d1 = w[i] * (y[i] - n * mu)
-        d1s[i - i0, kk] = d1
-        for c in range(q):
-            svk[kk, c] += d1 * gV[i - i0, c]
-    return total - math.log(prod)
+            svk[kk, c] += d1 * gV[r, c]
+    return lin - (logs + math.log(prod))
+
+
+@numba.njit(cache=True, inline="always")
+def _row_buffers(nk, K, n):
+    """The three row buffers of ``nk`` (after its ``K`` node sums; ``agq_work``), each cut to
+    the group's ``n`` rows."""
+    m = (nk.shape[0] - K) // 3
+    return nk[K : K + n], nk[K + m : K + m + n], nk[K + 2 * m : K + 2 * m + n]
 
 
 # |eta| bound of the shared-v pass: each factor 1 + e^eta is below 4.9e8, so a product of
-# _PRODUCT_ROWS of them (logged once) stays below 1e278
+# PRODUCT_ROWS (32) of them (logged once) stays below 1e278
 _SHARED_ETA_MAX = 20.0
-_PRODUCT_ROWS = 32
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -163,7 +176,7 @@ def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk
     Leaves ``sum_i l_ik`` in ``nk[kk]``, ``d1_ik`` in ``d1s[:, kk]`` and
     ``sum_i d1_ik v`` in ``svk[kk, 0]``.  ``l = w (y eta - n log(1 + e^eta))``: the linear
     part is ``sum w y eta_i + v u_k sum w y`` for every node; when every row has ``w n = 1``
-    the factors ``1 + e^eta`` are multiplied up and logged every ``_PRODUCT_ROWS`` rows (one
+    the factors ``1 + e^eta`` are multiplied up and logged every ``PRODUCT_ROWS`` rows (one
     logarithm per 32 rows and node; :func:`_logit_node_pass` does the same).
 
     ``nk`` holds ``K`` node sums, then three row buffers (``exp(eta_i)``, ``d1``,
@@ -173,10 +186,7 @@ def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk
     version of the first loop ran)."""
     K = uk.shape[0]
     n = i1 - i0
-    m = (nk.shape[0] - K) // 3
-    eg = nk[K : K + n]
-    d1r = nk[K + m : K + m + n]
-    opt = nk[K + 2 * m : K + 2 * m + n]
+    eg, d1r, opt = _row_buffers(nk, K, n)
     yg = y[i0:i1]
     ng = ntr[i0:i1]
     wg = w[i0:i1]
@@ -204,13 +214,7 @@ def _logit_nodes_shared_v(geta, v, y, ntr, w, i0, i1, uk, k_centre, d1s, svk, nk
         for r in range(n):
             d1s[r, kk] = d1r[r]
             dsum += d1r[r]
-            if unit:  # (loop-invariant)
-                prod *= opt[r]
-                if r % _PRODUCT_ROWS == _PRODUCT_ROWS - 1:
-                    logs += math.log(prod)
-                    prod = 1.0
-            else:
-                logs += wg[r] * ng[r] * math.log(opt[r])
+            logs, prod = log_factor_step(unit, r, opt[r], wg[r] * ng[r], logs, prod)
         nk[kk] = wy_eta + v * uk[kk, 0] * wy - (logs + math.log(prod))
         svk[kk, 0] = v * dsum
 
@@ -352,7 +356,7 @@ def agq_nodes(
             Gk = nk[kk]
             lt_node = 0.0
         elif logit:
-            Gk = _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk)
+            Gk = _logit_node_pass(geta, gV, y, ntr, w, i0, i1, uk, kk, d1s, svk, nk)
             lt_node = 0.0
         else:
             Gk, lt_node = _node_pass(y, ntr, w, i0, i1, geta, gV, uk, kk, fam, link, tau, d1s,

@@ -56,6 +56,7 @@ from .kernel_mode import (
     _invert_lower,
     _mode_factor,
     _mode_work,
+    find_group_mode,
 )
 
 
@@ -89,9 +90,6 @@ def _block_kernel(
         p, q, P, nodes.shape[0], max_rows
     )
     XWX = np.zeros((p, p))
-    gy = np.empty(max_rows)  # the group's responses, trials and weights (no slices: a
-    gn = np.empty(max_rows)  # view per group costs two atomic reference counts)
-    gw = np.empty(max_rows)
     tcol, tcoef, E = psi_map(p, q, P, L, pat_r)
     exact = want_hess == 2
     rule_bounds = np.array([0, nodes.shape[0]])  # the rule as a ladder of one (_rule_value)
@@ -103,14 +101,10 @@ def _block_kernel(
         i0 = gptr[g]
         i1 = gptr[g + 1]
         group_predictor(X, Z, off, beta, L, i0, i1, geta, gV)
-        for i in range(i0, i1):
-            gy[i - i0] = y[i]
-            gn[i - i0] = ntr[i]
-            gw[i - i0] = w[i]
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode_robust(
-            geta, gV, gy, gn, gw, 0, i1 - i0, u, fam, link, tau, Hm, mode_work, FINAL_STEP_TOL,
+        find_group_mode(
+            geta, gV, y, ntr, w, i0, i1, u, fam, link, tau, Hm, mode_work, FINAL_STEP_TOL,
         )  # fmt: skip
         for c in range(q):
             modes[g, c] = u[c]
@@ -286,9 +280,8 @@ def _ladder_kernel(
         group_predictor(X, Z, off, beta, L, i0, i1, geta, gV)
         for c in range(q):
             u[c] = u_init[g, c]
-        _find_mode_robust(
-            geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam, link, tau, Hm,
-            mode_work, FINAL_STEP_TOL,
+        find_group_mode(
+            geta, gV, y, ntr, w, i0, i1, u, fam, link, tau, Hm, mode_work, FINAL_STEP_TOL,
         )  # fmt: skip
         hsum, lts, ltts = mode_sums(X, Z, y, ntr, w, i0, i1, geta, gV, u, fam, link, tau,
                                     False, XWX, s1, Sw, d3s, d1s, -1, has_disp, st1,

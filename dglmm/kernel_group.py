@@ -174,31 +174,16 @@ def logit_mode_rows(y, ntr, w, i0, i1, geta, gV, u, d1s, k_centre, d3s, rowb):
     row by row in order, so the result does not depend on whether the vector or the scalar
     version of the first loop ran (the compiler picks by where the scratch arrays lie).
     ``rowb`` rows: ``d1``, ``-d2``, ``eta``, ``1 + e``."""
-    q = gV.shape[1]
     n = i1 - i0
     unit = True
     for i in range(i0, i1):
         unit = unit and w[i] * ntr[i] == 1.0
     eta_r = rowb[2]
     opt_r = rowb[3]
-    if q == 1:
-        for r in range(n):
-            eta_r[r] = geta[r] + gV[r, 0] * u[0]
-    elif q == 2:
-        for r in range(n):
-            eta_r[r] = geta[r] + gV[r, 0] * u[0] + gV[r, 1] * u[1]
-    else:
-        for r in range(n):
-            eta = geta[r]
-            for c in range(q):
-                eta += gV[r, c] * u[c]
-            eta_r[r] = eta
+    eta_rows(geta, gV, u, n, eta_r)
     for r in range(n):
         eta = eta_r[r]
-        e = exp_lanes(-abs(eta))
-        opt = 1.0 + e
-        r1 = 1.0 / opt
-        mu = r1 if eta >= 0.0 else e * r1
+        opt, mu = logit_mean(eta)
         wi = w[i0 + r]
         ni = ntr[i0 + r]
         d2 = -wi * ni * (mu * (1.0 - mu))
@@ -218,14 +203,55 @@ def logit_mode_rows(y, ntr, w, i0, i1, geta, gV, u, d1s, k_centre, d3s, rowb):
         ni = ntr[i0 + r]
         yi = y[i0 + r]
         lin += wi * (yi * min(eta, 0.0) - (ni - yi) * max(eta, 0.0))
-        if unit:  # (loop-invariant)
-            prod *= opt_r[r]
-            if r % PRODUCT_ROWS == PRODUCT_ROWS - 1:
-                logs += math.log(prod)
-                prod = 1.0
-        else:
-            logs += wi * ni * math.log(opt_r[r])
+        logs, prod = log_factor_step(unit, r, opt_r[r], wi * ni, logs, prod)
     return lin - (logs + math.log(prod))
+
+
+@numba.njit(cache=True, inline="always")
+def eta_rows(geta, gV, u, n, eta_r):
+    """``eta_r[r] = geta[r] + v_r' u`` for the group's ``n`` rows (``q = 1, 2`` written
+    out): a loop without a call, on vectors in the callers."""
+    q = gV.shape[1]
+    if q == 1:
+        for r in range(n):
+            eta_r[r] = geta[r] + gV[r, 0] * u[0]
+    elif q == 2:
+        for r in range(n):
+            eta_r[r] = geta[r] + gV[r, 0] * u[0] + gV[r, 1] * u[1]
+    else:
+        for r in range(n):
+            eta = geta[r]
+            for c in range(q):
+                eta += gV[r, c] * u[c]
+            eta_r[r] = eta
+
+
+@numba.njit(cache=True, inline="always")
+def logit_mean(eta):
+    """``(1 + e, mu)``: the logistic mean ``mu`` from ``e = exp(-|eta|)``, branch-free (the
+    sign of ``eta`` is random row to row) and without a library call
+    (:func:`dglmm.special.exp_lanes`), so that a loop over rows runs on vectors."""
+    e = exp_lanes(-abs(eta))
+    opt = 1.0 + e
+    r1 = 1.0 / opt
+    return opt, (r1 if eta >= 0.0 else e * r1)
+
+
+@numba.njit(cache=True, inline="always")
+def log_factor_step(unit, r, factor, wn, logs, prod):
+    """Row ``r``'s step of ``sum_r wn_r log(factor_r)``: ``(logs, prod)`` after it; the sum
+    is ``logs + log(prod)`` at the end.  When every row has ``wn = 1`` (``unit``, Bernoulli
+    rows of unit weight) the factors are multiplied up and logged every ``PRODUCT_ROWS``
+    rows (one logarithm for 32 rows: each factor ``1 + e`` must stay small enough that 32
+    of them do not overflow); otherwise a logarithm per row."""
+    if unit:  # (loop-invariant in the callers' loops)
+        prod *= factor
+        if r % PRODUCT_ROWS == PRODUCT_ROWS - 1:
+            logs += math.log(prod)
+            prod = 1.0
+    else:
+        logs += wn * math.log(factor)
+    return logs, prod
 
 
 @numba.njit(cache=True, inline="always")

@@ -355,6 +355,16 @@ def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, fi
 
 
 @numba.njit(cache=True, _nrt=False)
+def find_group_mode(geta, gV, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol):
+    """:func:`_find_mode_robust` for the group of rows ``i0:i1`` of the block's ``y``,
+    ``ntr``, ``w``, with ``geta`` and ``gV`` indexed from 0: it takes views of the three
+    (compiled without reference counting, a view here costs nothing; in the block kernel
+    each would cost two atomic counts)."""
+    return _find_mode_robust(geta, gV, y[i0:i1], ntr[i0:i1], w[i0:i1], 0, i1 - i0, u, fam,
+                             link, tau, H, work, final_tol)  # fmt: skip
+
+
+@numba.njit(cache=True, _nrt=False)
 def _mode_factor(Hm, Hi, LH):
     """Cholesky factor ``LH`` and inverse ``Hi`` of the negative Hessian ``Hm`` at the mode;
     returns ``log det Hm``."""

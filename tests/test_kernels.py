@@ -801,7 +801,41 @@ def test_logit_mode_rows_match_the_family_row_functions(unit):
     assert hsum == pytest.approx(want[:, 0].sum(), rel=1e-14, abs=1e-12)
 
 
-@pytest.mark.parametrize("pattern, n_agq", [("q1", 7), ("q2", 1), ("q1", 1)])
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("q", [1, 2, 3])
+def test_logit_node_pass_matches_the_general_node_pass(q, unit):
+    """The logistic AGQ node pass (the rows on vectors, one logarithm per 32 rows when
+    every row has w n = 1) against the general node pass through the family's row
+    functions: 75 rows (two full products and a remainder), eta out to +-800."""
+    from dglmm.families import FAMILY_BINOMIAL, LINK_LOGIT
+    from dglmm.kernel_agq import _logit_node_pass, _node_pass
+
+    rng = np.random.default_rng(11 + q)
+    n_rows, K, kk = 75, 5, 3
+    geta = rng.normal(0.0, 3.0, n_rows)
+    geta[:6] = [-800.0, 800.0, -40.0, 40.0, 0.0, -1e-300]
+    gV = rng.normal(0.0, 1.0, (n_rows, q))
+    uk = rng.normal(0.0, 1.0, (K, q))
+    ntr = np.ones(n_rows) if unit else rng.integers(1, 6, n_rows).astype(float)
+    w = np.ones(n_rows) if unit else rng.uniform(0.2, 2.0, n_rows)
+    y = rng.binomial(ntr.astype(int), 0.4).astype(float)
+    i0, i1 = 5, 5 + n_rows  # the rows of the group within the block's arrays
+    yb, nb, wb = (np.concatenate([np.zeros(i0), a]) for a in (y, ntr, w))
+    d1s, d1s_ref = np.zeros((n_rows, K)), np.zeros((n_rows, K))
+    svk, svk_ref = np.zeros((K, q)), np.zeros((K, q))
+    nk = np.full(K + 3 * n_rows, np.nan)
+    got = _logit_node_pass(geta, gV, yb, nb, wb, i0, i1, uk, kk, d1s, svk, nk)
+    want, lt = _node_pass(yb, nb, wb, i0, i1, geta, gV, uk, kk, FAMILY_BINOMIAL, LINK_LOGIT,
+                          0.0, d1s_ref, svk_ref)  # fmt: skip
+    assert lt == 0.0
+    assert got == pytest.approx(want, rel=1e-14, abs=1e-12)
+    # exp_lanes is within 2 ulp of math.exp: the derivatives agree to rounding
+    np.testing.assert_allclose(d1s[:, kk], d1s_ref[:, kk], rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(svk[kk], svk_ref[kk], rtol=1e-13, atol=1e-13)
+    assert not d1s[:, np.arange(K) != kk].any()  # the other nodes' columns untouched
+
+
+@pytest.mark.parametrize("pattern, n_agq", [("q1", 7), ("q2", 1), ("q1", 1), ("q2", 5)])
 def test_evaluations_are_bit_reproducible_whatever_the_heap(pattern, n_agq):
     """The logistic row loops run on vectors when the compiler's check of where the scratch
     arrays lie allows it, and row by row otherwise; their sums must not depend on which ran.
