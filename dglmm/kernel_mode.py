@@ -354,6 +354,46 @@ def _find_mode_robust(eta0, V, y, ntr, w, i0, i1, u, fam, link, tau, H, work, fi
     return n
 
 
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def predict_modes(modes, slopes, dpsi, max_shift, out):
+    """First-order prediction of the modes at new parameters (the warm start):
+    ``out[g] = modes[g] + s_g`` with ``s_g = slopes[g] @ dpsi`` scaled down to at most
+    ``max_shift`` in its largest entry; a non-finite entry becomes 0 (that group's search
+    starts there).  NaN and infinity go as in NumPy's ``max``/``minimum`` (a NaN shift
+    spoils the group's scale, an infinite one makes it 0), so this gives what
+    ``kernels.initial_modes_reference`` gives, in one pass over ``slopes`` and no
+    temporary arrays."""
+    G, q = modes.shape
+    P = dpsi.shape[0]
+    for g in range(G):
+        size = 0.0
+        for c in range(q):
+            acc = 0.0
+            for k in range(P):
+                acc += slopes[g, c, k] * dpsi[k]
+            out[g, c] = acc
+            if not abs(acc) <= size and size == size:  # larger, or NaN (which then stays)
+                size = abs(acc)
+        scale = min(1.0, max_shift / max(size, 1e-300)) if size == size else np.nan
+        for c in range(q):
+            v = modes[g, c] + out[g, c] * scale
+            out[g, c] = v if math.isfinite(v) else 0.0
+
+
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def clip_to_float32(a, out):
+    """``out = a`` as float32 (both flat), values beyond float32's range clipped to it and
+    NaN kept (as ``np.clip(a, -big, big).astype(np.float32)``)."""
+    big = 3.4028234663852886e38  # np.finfo(np.float32).max
+    for i in range(a.shape[0]):
+        v = a[i]
+        if v > big:
+            v = big
+        elif v < -big:
+            v = -big
+        out[i] = v
+
+
 @numba.njit(cache=True, _nrt=False)
 def find_group_mode(geta, gV, y, ntr, w, i0, i1, u, fam, link, tau, H, work, final_tol):
     """:func:`_find_mode_robust` for the group of rows ``i0:i1`` of the block's ``y``,

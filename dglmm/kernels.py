@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kernel_core import _block_kernel, _posterior_kernel
+from .kernel_mode import clip_to_float32, predict_modes
 from .kernel_zero import zero_block_kernel
 from .quadrature import gauss_hermite_rule
 
@@ -276,18 +277,20 @@ def initial_modes(u_init, params: np.ndarray, n_groups: int, q: int) -> np.ndarr
     """Starting values of the conditional modes, shape (n_groups, q).
 
     ``u_init`` is None (zeros), an array of modes, or a :class:`WarmStart`
-    (extrapolated to ``params``, each group's shift capped at 1 sd of u).
+    (extrapolated to ``params``, each group's shift capped at 1 sd of u, by the compiled
+    :func:`dglmm.kernel_mode.predict_modes`; :func:`initial_modes_reference` is its oracle).
     """
     if u_init is None:
         return np.zeros((n_groups, q))
     if isinstance(u_init, WarmStart):
         if u_init.modes.shape != (n_groups, q) or u_init.params.shape != params.shape:
             return np.zeros((n_groups, q))
-        shift = u_init.slopes @ (params - u_init.params)
-        size = np.max(np.abs(shift), axis=1, keepdims=True)
-        shift *= np.minimum(1.0, _MAX_PREDICTED_SHIFT / np.maximum(size, 1e-300))
-        out = u_init.modes + shift
-        return np.where(np.isfinite(out), out, 0.0)
+        out = np.empty((n_groups, q))
+        predict_modes(np.ascontiguousarray(u_init.modes, dtype=np.float64),
+                      np.ascontiguousarray(u_init.slopes),
+                      np.asarray(params - u_init.params, dtype=np.float64),
+                      _MAX_PREDICTED_SHIFT, out)  # fmt: skip
+        return out
     u_init = np.asarray(u_init, dtype=np.float64)
     if u_init.shape != (n_groups, q):
         return np.zeros((n_groups, q))
@@ -430,9 +433,22 @@ def _zero_block(block, params, model: KernelModel, want_hess: int, hessian) -> B
 
 def _float32(a: np.ndarray) -> np.ndarray:
     """``a`` as float32, values beyond float32's range clipped to it (a wild trial's mode
-    slopes; the warm start only extrapolates from them)."""
-    big = float(np.finfo(np.float32).max)
-    return np.clip(a, -big, big).astype(np.float32)
+    slopes; the warm start only extrapolates from them), in one compiled pass."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    out = np.empty(a.shape, dtype=np.float32)
+    clip_to_float32(a.reshape(-1), out.reshape(-1))
+    return out
+
+
+def initial_modes_reference(u_init: WarmStart, params: np.ndarray) -> np.ndarray:
+    """The warm start's prediction of :func:`initial_modes` in NumPy (the test oracle of
+    :func:`dglmm.kernel_mode.predict_modes`)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # (NaN and infinity go to 0)
+        shift = u_init.slopes.astype(np.float64) @ (params - u_init.params)
+        size = np.max(np.abs(shift), axis=1, keepdims=True)
+        shift *= np.minimum(1.0, _MAX_PREDICTED_SHIFT / np.maximum(size, 1e-300))
+        out = u_init.modes + shift
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def _binomial_weight_extra(block, family_code: int) -> dict | None:

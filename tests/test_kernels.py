@@ -856,3 +856,35 @@ def test_evaluations_are_bit_reproducible_whatever_the_heap(pattern, n_agq):
         np.testing.assert_array_equal(again.gradient, first.gradient)
         np.testing.assert_array_equal(again.hessian, first.hessian)
         del keep[: rng.integers(0, len(keep))]
+
+
+def test_warm_start_prediction_and_float32_slopes_match_numpy():
+    """The compiled warm-start prediction (:func:`dglmm.kernel_mode.predict_modes`) and
+    float32 slopes (:func:`dglmm.kernels._float32`) against their NumPy versions, with
+    shifts beyond the cap, NaN and infinite slopes, and values beyond float32's range."""
+    from dglmm.kernels import WarmStart, _float32, initial_modes, initial_modes_reference
+
+    rng = np.random.default_rng(8)
+    G, q, P = 300, 2, 9
+    slopes = rng.normal(0.0, 3.0, (G, q, P))
+    slopes[5, 0, 2] = np.nan
+    slopes[6, 1, 0] = np.inf
+    slopes[7, :, 4] = -np.inf
+    slopes[8, 0, 1] = 1e300
+    modes = rng.normal(0.0, 1.0, (G, q))
+    modes[9, 1] = np.nan
+    base = rng.normal(0.0, 1.0, P)
+    for step in (1e-4, 0.05, 3.0):  # small shifts, and shifts capped at 1 sd
+        params = base + step * rng.normal(0.0, 1.0, P)
+        for s in (slopes, _float32(slopes)):
+            ws = WarmStart(params=base, modes=modes, slopes=s)
+            got = initial_modes(ws, params, G, q)
+            want = initial_modes_reference(ws, params)
+            assert np.isfinite(got).all()
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+            assert (got[5] == 0.0).all() and got[9, 1] == 0.0  # NaN shift or mode: from 0
+    big = float(np.finfo(np.float32).max)
+    want = np.clip(slopes, -big, big).astype(np.float32)
+    got = _float32(slopes)
+    assert got.dtype == np.float32 and got.shape == slopes.shape
+    np.testing.assert_array_equal(got, want)  # NaN where NaN, +-big where beyond
