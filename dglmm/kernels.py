@@ -283,7 +283,8 @@ def initial_modes(u_init, params: np.ndarray, n_groups: int, q: int) -> np.ndarr
     if u_init is None:
         return np.zeros((n_groups, q))
     if isinstance(u_init, WarmStart):
-        if u_init.modes.shape != (n_groups, q) or u_init.params.shape != params.shape:
+        if (u_init.modes.shape != (n_groups, q) or u_init.params.shape != params.shape
+                or np.shape(u_init.slopes) != (n_groups, q, params.size)):  # fmt: skip
             return np.zeros((n_groups, q))
         out = np.empty((n_groups, q))
         predict_modes(np.ascontiguousarray(u_init.modes, dtype=np.float64),

@@ -883,6 +883,9 @@ def test_warm_start_prediction_and_float32_slopes_match_numpy():
             assert np.isfinite(got).all()
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
             assert (got[5] == 0.0).all() and got[9, 1] == 0.0  # NaN shift or mode: from 0
+    # a warm start whose slopes do not fit (never read out of bounds): zeros
+    ws = WarmStart(params=base, modes=modes, slopes=slopes[:, :, :-1])
+    assert not initial_modes(ws, base, G, q).any()
     big = float(np.finfo(np.float32).max)
     want = np.clip(slopes, -big, big).astype(np.float32)
     got = _float32(slopes)
