@@ -332,11 +332,7 @@ def _check_factors(rhs: str, where: str) -> None:
                         f"{where}: the literal {factor.expr!r} is not a plain literal; {OPT_IN}"
                     ) from None
             elif method == "LOOKUP":
-                name = factor.expr
-                if name.startswith("__") or name.endswith("__"):
-                    raise SpecificationError(
-                        f"{where}: the dunder name {name!r} is not allowed; {OPT_IN}"
-                    )
+                _check_lookup_name(factor.expr, where)
             else:  # an evaluation method formulaic may add in the future
                 raise SpecificationError(
                     f"{where}: {factor.expr!r} is evaluated in an unknown way ({method}); "
@@ -355,10 +351,14 @@ def _check_tokens(rhs: str, where: str) -> None:
         kind = token.kind.name
         if kind == "PYTHON":
             check_expression(token.token, where)
-        elif kind == "NAME" and (token.token.startswith("__") or token.token.endswith("__")):
-            raise SpecificationError(
-                f"{where}: the dunder name {token.token!r} is not allowed; {OPT_IN}"
-            )
+        elif kind == "NAME":
+            _check_lookup_name(token.token, where)
+
+
+def _check_lookup_name(name: str, where: str) -> None:
+    """A column looked up by name: never a dunder name."""
+    if name.startswith("__") or name.endswith("__"):
+        raise SpecificationError(f"{where}: the dunder name {name!r} is not allowed; {OPT_IN}")
 
 
 def check_formula(parsed: Any, allow_python: bool = False) -> None:
